@@ -1,0 +1,157 @@
+"""Checkpoints as a folder of safetensors + JSON (nothing is ever unpickled), written atomically.
+
+    OUT_DIR/checkpoint/
+        model.safetensors      weights (and the MoE e_score_correction_bias buffers)
+        config.json            {"arch", "model": model config, "train": training config}
+        optimizer.safetensors  optimizer tensors; optimizer.json holds the rest of its state_dict
+        trainer.json           step, best val loss, ...
+        meta.json (+ tokenizer.json)   the tokenizer
+
+Writes go to OUT_DIR/.checkpoint.tmp; then checkpoint -> .checkpoint.old, .checkpoint.tmp -> checkpoint, and
+.checkpoint.old is removed. A kill at any moment leaves a complete checkpoint under one of the two names, and
+`resolve` finds it."""
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from .data import copy_tokenizer
+from .errors import UserError
+
+NAME, TMP, OLD = "checkpoint", ".checkpoint.tmp", ".checkpoint.old"
+
+
+def resolve(path):
+    """A checkpoint folder from either the folder itself or the run's out_dir."""
+    path = Path(path)
+    if (path / "config.json").is_file() or path.name in (NAME, OLD):
+        return path
+    if (path / NAME).is_dir():
+        return path / NAME
+    if (path / OLD).is_dir():  # killed between the two renames of `save`
+        return path / OLD
+    raise UserError(f"no checkpoint in {path}: pass a run's --out_dir or its checkpoint folder")
+
+
+def flatten_state(obj, tensors, prefix="t"):
+    """Split a nested state (dicts, lists, tensors, numbers) into JSON and a flat {key: tensor} dict."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}{len(tensors)}"
+        tensors[key] = obj.detach().contiguous().cpu()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if obj and all(isinstance(k, int) for k in obj):  # optimizer state is keyed by parameter index
+            return {"__int_keys__": {str(k): flatten_state(v, tensors) for k, v in obj.items()}}
+        return {k: flatten_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [flatten_state(v, tensors) for v in obj]
+    return obj
+
+
+def unflatten_state(obj, tensors):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__int_keys__" in obj:
+            return {int(k): unflatten_state(v, tensors) for k, v in obj["__int_keys__"].items()}
+        return {k: unflatten_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    return obj
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(out_dir, model, arch, model_config, train_config, tokenizer_dir, optimizer_state=None, trainer_state=None):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / NAME).exists() and (out_dir / OLD).exists():  # finish a swap a kill interrupted
+        os.replace(out_dir / OLD, out_dir / NAME)
+    tmp = out_dir / TMP
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False) or arch == "gpt":  # safetensors stores shared tensors once
+        state.pop("lm_head.weight", None)
+    safetensors.torch.save_file(state, tmp / "model.safetensors")
+    write_json(tmp / "config.json", {"arch": arch, "model": dataclasses.asdict(model_config),
+                                     "train": dataclasses.asdict(train_config) if train_config else None})
+    if optimizer_state is not None:
+        tensors = {}
+        write_json(tmp / "optimizer.json", flatten_state(optimizer_state, tensors))
+        safetensors.torch.save_file(tensors, tmp / "optimizer.safetensors")
+    write_json(tmp / "trainer.json", trainer_state or {})
+    copy_tokenizer(tokenizer_dir, tmp)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if (out_dir / NAME).exists():
+        shutil.rmtree(out_dir / OLD, ignore_errors=True)
+        os.replace(out_dir / NAME, out_dir / OLD)
+    os.replace(tmp, out_dir / NAME)
+    shutil.rmtree(out_dir / OLD, ignore_errors=True)
+    return out_dir / NAME
+
+
+class Checkpoint:
+    """A checkpoint folder read back: config, weights, optimizer and trainer state, each validated on access."""
+
+    def __init__(self, path):
+        self.path = resolve(path)
+        cfg = self.read_json("config.json")
+        if not isinstance(cfg, dict) or "model" not in cfg or cfg.get("arch") not in ("kimi", "gpt"):
+            raise UserError(f"{self.path / 'config.json'} is not a nanoKimi checkpoint config: point to a folder "
+                            f"written by `nanokimi train`")
+        self.arch, self.model_config, self.train_config = cfg["arch"], cfg["model"], cfg.get("train")
+
+    def read_json(self, name):
+        path = self.path / name
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"checkpoint file {path} is missing: the checkpoint is incomplete; use another "
+                            f"checkpoint or train again") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"checkpoint file {path} is corrupt ({e}): use another checkpoint or train again") from None
+
+    def read_tensors(self, name):
+        path = self.path / name
+        if not path.is_file():
+            raise UserError(f"checkpoint file {path} is missing: the checkpoint is incomplete; use another "
+                            f"checkpoint or train again")
+        try:
+            return safetensors.torch.load_file(path)
+        except (safetensors.SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"checkpoint file {path} is corrupt or truncated ({e}): use another checkpoint or "
+                            f"train again") from None
+
+    def load_weights(self, model):
+        state = self.read_tensors("model.safetensors")
+        if "lm_head.weight" not in state and "lm_head.weight" in model.state_dict():
+            state["lm_head.weight"] = state.get("embed_tokens.weight", state.get("wte.weight"))
+        expected = model.state_dict()
+        missing = sorted(expected.keys() - state.keys())
+        unexpected = sorted(state.keys() - expected.keys())
+        wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
+        if missing or unexpected or wrong:
+            raise UserError(f"checkpoint {self.path} does not match the model (missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}, wrong shape {wrong[:3]}): its config.json and weights disagree")
+        model.load_state_dict(state)
+
+    def optimizer_state(self):
+        return unflatten_state(self.read_json("optimizer.json"), self.read_tensors("optimizer.safetensors"))
+
+    def trainer_state(self):
+        return self.read_json("trainer.json")

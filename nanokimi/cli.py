@@ -1,0 +1,170 @@
+"""`nanokimi` command line: prepare, train, sample, bench. Train settings come from a preset or configs/*.toml
+and any `--field=value` on the command line, nanoGPT-style."""
+
+import argparse
+import ast
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+def parse_value(raw):
+    """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, 'none' -> None, '{"type": "yarn"}' -> dict, else the string."""
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(raw)
+        except (ValueError, SyntaxError):
+            pass
+    return raw
+
+
+def parse_overrides(args):
+    """['--max_iters=10', '--resume'] -> {'max_iters': 10, 'resume': True}."""
+    out = {}
+    for arg in args:
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: settings look like --name=value")
+        key, sep, value = arg[2:].partition("=")
+        out[key] = parse_value(value) if sep else True
+    return out
+
+
+def coerce(cls, values):
+    """Check values against dataclass `cls`'s defaults: ints where ints belong, floats accept ints."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif default is not None and value is not None and type(value) is not type(default):
+            raise UserError(f"--{key} expects a {type(default).__name__}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def train_command(target, extra):
+    from . import checkpoint
+    from .model import KimiConfig
+    from .baseline import GPTConfig
+    from .train import TrainConfig, train
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for c in (KimiConfig, GPTConfig) for f in dataclasses.fields(c)} - train_fields
+    base, model_overrides = {}, {}
+    path = Path(target)
+    if path.suffix == ".toml" or path.is_file():
+        if not path.is_file():
+            raise UserError(f"config file {path} not found: pass a configs/*.toml file or a preset name")
+        try:
+            base = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {path} is not valid TOML ({e})") from None
+        model_overrides = base.pop("model", {})
+    else:
+        base = {"preset": target, "out_dir": f"out/{target}"}
+    cli = parse_overrides(extra)
+    unknown = sorted(cli.keys() - train_fields - model_fields) + sorted(base.keys() - train_fields)
+    if unknown:
+        raise UserError(f"unknown setting(s) {unknown}: see `nanokimi train --help` and configs/*.toml")
+    model_overrides |= {k: v for k, v in cli.items() if k in model_fields}
+    cli_train = {k: v for k, v in cli.items() if k in train_fields}
+    if cli_train.get("resume"):  # the saved run's settings, updated by what this command line sets again
+        out_dir = cli_train.get("out_dir", base.get("out_dir", TrainConfig.out_dir))
+        base = checkpoint.Checkpoint(out_dir).train_config or base
+        base |= {"out_dir": out_dir, "init_from": ""}
+    cfg = TrainConfig(**coerce(TrainConfig, base | cli_train))
+    summary = train(cfg, model_overrides)
+    if summary:
+        print(json.dumps(summary))
+
+
+def bench_command(args):
+    from .bench import main as bench_main
+    bench_main(args)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="nanokimi", description="Train, finetune and sample Kimi-K2-style models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize a dataset into train.bin/val.bin + tokenizer",
+                       description="Prepare data. shakespeare_char: TinyShakespeare, char-level (downloads when "
+                                   "online unless --input is given). text: any UTF-8 file, char or BPE.")
+    p.add_argument("dataset", help="shakespeare_char or text")
+    p.add_argument("--input", help="local text file (TinyShakespeare's input.txt, or your own text)")
+    p.add_argument("--out", help="output folder (default data/DATASET)")
+    p.add_argument("--tokenizer", default="char", help="char or bpe, for `text` (default char)")
+    p.add_argument("--vocab_size", type=int, help="BPE vocabulary size (e.g. 4096)")
+    p.add_argument("--tokenizer_from", help="reuse the tokenizer of a dataset folder or checkpoint (to finetune)")
+
+    p = sub.add_parser("train", help="train or finetune a model",
+                       description="Train from a preset name (e.g. shakespeare-char-cpu) or a configs/*.toml file. "
+                                   "Any TrainConfig or model config field can be set as --name=value, e.g. "
+                                   "--max_iters=2000 --lr=1e-3 --n_routed_experts=16. --resume continues the run in "
+                                   "--out_dir; --init_from=CKPT finetunes from a checkpoint's weights. Under "
+                                   "`torchrun --nproc_per_node=N -m nanokimi train ...` it runs DDP.")
+    p.add_argument("config", help="preset name or path to a .toml config")
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint",
+                       description="Stream samples from a checkpoint (a run's out_dir or its checkpoint folder).")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (no MLA cache)")
+    p.add_argument("--device", default="cpu")
+
+    sub.add_parser("bench", help="benchmarks (moe-scaling, optim, compare, ...); `nanokimi bench --help`",
+                   add_help=False)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    try:
+        if argv and argv[0] == "bench":
+            return bench_command(argv[1:])
+        args, extra = parser.parse_known_args(argv)
+        if args.command == "train":
+            return train_command(args.config, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command == "prepare":
+            from .checkpoint import resolve
+            from .data import prepare
+            out = args.out or f"data/{args.dataset}"
+            source = args.tokenizer_from
+            if source and not (Path(source) / "meta.json").is_file():
+                source = resolve(source)  # a run's out_dir
+            meta = prepare(args.dataset, out, args.input, args.tokenizer, args.vocab_size, source)
+            print(f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+                  f"{meta['tokenizer']} vocabulary of {meta['vocab_size']}")
+        elif args.command == "sample":
+            from .sample import sample
+            sample(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                   args.seed, args.num_samples, not args.no_cache, args.device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,221 @@
+"""Data preparation (char-level and BPE) and batches from uint16/uint32 memmaps, as nanoGPT's prepare.py/train.py.
+
+A prepared dataset is a folder: train.bin, val.bin (token ids), meta.json (tokenizer kind, vocab, dtype) and, for
+BPE, tokenizer.json (HF `tokenizers`). Checkpoints carry a copy of meta.json/tokenizer.json, so sampling needs no
+data folder."""
+
+import hashlib
+import json
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TOKENIZER_FILES = ("meta.json", "tokenizer.json")
+
+
+class CharTokenizer:
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+
+    @classmethod
+    def train(cls, text):
+        return cls(sorted(set(text)))
+
+    def encode(self, text):
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            raise UserError(f"characters {''.join(unknown)!r} are not in this model's {self.vocab_size}-character "
+                            f"vocabulary: use only characters seen in its training data")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def meta(self):
+        return {"tokenizer": "char", "vocab_size": self.vocab_size, "chars": self.chars}
+
+    def save(self, folder):
+        write_json(Path(folder) / "meta.json", self.meta())
+
+
+class BPETokenizer:
+    """Byte-level BPE trained locally with Hugging Face `tokenizers`: every string is encodable."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    @classmethod
+    def train(cls, text_files, vocab_size):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train([str(f) for f in text_files], trainer)
+        return cls(tok)
+
+    def encode(self, text):
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids):
+        return self.tokenizer.decode(list(ids))
+
+    def meta(self):
+        return {"tokenizer": "bpe", "vocab_size": self.vocab_size}
+
+    def save(self, folder):
+        self.tokenizer.save(str(Path(folder) / "tokenizer.json"))
+        write_json(Path(folder) / "meta.json", self.meta())
+
+
+def write_json(path, obj):
+    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def read_meta(folder):
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: run `nanokimi prepare` to create the dataset in {folder}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}): prepare the data again") from None
+
+
+def load_tokenizer(folder):
+    meta = read_meta(folder)
+    if meta.get("tokenizer") == "char":
+        return CharTokenizer(meta["chars"])
+    if meta.get("tokenizer") == "bpe":
+        from tokenizers import Tokenizer
+        try:
+            return BPETokenizer(Tokenizer.from_file(str(Path(folder) / "tokenizer.json")))
+        except Exception as e:  # tokenizers raises a bare Exception for missing or corrupt files
+            raise UserError(f"cannot read {Path(folder) / 'tokenizer.json'} ({e}): prepare the data again") from None
+    raise UserError(f"{Path(folder) / 'meta.json'} names an unknown tokenizer {meta.get('tokenizer')!r}")
+
+
+def tokenizer_fingerprint(folder):
+    """Identifies a tokenizer by its files, to check that a checkpoint and a dataset agree."""
+    digest = hashlib.sha256()
+    meta = read_meta(folder)
+    digest.update(json.dumps({k: meta[k] for k in ("tokenizer", "vocab_size", "chars") if k in meta}).encode())
+    if (Path(folder) / "tokenizer.json").is_file():
+        digest.update((Path(folder) / "tokenizer.json").read_bytes())
+    return digest.hexdigest()
+
+
+def copy_tokenizer(src, dst):
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
+def read_text(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"input file {path} not found: pass --input=PATH to an existing text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: convert it to UTF-8 first") from None
+    if not text.strip():
+        raise UserError(f"input file {path} is empty: pass a file with text in it")
+    return text
+
+
+def download_shakespeare(dest):
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=20) as response:
+            Path(dest).write_bytes(response.read())
+    except OSError as e:
+        raise UserError(f"could not download TinyShakespeare ({e.__class__.__name__}): offline? pass a local copy "
+                        f"with --input=PATH/tinyshakespeare.txt") from None
+
+
+def write_dataset(text, tokenizer, out, tokenizer_dir=None, val_fraction=0.1):
+    """Tokenize text, split the first 90% / last 10% as nanoGPT, and write train.bin, val.bin and the tokenizer
+    (copied from tokenizer_dir when the tokenizer came from there, so its files stay byte-identical)."""
+    out = Path(out)
+    ids = np.array(tokenizer.encode(text), dtype=np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.uint32)
+    n_train = int(len(ids) * (1 - val_fraction))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ids[:n_train].tofile(tmp / "train.bin")
+    ids[n_train:].tofile(tmp / "val.bin")
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, tmp)
+    else:
+        tokenizer.save(tmp)
+    meta = read_meta(tmp) | {"dtype": ids.dtype.name, "train_tokens": n_train, "val_tokens": len(ids) - n_train}
+    write_json(tmp / "meta.json", meta)
+    shutil.rmtree(out, ignore_errors=True)  # replace a previous dataset only once the new one is complete
+    os.replace(tmp, out)
+    return meta
+
+
+def prepare(dataset, out, input=None, tokenizer="char", vocab_size=None, tokenizer_dir=None):
+    """`dataset` is "shakespeare_char" (TinyShakespeare, char-level) or "text" (any UTF-8 file, char or BPE).
+    With tokenizer_dir (a dataset or checkpoint folder), reuse that tokenizer instead of training one: the way to
+    finetune a model on new text."""
+    out = Path(out)
+    if dataset not in ("shakespeare_char", "text"):
+        raise UserError(f"unknown dataset {dataset!r}: use shakespeare_char or text")
+    if dataset == "shakespeare_char" and input is None:
+        out.mkdir(parents=True, exist_ok=True)
+        input = out / "input.txt"
+        if not input.is_file():
+            download_shakespeare(input)
+    if input is None:
+        raise UserError("prepare text needs --input=FILE (a UTF-8 text file)")
+    text = read_text(input)
+    if tokenizer_dir is not None:
+        return write_dataset(text, load_tokenizer(tokenizer_dir), out, tokenizer_dir)
+    if dataset == "shakespeare_char" or tokenizer == "char":
+        return write_dataset(text, CharTokenizer.train(text), out)
+    if tokenizer == "bpe":
+        if not vocab_size or vocab_size < 257:
+            raise UserError(f"--vocab_size must be at least 257 for byte-level BPE, got {vocab_size}")
+        return write_dataset(text, BPETokenizer.train([input], vocab_size), out)
+    raise UserError(f"unknown tokenizer {tokenizer!r}: use char or bpe")
+
+
+class TokenData:
+    """Train/val token memmaps of a prepared folder, and random [B, block_size] batches drawn from them."""
+
+    def __init__(self, folder, block_size):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise UserError(f"data folder {folder} not found: run `nanokimi prepare ... --out={folder}` first")
+        self.meta = read_meta(folder)
+        self.tokenizer = load_tokenizer(folder)
+        self.splits = {}
+        for split in ("train", "val"):
+            path = self.folder / f"{split}.bin"
+            if not path.is_file():
+                raise UserError(f"{path} not found: run `nanokimi prepare` again for {folder}")
+            n = path.stat().st_size // np.dtype(self.meta["dtype"]).itemsize
+            if n < block_size + 1:
+                raise UserError(f"{path} holds {n} tokens, fewer than block_size+1 = {block_size + 1}: use more "
+                                f"text or a smaller --block_size")
+            self.splits[split] = np.memmap(path, dtype=self.meta["dtype"], mode="r")
+        self.block_size = block_size
+
+    def batch(self, split, batch_size, generator):
+        data = self.splits[split]
+        starts = torch.randint(len(data) - self.block_size, (batch_size,), generator=generator).tolist()
+        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in starts])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in starts])
+        return x, y

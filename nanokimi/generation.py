@@ -1,0 +1,54 @@
+"""Token sampling shared by nanoKimi and the nanoGPT baseline: temperature, top-k, top-p, greedy."""
+
+import torch
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits: [B, vocab] -> next token ids [B, 1]. temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, -float("inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def generate_tokens(model, idx, max_new_tokens, max_context, temperature=1.0, top_k=None, top_p=None,
+                    generator=None, make_cache=None):
+    """Yield max_new_tokens tokens [B, 1] sampled after idx [B, T].
+
+    Without make_cache (the nanoGPT way) every step recomputes the context cropped to max_context. With it, the
+    prompt is prefilled into a cache once and each step feeds one token; when the cache is full, the newest half of
+    the context is prefilled again from position 0 (positions beyond max_context were never trained)."""
+    if make_cache is None:
+        for _ in range(max_new_tokens):
+            logits, _ = model(idx[:, -max_context:])
+            token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, token], dim=1)
+            yield token
+        return
+    context = idx[:, -max_context:]
+    cache = make_cache(idx.shape[0], min(max_context, context.shape[1] + max_new_tokens))
+    cache_len = cache[0].kv.shape[1]
+    logits, _ = model(context, cache=cache, start_pos=0)
+    pos = context.shape[1]
+    for step in range(max_new_tokens):
+        token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        yield token
+        if step == max_new_tokens - 1:
+            return
+        context = torch.cat([context, token], dim=1)
+        if pos == cache_len:  # cache full: keep the newest half and prefill it again
+            context = context[:, -(cache_len // 2):]
+            logits, _ = model(context, cache=cache, start_pos=0)
+            pos = context.shape[1]
+        else:
+            logits, _ = model(token, cache=cache, start_pos=pos)
+            pos += 1

@@ -1,0 +1,447 @@
+"""Kimi-K2 in one file: Multi-head Latent Attention + DeepSeekMoE, at any size.
+
+Names follow DeepSeek-V3 / Kimi-K2's config.json and Hugging Face's DeepseekV3 checkpoint layout, so a reader can
+hold this file next to the paper (arXiv 2507.20534) and `../shared/kimi-k2.md`.
+Shapes in comments: B batch, T sequence, H hidden_size, nh heads, E routed experts, K experts per token.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .generation import generate_tokens
+
+
+@dataclass
+class KimiConfig:
+    vocab_size: int = 65
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    q_lora_rank: int | None = 96  # None: one direct q_proj (as DeepSeek-V2-Lite)
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    intermediate_size: int = 384  # dense SwiGLU width (layers < first_k_dense_replace)
+    moe_intermediate_size: int = 128  # width of each routed and shared expert
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    first_k_dense_replace: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.827
+    max_position_embeddings: int = 256
+    rope_theta: float = 50000.0
+    rope_scaling: dict | None = None  # None, or a YaRN dict as in Kimi-K2's config.json
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # training-only knobs
+    dropout: float = 0.0
+    aux_loss_alpha: float = 1e-4  # sequence-wise balance loss coefficient (0 disables)
+    extra: dict = field(default_factory=dict, repr=False)  # unknown keys kept from imported configs
+
+    def __post_init__(self):
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                    "qk_nope_head_dim", "v_head_dim", "intermediate_size", "moe_intermediate_size",
+                    "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings"]
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ValueError(f"q_lora_rank must be positive or None, got {self.q_lora_rank}")
+        if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be a positive even number, got {self.qk_rope_head_dim}")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed n_routed_experts "
+                             f"({self.n_routed_experts})")
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group ({self.topk_group}) cannot exceed n_group ({self.n_group})")
+        if self.n_group > 1 and self.topk_group * (self.n_routed_experts // self.n_group) < self.num_experts_per_tok:
+            raise ValueError("topk_group groups hold fewer experts than num_experts_per_tok: raise topk_group")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise ValueError(f"first_k_dense_replace must be in [0, num_hidden_layers], got {self.first_k_dense_replace}")
+        if self.n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_scaling is not None and self.rope_scaling.get("type", self.rope_scaling.get("rope_type")) != "yarn":
+            raise ValueError(f"rope_scaling supports only YaRN ({{'type': 'yarn', ...}}), got {self.rope_scaling}")
+
+    @property
+    def qk_head_dim(self):
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 (DeepSeek-V3)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+def yarn_mscale(scale, mscale=1.0):
+    return 0.1 * mscale * math.log(scale) + 1.0 if scale > 1 else 1.0
+
+
+def rope_frequencies(config):
+    """Inverse frequencies [d_r/2] of the rope slice, with YaRN's ramp when rope_scaling is set."""
+    d, theta = config.qk_rope_head_dim, config.rope_theta
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    if config.rope_scaling is not None:
+        rs = config.rope_scaling
+        factor, original = rs["factor"], rs["original_max_position_embeddings"]
+
+        def correction_dim(rotations):
+            return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(correction_dim(rs.get("beta_fast", 32))), 0)
+        high = min(math.ceil(correction_dim(rs.get("beta_slow", 1))), d - 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        smooth = 1 - ramp
+        freqs = freqs / factor * (1 - smooth) + freqs * smooth
+    return freqs
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (2i, 2i+1) as DeepSeek does (HF rope_interleave=True). x: [..., T, d_r]."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention: low-rank q and kv latents, decoupled RoPE with one shared rope key."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.nh, self.d_nope, self.d_rope, self.d_v, self.d_c = (
+            c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank)
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, self.nh * c.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, self.nh * c.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, self.d_c + self.d_rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.d_c, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.d_c, self.nh * (self.d_nope + self.d_v), bias=False)
+        self.o_proj = nn.Linear(self.nh * self.d_v, c.hidden_size, bias=False)
+        self.dropout = c.dropout
+        self.scale = c.qk_head_dim ** -0.5
+        if c.rope_scaling is not None:
+            self.scale *= yarn_mscale(c.rope_scaling["factor"], c.rope_scaling.get("mscale_all_dim", 1.0)) ** 2
+        # QK-Clip bookkeeping: per-head max pre-softmax logit over the forward passes since the last reset.
+        self.track_max_logit = False
+        self.register_buffer("max_logit", torch.full((self.nh,), -float("inf")), persistent=False)
+
+    def q_weight(self):
+        return self.q_proj.weight if hasattr(self, "q_proj") else self.q_b_proj.weight
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.nh, -1).transpose(1, 2)  # [B, nh, T, d_nope + d_rope]
+        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.d_c, self.d_rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [B, T, d_c]: the latent that is cached
+        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin)  # [B, 1, T, d_rope]: ONE rope key shared by all heads
+        if cache is not None:
+            return self.o_proj(self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, cache, start_pos))
+        kv = self.kv_b_proj(c_kv).view(B, T, self.nh, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [B, nh, T, d_nope], [B, nh, T, d_v]
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, self.nh, -1, -1)], dim=-1)
+        if self.track_max_logit:
+            self.record_max_logit(q, k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return F.dropout(self.o_proj(y.transpose(1, 2).flatten(2)), self.dropout, self.training)
+
+    @torch.no_grad()
+    def record_max_logit(self, q, k, chunk=256):
+        """Per-head max of scale * q.k over causal pairs. SDPA never returns logits, so recompute them (no softmax),
+        in query chunks to bound memory."""
+        T = q.shape[2]
+        head_max = torch.full((self.nh,), -float("inf"), device=q.device)
+        for s in range(0, T, chunk):
+            logits = (q[:, :, s:s + chunk] @ k.transpose(-1, -2)).float() * self.scale  # [B, nh, c, T]
+            causal = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).tril(s)
+            head_max = torch.maximum(head_max, logits.masked_fill(~causal, -float("inf")).amax(dim=(0, 2, 3)))
+        self.max_logit.copy_(torch.maximum(self.max_logit, head_max))
+
+    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, cache, start_pos):
+        """Attention over the cached latents with W_UK folded into the query and W_UV applied after: MQA in latent
+        space, with query/key [c_kv | k_pe] (d_c + d_rope) and value c_kv (d_c), shared by all heads."""
+        B, _, T, _ = q_nope.shape
+        end = start_pos + T
+        cache.kv[:B, start_pos:end] = c_kv
+        cache.pe[:B, start_pos:end] = k_pe.squeeze(1)
+        w_kv_b = self.kv_b_proj.weight.view(self.nh, self.d_nope + self.d_v, self.d_c)
+        w_uk, w_uv = w_kv_b[:, :self.d_nope], w_kv_b[:, self.d_nope:]  # [nh, d_nope, d_c], [nh, d_v, d_c]
+        q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # [B, nh, T, d_c]
+        query = torch.cat([q_lat, q_pe], dim=-1)
+        kv, pe = cache.kv[:B, :end].unsqueeze(1), cache.pe[:B, :end].unsqueeze(1)  # [B, 1, end, .]
+        key = torch.cat([kv, pe], dim=-1)
+        # query i sits at position start_pos + i and may see keys 0..start_pos + i
+        mask = torch.ones(T, end, dtype=torch.bool, device=q_nope.device).tril(start_pos)
+        o_lat = F.scaled_dot_product_attention(query, key, kv, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # [B, T, nh, d_v]
+        return o.flatten(2)
+
+
+class MLACache:
+    """Per-layer inference cache: ONLY the normalised latent c_kv and the roped shared key (d_c + d_rope numbers per
+    token per layer), preallocated to the longest sequence."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        self.kv = torch.zeros(batch_size, max_len, config.kv_lora_rank, device=device, dtype=dtype)
+        self.pe = torch.zeros(batch_size, max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Used as the dense FFN and as the shared expert(s)."""
+
+    def __init__(self, hidden_size, intermediate_size):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router: fp32 sigmoid scores; a non-trained per-expert bias picks the experts, unbiased scores weight them."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+
+    def forward(self, x):  # x: [N, H] -> weights [N, K], indices [N, K], scores [N, E]
+        c = self.config
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        with torch.no_grad():
+            choice = scores + self.e_score_correction_bias
+            if c.n_group > 1:  # group-limited routing: keep the topk_group groups with the best top-2 sums
+                groups = choice.view(len(x), c.n_group, -1)
+                group_score = groups.topk(2, dim=-1).values.sum(-1) if groups.shape[-1] > 1 else groups[..., 0]
+                keep = torch.zeros_like(group_score, dtype=torch.bool)
+                keep.scatter_(1, group_score.topk(c.topk_group, dim=-1).indices, True)
+                choice = groups.masked_fill(~keep.unsqueeze(-1), -float("inf")).flatten(1)
+            indices = choice.topk(c.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if c.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * c.routed_scaling_factor, indices, scores
+
+
+def grouped_mm_available():
+    return hasattr(torch, "_grouped_mm")
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts stored as stacks [E, out, in], run on expert-sorted tokens with one grouped GEMM per
+    projection, so the cost depends on tokens x K, not on E."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, H, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(E, I, H))
+        self.up_proj = nn.Parameter(torch.empty(E, I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x, offsets):  # x: [N, H] sorted by expert; offsets: [E] int32 end of each expert's slice
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x = x.to(dtype)  # autocast does not cover grouped GEMM: cast by hand
+
+        def mm(a, w):
+            return grouped_matmul(a, w.to(dtype).transpose(-2, -1), offsets)
+
+        return mm(F.silu(mm(x, self.gate_proj)) * mm(x, self.up_proj), self.down_proj)
+
+
+def grouped_matmul(a, b, offsets):
+    """Rows a[offsets[e-1]:offsets[e]] @ b[e] for every expert e."""
+    if grouped_mm_available() and a.device.type in ("cpu", "cuda"):
+        return torch._grouped_mm(a, b, offs=offsets)
+    # torch._grouped_mm missing on this build/device: one matmul per expert's contiguous slice (not per token)
+    starts = [0] + offsets[:-1].tolist()
+    return torch.cat([a[s:e] @ b[i] for i, (s, e) in enumerate(zip(starts, offsets.tolist()))])
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: sum_k w_k * Expert_{i_k}(x) + SharedExperts(x), with aux-loss-free load balancing."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.gate = Gate(config)
+        self.experts = Experts(config)
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+                               if config.n_shared_experts else None)
+        # tokens routed to each expert since the last bias update (summed over micro-steps, all-reduced under DDP)
+        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
+        self.aux_loss = None
+
+    def forward(self, x):
+        B, T, H = x.shape
+        E, K = self.config.n_routed_experts, self.config.num_experts_per_tok
+        flat = x.reshape(-1, H)
+        weights, indices, scores = self.gate(flat)  # [N, K], [N, K], [N, E]
+        counts = torch.bincount(indices.flatten(), minlength=E)
+        if self.training:
+            self.tokens_per_expert += counts
+            self.aux_loss = self.sequence_balance_loss(scores.view(B, T, E), indices.view(B, T, K))
+        order = indices.flatten().argsort(stable=True)  # token-slots sorted by expert
+        token_of_slot = order // K
+        y = self.experts(flat[token_of_slot], counts.cumsum(0).to(torch.int32))
+        y = y.float() * weights.flatten()[order].unsqueeze(-1)
+        out = torch.zeros_like(flat, dtype=torch.float32).index_add_(0, token_of_slot, y).type_as(x)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(B, T, H)
+
+    def sequence_balance_loss(self, scores, indices):
+        """DeepSeek-V3 complementary sequence-wise loss: alpha * sum_i f_i P_i per sequence, averaged over the batch."""
+        alpha = self.config.aux_loss_alpha
+        if alpha == 0:
+            return None
+        B, T, E = scores.shape
+        K = indices.shape[-1]
+        selected = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, indices.flatten(1), torch.ones(B, T * K, device=scores.device))
+        f = selected * E / (K * T)  # [B, E], no gradient
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # [B, E]
+        return alpha * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, gamma):
+        """b_i += gamma * sign(mean_load - load_i), centred; returns the load statistics of the step."""
+        load = self.tokens_per_expert
+        stats = {"max_over_mean": (load.max() / load.mean().clamp(min=1)).item(),
+                 "dead_experts": int((load == 0).sum())}
+        if load.sum() > 0:
+            delta = gamma * torch.sign(load.mean() - load)
+            self.gate.e_score_correction_bias += delta - delta.mean()
+        load.zero_()
+        return stats
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = (MLP(config.hidden_size, config.intermediate_size) if layer_id < config.first_k_dense_replace
+                    else MoE(config))
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Kimi(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        angles = torch.outer(positions, rope_frequencies(config))  # [max_pos, d_rope/2]
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):  # as HF DeepseekV3: N(0, initializer_range) for every matrix, norms = 1
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, (Gate, Experts)):
+            for p in module.parameters(recurse=False):
+                nn.init.normal_(p, std=std)
+
+    def moe_layers(self):
+        return [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
+
+    def attention_layers(self):
+        return [b.self_attn for b in self.layers]
+
+    def forward(self, idx, targets=None, cache=None, start_pos=0):
+        """idx: [B, T] token ids -> (logits [B, T, vocab], loss or None). With `cache`, runs absorbed MLA over the
+        cached latents, the new tokens sitting at positions start_pos..start_pos+T-1."""
+        T = idx.shape[1]
+        if start_pos + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        x = F.dropout(self.embed_tokens(idx), self.config.dropout, self.training)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache[i], start_pos)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return logits, loss + sum(aux) if aux else loss
+
+    @torch.no_grad()
+    def update_expert_bias(self, gamma=1e-3):
+        """Aux-loss-free balancing, once per optimizer step. Sums token counts over ranks first when distributed.
+        Returns per-layer load statistics for logging."""
+        layers = self.moe_layers()
+        if layers and torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = torch.stack([m.tokens_per_expert for m in layers])
+            torch.distributed.all_reduce(counts)
+            for m, c in zip(layers, counts):
+                m.tokens_per_expert.copy_(c)
+        return [m.update_bias(gamma) for m in layers]
+
+    def num_params(self):
+        """Total parameters and parameters active per token (K of E routed experts, plus everything else)."""
+        total = sum(p.numel() for p in self.parameters())
+        c = self.config
+        inactive = sum(p.numel() for m in self.moe_layers() for p in m.experts.parameters())
+        inactive = inactive * (c.n_routed_experts - c.num_experts_per_tok) // c.n_routed_experts
+        return {"total": total, "active": total - inactive,
+                "embedding": self.embed_tokens.weight.numel()}
+
+    def make_cache(self, batch_size, max_len):
+        p = self.lm_head.weight
+        return [MLACache(self.config, batch_size, max_len, p.device, p.dtype) for _ in self.layers]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 generator=None):
+        """Sample max_new_tokens after idx [B, T]; returns [B, T + max_new_tokens]."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator))
+        return torch.cat([idx] + new, dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
+        """Yield each new token [B, 1] as soon as it is sampled. With use_cache, prefill once and then decode one
+        token at a time over the MLA cache; without it, recompute the whole (cropped) context each step."""
+        return generate_tokens(self, idx, max_new_tokens, self.config.max_position_embeddings, temperature, top_k,
+                               top_p, generator, make_cache=self.make_cache if use_cache else None)

@@ -1,0 +1,165 @@
+"""MuonClip (Kimi-K2): Muon for hidden matrices, AdamW for the rest, and per-head QK-Clip after each step.
+
+Muon uses torch.optim.Muon with Moonlight/K2 RMS matching (`adjust_lr_fn="match_rms_adamw"`), so AdamW's lr and
+weight decay carry over unchanged. Routed experts are stored as [E, out, in] stacks, which torch.optim.Muon rejects
+(2-D only): `ExpertMuon` applies the same update with a Newton-Schulz iteration batched over experts, each expert
+orthogonalised on its own.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz(grad, steps=5, eps=1e-7):
+    """Approximate U V^T of each trailing [m, n] matrix (singular values land in about 0.5..1.5), batched over
+    leading dims. Same quintic iteration, in bf16, as torch.optim.Muon, which accepts 2-D tensors only."""
+    a, b, c = NS_COEFFICIENTS
+    x = grad.bfloat16().flatten(0, -3) if grad.ndim > 2 else grad.bfloat16().unsqueeze(0)  # [batch, m, n]
+    transposed = grad.size(-2) > grad.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # fused as torch's addmm
+    return (x.mT if transposed else x).reshape(grad.shape)
+
+
+class ExpertMuon(torch.optim.Optimizer):
+    """Muon for [E, out, in] expert stacks, update rule identical to torch.optim.Muon(adjust_lr_fn="match_rms_adamw")
+    applied to every expert matrix separately: Nesterov momentum, NS, lr * 0.2 * sqrt(max(out, in)), decoupled wd."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = zeropower_via_newtonschulz(update, group["ns_steps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.type_as(p), alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape[-2:])))
+
+
+class MuonClip:
+    """One optimizer object over several torch optimizers (Muon, ExpertMuon, AdamW), plus QK-Clip.
+
+    `param_groups` lists every group (set group["lr"] for schedules); state_dict/load_state_dict round-trip.
+    When `attention` (the model's MLA layers) is given, their per-head max logits are recorded during forward and
+    collected at each step (max over micro-steps, and over ranks when distributed) into `max_logits`; heads above
+    `qk_clip_tau` are rescaled after the update."""
+
+    def __init__(self, optimizers, attention=(), qk_clip_tau=None):
+        self.optimizers = optimizers
+        self.attention = list(attention)
+        self.qk_clip_tau = qk_clip_tau
+        self.max_logits = None  # [layers, heads] of the last step
+        for attn in self.attention:
+            attn.track_max_logit = True
+
+    @property
+    def param_groups(self):
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self, scaler=None):
+        """Step every optimizer (through `scaler`, a torch.amp.GradScaler, under fp16), then QK-Clip."""
+        for opt in self.optimizers:
+            scaler.step(opt) if scaler is not None else opt.step()
+        if self.attention:
+            self.max_logits = self.collect_max_logits()
+            if self.qk_clip_tau is not None:
+                for attn, head_max in zip(self.attention, self.max_logits):
+                    qk_clip(attn, head_max, self.qk_clip_tau)
+
+    def collect_max_logits(self):
+        logits = torch.stack([attn.max_logit for attn in self.attention])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(logits, op=dist.ReduceOp.MAX)
+        for attn in self.attention:
+            attn.max_logit.fill_(-float("inf"))
+        return logits
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state):
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError(f"optimizer state holds {len(state['optimizers'])} optimizers, expected "
+                             f"{len(self.optimizers)}: was it saved with another --optimizer?")
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+
+
+@torch.no_grad()
+def qk_clip(attn, head_max, tau):
+    """K2 Algorithm 1, per head h with S_max > tau: gamma = tau / S_max; q nope rows and k nope rows (in kv_b_proj)
+    scale by sqrt(gamma), q rope rows by gamma. The shared rope key and the value rows stay untouched, so every
+    logit of head h scales by exactly gamma."""
+    gamma = torch.where(head_max > tau, tau / head_max, torch.ones_like(head_max))
+    if bool((gamma == 1).all()):
+        return
+    nh, d_nope = attn.nh, attn.d_nope
+    w_q = attn.q_weight().view(nh, d_nope + attn.d_rope, -1)
+    w_q[:, :d_nope] *= gamma.sqrt().view(nh, 1, 1).to(w_q.dtype)
+    w_q[:, d_nope:] *= gamma.view(nh, 1, 1).to(w_q.dtype)
+    w_kv = attn.kv_b_proj.weight.view(nh, d_nope + attn.d_v, -1)
+    w_kv[:, :d_nope] *= gamma.sqrt().view(nh, 1, 1).to(w_kv.dtype)
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def configure_optimizer(model, name="muonclip", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), momentum=0.95,
+                        qk_clip_tau=100.0, track_max_logit=False):
+    """Split the model's parameters and build the optimizer `name` in {"muonclip", "muon", "adamw"}.
+
+    Muon: every hidden matrix (attention projections, dense FFN, shared experts, each routed expert separately) and
+    the router gate: like torchtitan's K2 recipe, since the gate is a hidden [E, H] matrix too and Moonlight found
+    Muon helps such matrices (its Figure 4). AdamW: embeddings and lm_head (their rows are looked up / scored one
+    token at a time, not used as a whole linear map), norms and biases; decay only on matrices, as nanoGPT.
+    `e_score_correction_bias` is a buffer: never optimised."""
+    if name not in ("muonclip", "muon", "adamw"):
+        raise ValueError(f"unknown optimizer {name!r}: use muonclip, muon or adamw")
+    model = unwrap(model)
+    table = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    table |= {id(p) for p in getattr(model, "lm_head", torch.nn.Identity()).parameters()}
+    muon_2d, muon_3d, decay, no_decay = [], [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if name == "adamw" or id(p) in table or p.ndim < 2:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        else:
+            (muon_2d if p.ndim == 2 else muon_3d).append(p)
+    optimizers = [torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                     {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas,
+                                    fused=False)]
+    if muon_2d:
+        optimizers.append(torch.optim.Muon(muon_2d, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                           adjust_lr_fn="match_rms_adamw"))
+    if muon_3d:
+        optimizers.append(ExpertMuon(muon_3d, lr=lr, weight_decay=weight_decay, momentum=momentum))
+    attention = model.attention_layers() if hasattr(model, "attention_layers") else []
+    track = name == "muonclip" or track_max_logit
+    return MuonClip(optimizers, attention if track else (), qk_clip_tau if name == "muonclip" else None)

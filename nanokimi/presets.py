@@ -1,0 +1,68 @@
+"""Named model configs. `kimi-k2` is the real Kimi-K2-Instruct (0711) config; the others are small enough to train."""
+
+import dataclasses
+
+from .baseline import GPT, GPTConfig
+from .errors import UserError
+from .model import Kimi, KimiConfig
+
+PRESETS = {
+    # moonshotai/Kimi-K2-Instruct config.json (see ../shared/kimi-k2.md section 1): 1.04T total, 32.6B active.
+    # Build it on the meta device: `with torch.device("meta"): Kimi(PRESETS["kimi-k2"])`.
+    "kimi-k2": KimiConfig(
+        vocab_size=163840, hidden_size=7168, num_hidden_layers=61, num_attention_heads=64,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=384, n_shared_experts=1,
+        num_experts_per_tok=8, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+        routed_scaling_factor=2.827, max_position_embeddings=131072, rope_theta=50000.0,
+        rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
+                      "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.02, aux_loss_alpha=1e-3),
+    # Character-level Shakespeare on a 2-core laptop CPU in about 10 minutes.
+    "shakespeare-char-cpu": KimiConfig(
+        vocab_size=65, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        intermediate_size=384, moe_intermediate_size=128, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=128, dropout=0.0),
+    # GPU size, next to nanoGPT's 10.7M "baby GPT" (6 layers, 6 heads, 384 wide, block 256, dropout 0.2).
+    "shakespeare-char": KimiConfig(
+        vocab_size=65, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+        q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=64,
+        intermediate_size=1536, moe_intermediate_size=256, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=256, dropout=0.2),
+}
+
+# The nanoGPT dense baseline at the same two sizes (nanoGPT's config/train_shakespeare_char.py and its CPU variant).
+BASELINE_PRESETS = {
+    "gpt-shakespeare-char-cpu": GPTConfig(block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+    "gpt-shakespeare-char": GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+}
+
+ARCHS = {"kimi": (KimiConfig, Kimi), "gpt": (GPTConfig, GPT)}
+
+
+def find_preset(name):
+    """(arch, config) of a preset name."""
+    if name in PRESETS:
+        return "kimi", PRESETS[name]
+    if name in BASELINE_PRESETS:
+        return "gpt", BASELINE_PRESETS[name]
+    raise UserError(f"unknown preset {name!r}: choose one of {', '.join([*PRESETS, *BASELINE_PRESETS])} or pass a "
+                    f"configs/*.toml file")
+
+
+def make_config(arch, base, overrides):
+    """A copy of config `base` (dataclass or dict) with field overrides; invalid values become a UserError."""
+    cls = ARCHS[arch][0]
+    fields = dataclasses.asdict(base) if dataclasses.is_dataclass(base) else dict(base)
+    unknown = sorted(overrides.keys() - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise UserError(f"unknown {arch} model setting(s) {unknown}: see the {cls.__name__} fields in nanokimi")
+    try:
+        return cls(**(fields | overrides))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"invalid model config: {e}") from None
+
+
+def build_model(arch, config):
+    return ARCHS[arch][1](config)

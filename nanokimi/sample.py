@@ -1,0 +1,49 @@
+"""Sampling from a checkpoint, streaming text as it is generated."""
+
+import sys
+
+import torch
+
+from .checkpoint import Checkpoint
+from .data import load_tokenizer
+from .errors import UserError
+from .presets import build_model, make_config
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode, tokenizer, checkpoint) from a checkpoint folder or a run's out_dir."""
+    ckpt = Checkpoint(path)
+    model = build_model(ckpt.arch, make_config(ckpt.arch, ckpt.model_config, {}))
+    ckpt.load_weights(model)
+    return model.to(device).eval(), load_tokenizer(ckpt.path), ckpt
+
+
+def sample(path, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=200, top_p=None, seed=1337,
+           num_samples=1, use_cache=True, device="cpu", out=sys.stdout):
+    """Print num_samples continuations of prompt, token by token; returns them as strings."""
+    if temperature < 0 or (top_k is not None and top_k <= 0) or (top_p is not None and not 0 < top_p <= 1):
+        raise UserError("need temperature >= 0, top_k > 0 and 0 < top_p <= 1")
+    if max_new_tokens < 0 or num_samples <= 0:
+        raise UserError("need max_new_tokens >= 0 and num_samples > 0")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda but no CUDA GPU is visible: use --device=cpu")
+    model, tokenizer, _ = load_model(path, device)
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise UserError("the prompt is empty: pass --prompt=TEXT with at least one token")
+    use_cache = use_cache and hasattr(model, "make_cache")
+    texts = []
+    for i in range(num_samples):
+        generator = torch.Generator(device=device).manual_seed(seed + i)
+        idx = torch.tensor([ids], device=device)
+        new, shown = [], ""
+        out.write(prompt)
+        for token in model.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator):
+            new.append(token.item())
+            text = tokenizer.decode(new)  # decode the whole tail: a BPE token may end mid-character
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+        out.write("\n" + ("-" * 40 + "\n" if i < num_samples - 1 else ""))
+        texts.append(prompt + shown)
+    return texts

@@ -1,0 +1,399 @@
+"""The training loop: one process, or DDP under torchrun. Pretraining, exact resume and finetuning.
+
+Every step's batches and dropout come from RNG seeds derived from (seed, rank, step), so a resumed run replays the
+uninterrupted run exactly from the weights, optimizer state and step number alone."""
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import checkpoint
+from .data import TokenData, tokenizer_fingerprint
+from .errors import UserError
+from .optim import configure_optimizer, unwrap
+from .presets import build_model, find_preset, make_config
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "shakespeare-char-cpu"  # model preset (nanokimi.PRESETS or a gpt-* baseline)
+    data: str = "data/shakespeare_char"
+    out_dir: str = "out/shakespeare-char-cpu"
+    # batches: tokens per optimizer step = batch_size * block_size * grad_accum (grad_accum summed over all ranks)
+    batch_size: int = 32
+    block_size: int = 128
+    grad_accum: int = 1
+    max_iters: int = 2000
+    # optimizer and schedule
+    optimizer: str = "muonclip"  # muonclip | muon | adamw
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    lr_schedule: str = "wsd"  # wsd (K2's warmup-stable-decay) | cosine
+    warmup_iters: int = 100
+    decay_frac: float = 0.3  # wsd: fraction of lr_decay_iters spent decaying (cosine) to min_lr
+    lr_decay_iters: int = 0  # 0: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables
+    qk_clip_tau: float = 100.0
+    bias_update_gamma: float = 1e-3  # aux-loss-free balancing step (0 freezes the expert bias)
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 0  # 0: checkpoint at every eval and at the end
+    log_max_logit: bool = False  # record max attention logits even when not clipping (muon/adamw)
+    progress: bool = True
+    # run
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
+    compile: bool = False
+    resume: bool = False
+    init_from: str = ""  # a checkpoint to finetune from (weights only; new optimizer and schedule)
+
+    def __post_init__(self):
+        for name in ("batch_size", "block_size", "grad_accum", "eval_iters", "log_interval", "eval_interval"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_iters < 0 or self.warmup_iters < 0 or self.ckpt_interval < 0:
+            raise UserError("max_iters, warmup_iters and ckpt_interval must be >= 0")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.lr_schedule not in ("wsd", "cosine"):
+            raise UserError(f"unknown lr_schedule {self.lr_schedule!r}: use wsd or cosine")
+        if self.optimizer not in ("muonclip", "muon", "adamw"):
+            raise UserError(f"unknown optimizer {self.optimizer!r}: use muonclip, muon or adamw")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise UserError(f"unknown device {self.device!r}: use auto, cpu, cuda or mps")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"unknown dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if not 0 < self.decay_frac <= 1:
+            raise UserError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
+        if self.resume and self.init_from:
+            raise UserError("--resume continues a run and --init_from starts a new one from weights: pass only one")
+
+
+def learning_rate(cfg, step):
+    """Linear warmup, then cosine decay to min_lr (cosine) or constant then cosine decay over the last decay_frac
+    (wsd, as Kimi-K2: constant 2e-4, then cosine to 2e-5)."""
+    horizon = cfg.lr_decay_iters or cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    decay_start = cfg.warmup_iters if cfg.lr_schedule == "cosine" else max(cfg.warmup_iters,
+                                                                            horizon - int(cfg.decay_frac * horizon))
+    if step < decay_start:
+        return cfg.lr
+    progress = min(1.0, (step - decay_start) / max(1, horizon - decay_start))
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def step_seed(seed, rank, step, stream):
+    """A distinct seed per (run seed, rank, step, stream): batches and dropout replay exactly on resume."""
+    return (((seed * 1_000_003 + rank) * 1_000_033 + step) * 4 + stream) % (2 ** 63)
+
+
+class Run:
+    """Process-level setup: distributed group, device, precision."""
+
+    def __init__(self, cfg):
+        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.rank, self.world = 0, 1
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device=cuda but no CUDA GPU is visible: use --device=cpu")
+        if self.distributed:
+            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            if device.startswith("cuda"):
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                torch.cuda.set_device(device)
+        self.device = torch.device(device)
+        dtype = cfg.dtype
+        if dtype == "auto":
+            dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if self.device.type == "cuda" \
+                else "float32"
+        self.dtype = getattr(torch, dtype)
+        self.master = self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def close(self):
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM ask the loop to save a checkpoint and exit cleanly at the end of the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def build(cfg, overrides):
+    """Model (fresh, resumed or finetuned), its arch and config, and the checkpoint it came from (or None)."""
+    source = None
+    if cfg.resume:
+        source = checkpoint.Checkpoint(cfg.out_dir)
+    elif cfg.init_from:
+        source = checkpoint.Checkpoint(cfg.init_from)
+    if source is not None:
+        arch = source.arch
+        allowed = {"dropout"} if cfg.init_from else set()  # a finetune may change regularisation, nothing else
+        changed = sorted(k for k, v in overrides.items() if k not in allowed and source.model_config.get(k) != v)
+        if changed:
+            raise UserError(f"model settings {changed} cannot change when continuing from a checkpoint: drop them")
+        model_config = make_config(arch, source.model_config, overrides)
+    else:
+        arch, base = find_preset(cfg.preset)
+        model_config = make_config(arch, base, overrides)
+    return arch, model_config, source
+
+
+def train(cfg, overrides=None):
+    """Train per `cfg` (TrainConfig) with model-field `overrides`; returns a summary dict (rank 0)."""
+    run = Run(cfg)
+    try:
+        return Trainer(cfg, dict(overrides or {}), run).fit()
+    finally:
+        run.close()
+
+
+class Trainer:
+    def __init__(self, cfg, overrides, run):
+        self.cfg, self.run = cfg, run
+        if cfg.grad_accum % run.world:
+            raise UserError(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes "
+                            f"({run.world})")
+        self.micro_steps = cfg.grad_accum // run.world
+        arch, model_config, source = build(cfg, overrides)
+        self.data = TokenData(cfg.data, cfg.block_size)
+        if source is None:
+            model_config = make_config(arch, model_config, {"vocab_size": self.data.tokenizer.vocab_size})
+        elif tokenizer_fingerprint(source.path) != tokenizer_fingerprint(cfg.data):
+            raise UserError(f"the tokenizer of checkpoint {source.path} differs from the one of data {cfg.data}: "
+                            f"prepare the data with the checkpoint's tokenizer (same text for char, same "
+                            f"tokenizer.json for BPE)")
+        context = model_config.max_position_embeddings if arch == "kimi" else model_config.block_size
+        if cfg.block_size > context:
+            raise UserError(f"block_size ({cfg.block_size}) exceeds the model's context ({context}): lower "
+                            f"--block_size or raise the model's max_position_embeddings/block_size")
+        self.arch, self.model_config = arch, model_config
+        torch.manual_seed(cfg.seed)
+        model = build_model(arch, model_config)
+        if source is not None:
+            source.load_weights(model)
+        self.model = model.to(run.device)
+        self.optimizer = configure_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay,
+                                             (cfg.beta1, cfg.beta2), qk_clip_tau=cfg.qk_clip_tau,
+                                             track_max_logit=cfg.log_max_logit)
+        self.step, self.best_val, self.elapsed, self.evaluated_at = 0, float("inf"), 0.0, None
+        if cfg.resume:
+            saved = (source.train_config or {}).get("optimizer")
+            if saved != cfg.optimizer:
+                raise UserError(f"{source.path} was trained with --optimizer={saved}: resume with the same optimizer, "
+                                f"or start a new run from its weights with --init_from")
+            try:
+                self.optimizer.load_state_dict(source.optimizer_state())
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise UserError(f"optimizer state in {source.path} does not fit this model ({e}): use --init_from to "
+                                f"start a new run from its weights") from None
+            state = source.trainer_state()
+            self.step, self.best_val, self.elapsed = state["step"], state["best_val_loss"], state["elapsed"]
+            self.evaluated_at = state.get("evaluated_at")
+        self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
+        net = torch.compile(self.model) if cfg.compile else self.model
+        if run.distributed:
+            # every rank updates the expert bias identically from all-reduced loads: no buffer broadcast needed
+            net = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+        self.net = net
+        self.metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+    def log(self, record):
+        if self.run.master:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Mean loss over eval_iters batches per split, the same batches at every eval (fixed generator)."""
+        model = self.model
+        model.eval()
+        out = {}
+        for split_id, split in enumerate(("train", "val")):
+            gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, 0, 0, 2 + split_id))
+            losses = []
+            for _ in range(self.cfg.eval_iters):
+                x, y = (t.to(self.run.device) for t in self.data.batch(split, self.cfg.batch_size, gen))
+                with self.run.autocast():
+                    losses.append(model(x, y)[1].item())
+            out[split] = sum(losses) / len(losses)
+        model.train()
+        return out
+
+    def save(self):
+        if not self.run.master:
+            return
+        checkpoint.save(self.cfg.out_dir, self.model, self.arch, self.model_config, self.cfg, self.cfg.data,
+                        self.optimizer.state_dict(),
+                        {"step": self.step, "best_val_loss": self.best_val, "elapsed": self.elapsed,
+                         "evaluated_at": self.evaluated_at})
+
+    def train_step(self):
+        """One optimizer step over micro_steps batches; returns the mean loss (a tensor)."""
+        cfg, run = self.cfg, self.run
+        lr = learning_rate(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=run.device)
+        for micro in range(self.micro_steps):
+            gen = torch.Generator().manual_seed(step_seed(cfg.seed, run.rank * self.micro_steps + micro, self.step, 0))
+            torch.manual_seed(step_seed(cfg.seed, run.rank * self.micro_steps + micro, self.step, 1))  # dropout
+            x, y = (t.to(run.device) for t in self.data.batch("train", cfg.batch_size, gen))
+            sync = micro == self.micro_steps - 1 or not run.distributed
+            with contextlib.nullcontext() if sync else self.net.no_sync(), run.autocast():
+                _, loss = self.net(x, y)
+                loss = loss / self.micro_steps  # DDP averages over ranks: the scale of one big batch
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if run.distributed:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        if not torch.isfinite(total):
+            raise UserError(f"loss became {total.item()} at step {self.step}: the last good checkpoint in "
+                            f"{cfg.out_dir} is kept; lower --lr or raise --warmup_iters and resume or restart")
+        for opt in self.optimizer.optimizers:
+            self.scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        self.optimizer.step(self.scaler)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loads = unwrap(self.net).update_expert_bias(cfg.bias_update_gamma) if self.arch == "kimi" else []
+        return total, grad_norm, lr, loads
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def fit(self):
+        cfg, run = self.cfg, self.run
+        out_dir = Path(cfg.out_dir)
+        if run.master:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if cfg.resume and self.metrics_path.exists():  # drop what the interrupted run logged past its checkpoint
+                kept = [line for line in self.metrics_path.read_text().splitlines()
+                        if json.loads(line).get("step", self.step + 1) <= self.step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        params = self.model.num_params()
+        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+        if run.master:
+            print(f"{self.arch} {cfg.preset}: {params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M "
+                  f"active), {tokens_per_step} tokens/step, {cfg.optimizer}, {run.device} {str(run.dtype)[6:]}"
+                  f"{f', {run.world} processes' if run.distributed else ''}", flush=True)
+        stop = StopRequest()
+        bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not (cfg.progress and run.master),
+                   dynamic_ncols=True, unit="step")
+        last_eval, status = None, "finished"
+        try:
+            self.model.train()
+            while self.step < cfg.max_iters:
+                if self.step % cfg.eval_interval == 0 and self.step not in (0, self.evaluated_at):
+                    last_eval = self.eval_and_checkpoint(bar)
+                t0 = time.perf_counter()
+                loss, grad_norm, lr, loads = self.train_step()
+                self.step += 1
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
+                    record = {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+                              "tokens": self.step * tokens_per_step, "time": self.elapsed,
+                              "tok_per_s": tokens_per_step / dt}
+                    if self.optimizer.max_logits is not None:
+                        record["max_logit"] = self.optimizer.max_logits.max().item()
+                    if loads:
+                        record["expert_max_over_mean"] = max(s["max_over_mean"] for s in loads)
+                        record["dead_experts"] = sum(s["dead_experts"] for s in loads)
+                    self.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}",
+                                    refresh=False)
+                bar.update(1)
+                if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0:
+                    self.save()
+                if self.stop_requested(stop):
+                    status = "interrupted"
+                    break
+            if status == "finished":
+                last_eval = self.eval_and_checkpoint(bar)
+            else:
+                self.save()
+                bar.write(f"stopped at step {self.step}: checkpoint saved in {out_dir}; continue with --resume")
+        finally:
+            bar.close()
+            stop.restore()
+        summary = {"status": status, "step": self.step, "train_time_s": round(self.elapsed, 1),
+                   "params_total": params["total"], "params_active": params["active"],
+                   "train_loss": last_eval and last_eval["train"], "val_loss": last_eval and last_eval["val"],
+                   "checkpoint": str(out_dir / checkpoint.NAME)}
+        if run.master:
+            self.log({"summary": summary})
+            plot_losses(self.metrics_path, out_dir / "loss.png")
+        return summary
+
+    def stop_requested(self, stop):
+        flag = torch.tensor(float(stop.requested))
+        if self.run.distributed:  # all ranks stop at the same step
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+    def eval_and_checkpoint(self, bar):
+        losses = self.evaluate()
+        self.best_val, self.evaluated_at = min(self.best_val, losses["val"]), self.step
+        self.log({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"], "time": self.elapsed})
+        if self.run.master:
+            bar.write(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        self.save()
+        return losses
+
+
+def plot_losses(metrics_path, png_path):
+    """Training loss (per log record) and train/val eval loss against steps, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["train_loss"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), alpha=0.5, label="train (batch)")
+    if evals:
+        steps, tr, va = zip(*evals)
+        ax.plot(steps, tr, "o-", label="train (eval)")
+        ax.plot(steps, va, "o-", label="val")
+    ax.set(xlabel="step", ylabel="loss", title=Path(metrics_path).parent.name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

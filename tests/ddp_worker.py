@@ -1,0 +1,22 @@
+"""Run by tests/test_cli.py under `torchrun --nproc_per_node=2`: trains with the real Trainer, then compares every
+rank's final weights and expert biases with rank 0's and writes the largest difference to OUT_DIR/ddp_check.json."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from nanokimi.train import Run, TrainConfig, Trainer
+
+cfg, overrides = TrainConfig(**json.loads(sys.argv[1])), json.loads(sys.argv[2])
+run = Run(cfg)
+trainer = Trainer(cfg, overrides, run)
+trainer.fit()
+state = torch.cat([t.detach().float().flatten() for t in trainer.model.state_dict().values()])
+gathered = [torch.zeros_like(state) for _ in range(run.world)]
+dist.all_gather(gathered, state)
+if run.master:
+    with open(f"{cfg.out_dir}/ddp_check.json", "w") as f:
+        json.dump({"world": run.world, "max_diff": max((g - gathered[0]).abs().max().item() for g in gathered)}, f)
+run.close()

@@ -1,0 +1,155 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanokimi import PRESETS, Kimi
+from nanokimi.baseline import GPT, GPTConfig
+from nanokimi.model import MoE
+from tests.conftest import tiny_config
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def test_causal():
+    model = Kimi(tiny_config()).eval()
+    idx = torch.randint(0, 50, (2, 24))
+    changed = idx.clone()
+    changed[:, 12:] = torch.randint(0, 50, (2, 12))
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.equal(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None}, {"rope_scaling": YARN}, {"n_group": 2, "topk_group": 1}],
+                         ids=["q_lora", "direct_q", "yarn", "grouped"])
+def test_absorbed_cache_matches_full_forward(kw):
+    config = tiny_config(**kw)
+    model = Kimi(config).eval()
+    idx = torch.randint(0, 50, (2, 40))
+    full, _ = model(idx)
+    cache = model.make_cache(2, 40)
+    # the cache holds only the latent and the shared rope key: kv_lora_rank + qk_rope_head_dim per token per layer
+    assert cache[0].kv.shape == (2, 40, config.kv_lora_rank) and cache[0].pe.shape == (2, 40, config.qk_rope_head_dim)
+    steps = [model(idx[:, :17], cache=cache, start_pos=0)[0]]
+    steps += [model(idx[:, t:t + 1], cache=cache, start_pos=t)[0] for t in range(17, 40)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_yarn_changes_frequencies_and_scale():
+    plain, yarn = Kimi(tiny_config()), Kimi(tiny_config(rope_scaling=YARN))
+    assert yarn.layers[0].self_attn.scale > plain.layers[0].self_attn.scale
+    assert not torch.allclose(plain.rope_cos, yarn.rope_cos)
+
+
+def test_greedy_generate_same_with_and_without_cache():
+    model = Kimi(tiny_config()).eval()
+    idx = torch.randint(0, 50, (1, 5))
+    with_cache = model.generate(idx, 30, temperature=0, use_cache=True)
+    without = model.generate(idx, 30, temperature=0, use_cache=False)
+    assert torch.equal(with_cache, without)
+    # past max_position_embeddings the cached generator refills its window and keeps going
+    assert model.generate(idx, 100, top_k=5, use_cache=True).shape == (1, 105)
+
+
+def reference_moe(moe, x):
+    """Per-token loop over the same weights: the DeepSeek-V3 formulas written plainly."""
+    c = moe.config
+    out = []
+    for tok in x.reshape(-1, x.shape[-1]):
+        s = torch.sigmoid(moe.gate.weight @ tok)
+        chosen = (s + moe.gate.e_score_correction_bias).topk(c.num_experts_per_tok).indices
+        w = s[chosen] / s[chosen].sum() * c.routed_scaling_factor
+        y = moe.shared_experts(tok)
+        for weight, e in zip(w, chosen):
+            ex = moe.experts
+            y = y + weight * (ex.down_proj[e] @ (F.silu(ex.gate_proj[e] @ tok) * (ex.up_proj[e] @ tok)))
+        out.append(y)
+    return torch.stack(out).view_as(x)
+
+
+def test_moe_matches_per_token_reference():
+    moe = Kimi(tiny_config(n_routed_experts=8, num_experts_per_tok=3)).layers[1].mlp
+    assert isinstance(moe, MoE)
+    moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    x = torch.randn(3, 10, 32)
+    torch.testing.assert_close(moe(x), reference_moe(moe, x), atol=1e-5, rtol=1e-4)
+
+
+def test_bias_changes_selection_not_weights():
+    moe = Kimi(tiny_config()).layers[1].mlp
+    x = torch.randn(64, 32)
+    weights, indices, scores = moe.gate(x)
+    moe.gate.e_score_correction_bias[3] = 10.0  # force expert 3 into every token's top-k
+    w2, i2, s2 = moe.gate(x)
+    assert (i2 == 3).any(dim=1).all() and not torch.equal(indices, i2)
+    torch.testing.assert_close(s2, scores)  # scores themselves are unbiased
+    expected = scores.gather(1, i2)
+    torch.testing.assert_close(w2, expected / expected.sum(1, keepdim=True) * moe.config.routed_scaling_factor)
+
+
+def test_bias_update_moves_load_toward_balance():
+    model = Kimi(tiny_config(n_routed_experts=8))
+    moe = model.layers[1].mlp
+    with torch.no_grad():
+        moe.gate.weight[0] += 0.5 * torch.ones(32)  # skew: expert 0 wins for tokens with positive mean
+    x = torch.randn(4, 64, 32).abs()
+    imbalance = []
+    for _ in range(40):
+        moe(x)
+        imbalance.append(model.update_expert_bias(gamma=0.01)[0]["max_over_mean"])
+    assert imbalance[-1] < 0.6 * imbalance[0]
+    assert abs(moe.gate.e_score_correction_bias.sum()) < 1e-5  # centred updates
+    assert moe.tokens_per_expert.sum() == 0  # counters reset each step
+
+
+def test_aux_loss_added_when_enabled():
+    idx = torch.randint(0, 50, (2, 16))
+    torch.manual_seed(1)
+    with_aux = Kimi(tiny_config(aux_loss_alpha=0.1))
+    torch.manual_seed(1)
+    without = Kimi(tiny_config(aux_loss_alpha=0.0))
+    assert with_aux(idx, idx)[1] > without(idx, idx)[1]
+
+
+def test_kimi_k2_parameter_count_on_meta():
+    with torch.device("meta"):
+        model = Kimi(PRESETS["kimi-k2"])
+    counts = model.num_params()
+    assert abs(counts["total"] / 1.04e12 - 1) < 0.02
+    assert abs(counts["active"] / 32.6e9 - 1) < 0.03
+
+
+def test_gradients_reach_every_parameter():
+    model = Kimi(tiny_config(q_lora_rank=None))
+    idx = torch.randint(0, 50, (4, 32))
+    model(idx, idx)[1].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_same_seed_same_output():
+    idx = torch.randint(0, 50, (2, 16))
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        outs.append(Kimi(tiny_config())(idx)[0])
+    assert torch.equal(*outs)
+
+
+def test_invalid_configs_are_explained():
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        tiny_config(num_experts_per_tok=9)
+    with pytest.raises(ValueError, match="divisible by n_group"):
+        tiny_config(n_routed_experts=6, n_group=4)
+
+
+def test_baseline_has_same_interface():
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
+    idx = torch.randint(0, 50, (2, 8))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 8, 50) and loss.ndim == 0
+    assert model.generate(idx, 40, top_p=0.9, use_cache=False).shape == (2, 48)
+    with pytest.raises(ValueError, match="no KV cache"):
+        model.generate(idx, 1, use_cache=True)

@@ -1,0 +1,143 @@
+import copy
+
+import pytest
+import torch
+
+from nanokimi import Kimi
+from nanokimi.optim import ExpertMuon, configure_optimizer, qk_clip, zeropower_via_newtonschulz
+from tests.conftest import tiny_config
+
+
+def test_newton_schulz_singular_values_in_band_batched():
+    g = torch.randn(4, 48, 96)  # a stack of 4 "experts"
+    o = zeropower_via_newtonschulz(g).float()
+    sv = torch.linalg.svdvals(o)
+    assert sv.min() > 0.5 and sv.max() < 1.5
+    # batched = one matrix at a time (each expert orthogonalised on its own)
+    torch.testing.assert_close(o[2], zeropower_via_newtonschulz(g[2]).float())
+
+
+def update_rms(opt, p, lr):
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    opt.step()
+    return ((p.detach() - before).pow(2).mean().sqrt() / lr).item()
+
+
+def test_match_rms_update_is_0_2_lr():
+    lr = 1e-2
+    matrix = torch.nn.Parameter(torch.randn(256, 128) * 0.02)
+    experts = torch.nn.Parameter(torch.randn(4, 256, 128) * 0.02)
+    torch_muon = torch.optim.Muon([matrix], lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    assert update_rms(torch_muon, matrix, lr) == pytest.approx(0.2, rel=0.2)
+    assert update_rms(ExpertMuon([experts], lr=lr, weight_decay=0.0), experts, lr) == pytest.approx(0.2, rel=0.2)
+
+
+def test_expert_muon_equals_torch_muon_per_expert():
+    w = torch.randn(3, 32, 16)
+    stack = torch.nn.Parameter(w.clone())
+    singles = [torch.nn.Parameter(w[e].clone()) for e in range(3)]
+    ours = ExpertMuon([stack], lr=0.1, weight_decay=0.1)
+    ref = torch.optim.Muon(singles, lr=0.1, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        g = torch.randn_like(w)
+        stack.grad = g.clone()
+        for e, p in enumerate(singles):
+            p.grad = g[e].clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(stack.detach(), torch.stack([p.detach() for p in singles]), atol=2e-3, rtol=0)
+
+
+def test_parameter_split():
+    model = Kimi(tiny_config())
+    opt = configure_optimizer(model, "muonclip")
+    kinds = {type(o).__name__: {id(p) for g in o.param_groups for p in g["params"]} for o in opt.optimizers}
+    assert id(model.embed_tokens.weight) in kinds["AdamW"] and id(model.lm_head.weight) in kinds["AdamW"]
+    assert id(model.layers[0].self_attn.kv_b_proj.weight) in kinds["Muon"]
+    assert id(model.layers[1].mlp.gate.weight) in kinds["Muon"]
+    assert id(model.layers[1].mlp.experts.gate_proj) in kinds["ExpertMuon"]
+    assert id(model.norm.weight) in kinds["AdamW"]
+    every = set().union(*kinds.values())
+    assert every == {id(p) for p in model.parameters()}  # every parameter exactly once
+    assert sum(map(len, kinds.values())) == len(every)
+
+
+def head_max_logits(model, idx):
+    for attn in model.attention_layers():
+        attn.track_max_logit = True
+        attn.max_logit.fill_(-float("inf"))
+    model(idx)
+    return torch.stack([a.max_logit.clone() for a in model.attention_layers()])
+
+
+def test_qk_clip_caps_exploding_heads_only():
+    torch.manual_seed(0)
+    model = Kimi(tiny_config())
+    attn = model.layers[0].self_attn
+    with torch.no_grad():  # blow up head 1's query and key so its logits exceed tau
+        attn.q_weight().view(2, 16, -1)[1] *= 30
+        attn.kv_b_proj.weight.view(2, 16, -1)[1, :8] *= 30
+    idx = torch.randint(0, 50, (2, 32))
+    before = head_max_logits(model, idx)
+    tau = 5.0
+    assert before[0, 1] > tau and before[0, 0] < tau
+    kv_a, kv_b = attn.kv_a_proj_with_mqa.weight.clone(), attn.kv_b_proj.weight.clone()
+    q_head0 = attn.q_weight().view(2, 16, -1)[0].clone()
+    opt = configure_optimizer(model, "muonclip", lr=0.0, weight_decay=0.0, qk_clip_tau=tau)  # lr 0: clip only
+    model(idx, idx)[1].backward()
+    opt.step()
+    after = head_max_logits(model, idx)
+    assert after[0, 1] <= tau * (1 + 1e-3) and after[0, 1] == pytest.approx(tau, rel=1e-3)
+    assert torch.equal(attn.q_weight().view(2, 16, -1)[0], q_head0)  # unclipped head bit-identical
+    assert torch.equal(attn.kv_a_proj_with_mqa.weight, kv_a)  # shared rope key (and latent) untouched
+    assert torch.equal(attn.kv_b_proj.weight.view(2, 16, -1)[:, 8:], kv_b.view(2, 16, -1)[:, 8:])  # values untouched
+    assert torch.equal(attn.kv_b_proj.weight.view(2, 16, -1)[0], kv_b.view(2, 16, -1)[0])
+
+
+def test_qk_clip_is_noop_below_tau():
+    model = Kimi(tiny_config())
+    before = [p.clone() for p in model.parameters()]
+    attn = model.layers[0].self_attn
+    qk_clip(attn, torch.tensor([1.0, 2.0]), tau=100.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["muonclip", "muon", "adamw"])
+def test_optimizers_reduce_loss(name):
+    torch.manual_seed(0)
+    model = Kimi(tiny_config())
+    opt = configure_optimizer(model, name, lr=3e-3)
+    idx = torch.randint(0, 50, (8, 32))
+    losses = []
+    for _ in range(20):
+        loss = model(idx[:, :-1], idx[:, 1:])[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        model.update_expert_bias()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_state_dict_round_trip_resumes_identically():
+    idx = torch.randint(0, 50, (4, 17))
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            model(idx[:, :-1], idx[:, 1:])[1].backward()
+            opt.step()
+            opt.zero_grad()
+
+    torch.manual_seed(0)
+    a = Kimi(tiny_config())
+    opt_a = configure_optimizer(a, "muonclip", lr=1e-2)
+    steps(a, opt_a, 3)
+    b = Kimi(tiny_config())
+    b.load_state_dict(a.state_dict())
+    opt_b = configure_optimizer(b, "muonclip", lr=1e-2)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as if read back from disk
+    steps(a, opt_a, 3)
+    steps(b, opt_b, 3)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
