@@ -8,7 +8,7 @@
         meta.json (+ tokenizer.json)   the tokenizer
 
 Writes go to OUT_DIR/.checkpoint.tmp; then checkpoint -> .checkpoint.old, .checkpoint.tmp -> checkpoint, and
-.checkpoint.old is removed. A kill at any moment leaves a complete checkpoint under one of the two names, and
+.checkpoint.old is removed (the same for any folder name, e.g. `save_pretrained`). A kill at any moment leaves a complete checkpoint under one of the two names, and
 `resolve` finds it."""
 
 import dataclasses
@@ -24,7 +24,7 @@ import torch
 from .data import copy_tokenizer
 from .errors import UserError
 
-NAME, TMP, OLD = "checkpoint", ".checkpoint.tmp", ".checkpoint.old"
+NAME, OLD = "checkpoint", ".checkpoint.old"
 
 
 def resolve(path):
@@ -36,6 +36,8 @@ def resolve(path):
         return path / NAME
     if (path / OLD).is_dir():  # killed between the two renames of `save`
         return path / OLD
+    if (path.parent / f".{path.name}.old").is_dir():  # the same, for a folder saved under its own name
+        return path.parent / f".{path.name}.old"
     raise UserError(f"no checkpoint in {path}: pass a run's --out_dir or its checkpoint folder")
 
 
@@ -74,12 +76,14 @@ def write_json(path, obj):
         os.fsync(f.fileno())
 
 
-def save(out_dir, model, arch, model_config, train_config, tokenizer_dir, optimizer_state=None, trainer_state=None):
+def save(out_dir, model, arch, model_config, train_config=None, tokenizer_dir=None, optimizer_state=None,
+         trainer_state=None, name=NAME):
+    """Write the checkpoint folder out_dir/name atomically (see the module docstring)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not (out_dir / NAME).exists() and (out_dir / OLD).exists():  # finish a swap a kill interrupted
-        os.replace(out_dir / OLD, out_dir / NAME)
-    tmp = out_dir / TMP
+    final, tmp, old = out_dir / name, out_dir / f".{name}.tmp", out_dir / f".{name}.old"
+    if not final.exists() and old.exists():  # finish a swap a kill interrupted
+        os.replace(old, final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -93,16 +97,17 @@ def save(out_dir, model, arch, model_config, train_config, tokenizer_dir, optimi
         write_json(tmp / "optimizer.json", flatten_state(optimizer_state, tensors))
         safetensors.torch.save_file(tensors, tmp / "optimizer.safetensors")
     write_json(tmp / "trainer.json", trainer_state or {})
-    copy_tokenizer(tokenizer_dir, tmp)
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, tmp)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if (out_dir / NAME).exists():
-        shutil.rmtree(out_dir / OLD, ignore_errors=True)
-        os.replace(out_dir / NAME, out_dir / OLD)
-    os.replace(tmp, out_dir / NAME)
-    shutil.rmtree(out_dir / OLD, ignore_errors=True)
-    return out_dir / NAME
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 class Checkpoint:

@@ -1,4 +1,4 @@
-"""`nanokimi` command line: prepare, train, sample, bench. Train settings come from a preset or configs/*.toml
+"""`nanokimi` command line: prepare, train, sample, export, import, bench. Train settings come from a preset or configs/*.toml
 and any `--field=value` on the command line, nanoGPT-style."""
 
 import argparse
@@ -132,6 +132,18 @@ def build_parser():
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (no MLA cache)")
     p.add_argument("--device", default="cpu")
 
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face DeepseekV3ForCausalLM folder",
+                       description="Export a Kimi checkpoint (folder or run out_dir) to OUT_DIR: config.json "
+                                   "(deepseek_v3), model.safetensors with HF names, tokenizer.json.")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+
+    p = sub.add_parser("import", help="read a Hugging Face DeepseekV3 folder into a nanoKimi checkpoint",
+                       description="Import a DeepseekV3ForCausalLM / Kimi-K2 folder (safetensors only) as a nanoKimi "
+                                   "checkpoint folder OUT_CKPT (MTP layers are skipped).")
+    p.add_argument("hf_dir")
+    p.add_argument("out_ckpt")
+
     sub.add_parser("bench", help="benchmarks (moe-scaling, optim, compare, ...); `nanokimi bench --help`",
                    add_help=False)
     return parser
@@ -162,6 +174,12 @@ def main(argv=None):
             from .sample import sample
             sample(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                    args.seed, args.num_samples, not args.no_cache, args.device)
+        elif args.command == "export":
+            from .hf import export
+            print(f"wrote {export(args.checkpoint, args.out_dir)}")
+        elif args.command == "import":
+            from .hf import import_folder
+            print(f"wrote {import_folder(args.hf_dir, args.out_ckpt)}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

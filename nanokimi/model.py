@@ -7,6 +7,7 @@ Shapes in comments: B batch, T sequence, H hidden_size, nh heads, E routed exper
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -427,6 +428,27 @@ class Kimi(nn.Module):
         inactive = inactive * (c.n_routed_experts - c.num_experts_per_tok) // c.n_routed_experts
         return {"total": total, "active": total - inactive,
                 "embedding": self.embed_tokens.weight.numel()}
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """Load a nanoKimi checkpoint (folder or run out_dir) or a Hugging Face DeepseekV3 folder, in eval mode."""
+        from . import hf, sample
+        if hf.is_hf_folder(path):
+            return hf.load_hf(path).eval()
+        model, _, ckpt = sample.load_model(path)
+        if not isinstance(model, cls):
+            raise ValueError(f"{ckpt.path} holds a {ckpt.arch} model, not a Kimi model")
+        return model
+
+    def save_pretrained(self, path, format="nanokimi"):
+        """Write a nanoKimi checkpoint folder (format="nanokimi") or a DeepseekV3ForCausalLM folder ("hf")."""
+        from . import checkpoint, hf
+        if format == "hf":
+            return hf.save_hf(self, path)
+        if format != "nanokimi":
+            raise ValueError(f"unknown format {format!r}: use 'nanokimi' or 'hf'")
+        path = Path(path).resolve()
+        return checkpoint.save(path.parent, self, "kimi", self.config, name=path.name)
 
     def make_cache(self, batch_size, max_len):
         p = self.lm_head.weight

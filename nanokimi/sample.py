@@ -11,11 +11,12 @@ from .presets import build_model, make_config
 
 
 def load_model(path, device="cpu"):
-    """(model in eval mode, tokenizer, checkpoint) from a checkpoint folder or a run's out_dir."""
+    """(model in eval mode, tokenizer or None, checkpoint) from a checkpoint folder or a run's out_dir."""
     ckpt = Checkpoint(path)
     model = build_model(ckpt.arch, make_config(ckpt.arch, ckpt.model_config, {}))
     ckpt.load_weights(model)
-    return model.to(device).eval(), load_tokenizer(ckpt.path), ckpt
+    tokenizer = load_tokenizer(ckpt.path) if (ckpt.path / "meta.json").is_file() else None
+    return model.to(device).eval(), tokenizer, ckpt
 
 
 def sample(path, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=200, top_p=None, seed=1337,
@@ -27,7 +28,10 @@ def sample(path, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=200, to
         raise UserError("need max_new_tokens >= 0 and num_samples > 0")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device=cuda but no CUDA GPU is visible: use --device=cpu")
-    model, tokenizer, _ = load_model(path, device)
+    model, tokenizer, ckpt = load_model(path, device)
+    if tokenizer is None:
+        raise UserError(f"checkpoint {ckpt.path} has no tokenizer (meta.json): copy one in from its dataset, or "
+                        f"import the model from a folder that has tokenizer.json")
     ids = tokenizer.encode(prompt)
     if not ids:
         raise UserError("the prompt is empty: pass --prompt=TEXT with at least one token")

@@ -1,0 +1,213 @@
+"""Hugging Face interop: nanoKimi <-> `DeepseekV3ForCausalLM` folders (config.json + safetensors), the format of
+Kimi-K2's own checkpoints. Needs no `transformers`: the folder format is plain JSON and safetensors.
+
+nanoKimi's parameter names already are HF's (minus the `model.` prefix); the one layout difference is that nanoKimi
+stacks routed experts as [E, out, in] tensors while HF checkpoints hold one key per expert (transformers 5 loads
+those into fused `gate_up_proj` tensors; both layouts are read here). RoPE rotates interleaved pairs, which is
+`rope_interleave: true`."""
+
+import json
+import warnings
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from .errors import UserError
+from .model import Kimi, KimiConfig
+
+SAME_NAME_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+                    "first_k_dense_replace", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
+                    "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                    "max_position_embeddings", "rope_theta", "rope_scaling", "rms_norm_eps", "tie_word_embeddings",
+                    "initializer_range", "aux_loss_alpha")
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def is_hf_folder(path):
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "architectures" in json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def to_hf_config(config):
+    if config.n_shared_experts < 1:
+        raise UserError("DeepseekV3 always has a shared expert: a model with n_shared_experts=0 cannot be exported")
+    hf = {name: getattr(config, name) for name in SAME_NAME_FIELDS}
+    return hf | {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "num_key_value_heads": config.num_attention_heads, "moe_layer_freq": 1, "rope_interleave": True,
+        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc", "seq_aux": True, "num_nextn_predict_layers": 0, "torch_dtype": "float32",
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True,
+    }
+
+
+def from_hf_config(hf):
+    """A KimiConfig from an HF config.json dict, refusing what nanoKimi cannot represent."""
+    if hf.get("model_type") not in ("deepseek_v3", "kimi_k2") and "DeepseekV3ForCausalLM" not in hf.get(
+            "architectures", []):
+        raise UserError(f"config.json describes {hf.get('architectures') or hf.get('model_type')}, not "
+                        f"DeepseekV3ForCausalLM: nanoKimi imports only that architecture")
+    checks = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "hidden_act": "silu", "attention_bias": False,
+              "moe_layer_freq": 1, "rope_interleave": True}
+    for key, supported in checks.items():
+        if key in hf and hf[key] != supported:
+            raise UserError(f"{key}={hf[key]!r} is not supported (nanoKimi implements {key}={supported!r})")
+    if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
+        raise UserError("num_key_value_heads must equal num_attention_heads (MLA has no grouped KV heads)")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # transformers 5 / 4.x spelling
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "yarn"):
+        raise UserError(f"rope type {kind!r} is not supported (only default and yarn)")
+    fields = {name: hf[name] for name in SAME_NAME_FIELDS if name in hf}
+    fields |= {"rope_theta": theta, "rope_scaling": rope if kind == "yarn" else None}
+    if "aux_loss_alpha" in fields and fields["aux_loss_alpha"] is None:
+        del fields["aux_loss_alpha"]
+    try:
+        return KimiConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"cannot represent this config in nanoKimi: {e}") from None
+
+
+def to_hf_state_dict(model):
+    """nanoKimi state dict -> HF keys, one key per expert."""
+    out = {}
+    for key, tensor in model.state_dict().items():
+        name = key if key.startswith("lm_head") else f"model.{key}"
+        if ".mlp.experts." in key:
+            prefix, proj = name.rsplit(".", 1)
+            for e, matrix in enumerate(tensor):
+                out[f"{prefix}.{e}.{proj}.weight"] = matrix.contiguous()
+        else:
+            out[name] = tensor.contiguous()
+    if model.config.tie_word_embeddings:
+        out.pop("lm_head.weight")
+    return out
+
+
+def from_hf_state_dict(tensors, config):
+    """HF tensors (per-expert or fused experts) -> nanoKimi state dict. MTP layers are skipped with a warning."""
+    state, experts = {}, {}
+    skipped = set()
+    for name, tensor in tensors.items():
+        key = name.removeprefix("model.")
+        parts = key.split(".")
+        if parts[0] == "layers" and int(parts[1]) >= config.num_hidden_layers:
+            skipped.add(int(parts[1]))  # multi-token-prediction modules (num_nextn_predict_layers)
+            continue
+        if ".mlp.experts." in key:
+            layer = int(parts[1])
+            if parts[4] == "gate_up_proj":  # transformers 5 fused layout [E, 2I, H]
+                gate, up = tensor.chunk(2, dim=1)
+                state[f"layers.{layer}.mlp.experts.gate_proj"] = gate
+                state[f"layers.{layer}.mlp.experts.up_proj"] = up
+            elif parts[4] == "down_proj":  # fused [E, H, I]
+                state[f"layers.{layer}.mlp.experts.down_proj"] = tensor
+            else:  # layers.N.mlp.experts.E.PROJ.weight
+                experts.setdefault((layer, parts[5]), {})[int(parts[4])] = tensor
+        else:
+            state[key] = tensor
+    for (layer, proj), per_expert in experts.items():
+        if sorted(per_expert) != list(range(config.n_routed_experts)):
+            raise UserError(f"layer {layer} holds experts {sorted(per_expert)[:5]}..., expected "
+                            f"{config.n_routed_experts}: the weights do not match config.json")
+        state[f"layers.{layer}.mlp.experts.{proj}"] = torch.stack([per_expert[e] for e in sorted(per_expert)])
+    if skipped:
+        warnings.warn(f"skipped multi-token-prediction layer(s) {sorted(skipped)}: nanoKimi does not use MTP")
+    if config.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["embed_tokens.weight"])
+    return state
+
+
+def read_safetensors(folder):
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"no .safetensors files in {folder}: nanoKimi reads only safetensors (never pickles)")
+    tensors = {}
+    for f in files:
+        try:
+            tensors |= safetensors.torch.load_file(f)
+        except (safetensors.SafetensorError, OSError) as e:
+            raise UserError(f"{f} is corrupt or truncated ({e})") from None
+    return tensors
+
+
+def load_hf(folder):
+    """A Kimi model from a DeepseekV3 folder."""
+    try:
+        hf_config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {Path(folder) / 'config.json'} ({e})") from None
+    config = from_hf_config(hf_config)
+    model = Kimi(config)
+    state = from_hf_state_dict(read_safetensors(folder), config)
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise UserError(f"{folder} does not match its config.json (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}, wrong shape {wrong[:3]})")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model
+
+
+def char_tokenizer_json(chars):
+    """A char-level vocabulary as an HF `tokenizers` file: one token per character, decoded by concatenation."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
+def save_hf(model, out_dir, tokenizer_dir=None):
+    """Write an HF DeepseekV3ForCausalLM folder: config.json, model.safetensors, and the tokenizer if given
+    (tokenizer.json for BPE or char vocabularies, plus nanoKimi's meta.json so `import` gets it back exactly)."""
+    from .data import CharTokenizer, copy_tokenizer, load_tokenizer
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = to_hf_config(model.config)
+    safetensors.torch.save_file(to_hf_state_dict(model), out_dir / "model.safetensors", metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps({"do_sample": False}, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, out_dir)
+        tokenizer = load_tokenizer(tokenizer_dir)
+        if isinstance(tokenizer, CharTokenizer):
+            char_tokenizer_json(tokenizer.chars).save(str(out_dir / "tokenizer.json"))
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+    return out_dir
+
+
+def export(checkpoint_path, out_dir):
+    """`nanokimi export`: a trained nanoKimi checkpoint -> an HF folder with its tokenizer."""
+    from .sample import load_model
+    model, _, ckpt = load_model(checkpoint_path)
+    if ckpt.arch != "kimi":
+        raise UserError(f"{ckpt.path} holds the {ckpt.arch} baseline: only Kimi models export to DeepseekV3")
+    return save_hf(model, out_dir, ckpt.path)
+
+
+def import_folder(hf_dir, out):
+    """`nanokimi import`: an HF DeepseekV3 folder -> a nanoKimi checkpoint folder (tokenizer included if any)."""
+    from . import checkpoint
+    from .data import BPETokenizer, write_json
+    hf_dir, out = Path(hf_dir), Path(out).resolve()
+    if not is_hf_folder(hf_dir):
+        raise UserError(f"{hf_dir} is not a Hugging Face model folder (no config.json with 'architectures')")
+    model = load_hf(hf_dir)
+    path = checkpoint.save(out.parent, model, "kimi", model.config, name=out.name,
+                           tokenizer_dir=hf_dir if (hf_dir / "meta.json").is_file() else None)
+    if not (path / "meta.json").is_file() and (hf_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        BPETokenizer(Tokenizer.from_file(str(hf_dir / "tokenizer.json"))).save(path)
+    return path
