@@ -108,7 +108,6 @@ class GPT(nn.Module):
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator))
         return torch.cat([idx] + new, dim=1)
 
-    @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=False, generator=None):
         if use_cache:
             raise ValueError("the nanoGPT baseline has no KV cache (as nanoGPT): pass use_cache=False")

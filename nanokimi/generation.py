@@ -20,6 +20,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, 1, generator=generator)
 
 
+@torch.no_grad()  # on the generator function itself: torch then applies it to every step of the iteration
 def generate_tokens(model, idx, max_new_tokens, max_context, temperature=1.0, top_k=None, top_p=None,
                     generator=None, make_cache=None):
     """Yield max_new_tokens tokens [B, 1] sampled after idx [B, T].
@@ -36,7 +37,7 @@ def generate_tokens(model, idx, max_new_tokens, max_context, temperature=1.0, to
         return
     context = idx[:, -max_context:]
     cache = make_cache(idx.shape[0], min(max_context, context.shape[1] + max_new_tokens))
-    cache_len = cache[0].kv.shape[1]
+    cache_len = cache[0].latent.shape[1]
     logits, _ = model(context, cache=cache, start_pos=0)
     pos = context.shape[1]
     for step in range(max_new_tokens):

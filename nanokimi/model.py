@@ -162,15 +162,23 @@ class MLA(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)  # [B, T, d_c]: the latent that is cached
         k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin)  # [B, 1, T, d_rope]: ONE rope key shared by all heads
         if cache is not None:
-            return self.o_proj(self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, cache, start_pos))
+            cache.kv[:B, start_pos:start_pos + T] = c_kv
+            cache.pe[:B, start_pos:start_pos + T] = k_pe.squeeze(1)
+            if start_pos > 0:  # decoding: attend over the cached latents
+                return self.o_proj(self.absorbed_attention(q_nope, q_pe, cache, start_pos + T))
+        # training and prefill: materialise per-head keys and values, causal SDPA
         kv = self.kv_b_proj(c_kv).view(B, T, self.nh, -1).transpose(1, 2)
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [B, nh, T, d_nope], [B, nh, T, d_v]
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, self.nh, -1, -1)], dim=-1)
         if self.track_max_logit:
             self.record_max_logit(q, k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        # fused SDPA kernels (flash, CPU flash) need v's head dim equal to q/k's, else a T x T math path runs (5x
+        # slower at T=1024 on CPU): zero-pad v and drop the padding from the output, which leaves it unchanged
+        pad = q.shape[-1] - self.d_v
+        y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, is_causal=True,
+                                           scale=self.scale, dropout_p=self.dropout if self.training else 0.0)
+        y = y[..., :self.d_v]
         return F.dropout(self.o_proj(y.transpose(1, 2).flatten(2)), self.dropout, self.training)
 
     @torch.no_grad()
@@ -185,22 +193,23 @@ class MLA(nn.Module):
             head_max = torch.maximum(head_max, logits.masked_fill(~causal, -float("inf")).amax(dim=(0, 2, 3)))
         self.max_logit.copy_(torch.maximum(self.max_logit, head_max))
 
-    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, cache, start_pos):
-        """Attention over the cached latents with W_UK folded into the query and W_UV applied after: MQA in latent
-        space, with query/key [c_kv | k_pe] (d_c + d_rope) and value c_kv (d_c), shared by all heads."""
+    def absorbed_attention(self, q_nope, q_pe, cache, end):
+        """Attention of the T newest tokens over cache positions [0, end), with W_UK folded into the query and W_UV
+        applied after: MQA in latent space, query/key [c_kv | k_pe] (d_c + d_rope) and value c_kv (d_c), one
+        key/value head shared by all heads. Never materialises per-head keys or values."""
         B, _, T, _ = q_nope.shape
-        end = start_pos + T
-        cache.kv[:B, start_pos:end] = c_kv
-        cache.pe[:B, start_pos:end] = k_pe.squeeze(1)
+        start_pos = end - T
         w_kv_b = self.kv_b_proj.weight.view(self.nh, self.d_nope + self.d_v, self.d_c)
         w_uk, w_uv = w_kv_b[:, :self.d_nope], w_kv_b[:, self.d_nope:]  # [nh, d_nope, d_c], [nh, d_v, d_c]
         q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # [B, nh, T, d_c]
-        query = torch.cat([q_lat, q_pe], dim=-1)
-        kv, pe = cache.kv[:B, :end].unsqueeze(1), cache.pe[:B, :end].unsqueeze(1)  # [B, 1, end, .]
-        key = torch.cat([kv, pe], dim=-1)
-        # query i sits at position start_pos + i and may see keys 0..start_pos + i
-        mask = torch.ones(T, end, dtype=torch.bool, device=q_nope.device).tril(start_pos)
-        o_lat = F.scaled_dot_product_attention(query, key, kv, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        query = torch.cat([q_lat, q_pe], dim=-1)  # [B, nh, T, d_c + d_rope]
+        latent = cache.latent[:B, :end].unsqueeze(1)  # [B, 1, end, d_c + d_rope] = [c_kv | k_pe], no copy
+        # query i sits at position start_pos + i and may see keys 0..start_pos + i (one new token sees them all)
+        mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=q_nope.device).tril(start_pos)
+        # the value is c_kv; passing the whole latent (equal q/k/v dims: the fused kernel runs) and keeping the
+        # first d_c output columns gives the same result without slicing a copy out of the cache
+        o_lat = F.scaled_dot_product_attention(query, latent, latent, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=True)[..., :self.d_c]
         o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # [B, T, nh, d_v]
         return o.flatten(2)
 
@@ -210,8 +219,9 @@ class MLACache:
     token per layer), preallocated to the longest sequence."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        self.kv = torch.zeros(batch_size, max_len, config.kv_lora_rank, device=device, dtype=dtype)
-        self.pe = torch.zeros(batch_size, max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
+        d_c = config.kv_lora_rank
+        self.latent = torch.zeros(batch_size, max_len, d_c + config.qk_rope_head_dim, device=device, dtype=dtype)
+        self.kv, self.pe = self.latent[..., :d_c], self.latent[..., d_c:]  # views: c_kv and the roped k_pe
 
 
 class MLP(nn.Module):
@@ -461,7 +471,6 @@ class Kimi(nn.Module):
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator))
         return torch.cat([idx] + new, dim=1)
 
-    @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
         """Yield each new token [B, 1] as soon as it is sampled. With use_cache, prefill once and then decode one
         token at a time over the MLA cache; without it, recompute the whole (cropped) context each step."""
