@@ -4,11 +4,14 @@ command, machine, torch version and date) and its plots under assets/.
     moe-scaling   one MoE layer's fwd+bwd time as n_routed_experts grows at fixed top-k
     inference     decode tokens/s (MLA cache, no cache, nanoGPT baseline) and KV-cache bytes per token
     optim         AdamW vs Muon vs MuonClip on shakespeare_char, and a high-LR stress run (max logits)
+    qk-overhead   cost of MuonClip's max-logit recording + QK-Clip in a training step
+    compare       nanoKimi vs the nanoGPT baseline at equal wall-clock and tokens, ablations, throughput/MFU
 """
 
 import argparse
 import datetime
 import json
+import math
 import platform
 import statistics
 import sys
@@ -21,7 +24,6 @@ from .baseline import GPT
 from .model import Kimi, MoE
 from .presets import BASELINE_PRESETS, PRESETS, make_config
 
-ASSETS = Path("assets")
 
 
 def machine():
@@ -176,9 +178,15 @@ def save_figure(fig, title, path):
 
 # ---- optim ------------------------------------------------------------------------------------------------------
 def run_training(out_dir, **settings):
+    """Train with the real trainer; returns its metrics records (ending with a summary, or a divergence note)."""
+    from .errors import UserError
     from .train import TrainConfig, train
     cfg = TrainConfig(out_dir=str(out_dir), progress=False, **settings)
-    train(cfg, {})
+    try:
+        train(cfg, {})
+    except UserError as e:  # a run that diverges (NaN loss) is a result here, not a failure
+        records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+        return records + [{"diverged": str(e)}]
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -209,7 +217,7 @@ def bench_optim(args):
     for ax, xlabel in zip(axes, ("step", "training seconds")):
         ax.set(xlabel=xlabel, ylabel="val loss", ylim=(None, evals["adamw"][0]["val_loss"] * 1.05))
     save_figure(fig, f"{args.preset} on shakespeare_char: same model, same tokens, lr {args.lr}",
-                ASSETS / "optim_val_loss.png")
+                args.assets / "optim_val_loss.png")
 
     stress = dict(common, lr=args.stress_lr, min_lr=args.stress_lr, warmup_iters=0, max_iters=args.stress_steps,
                   eval_interval=args.stress_steps, grad_clip=0.0, qk_clip_tau=args.tau, lr_schedule="cosine")
@@ -220,13 +228,14 @@ def bench_optim(args):
         logs = [r for r in stress_runs[n] if "max_logit" in r]
         axes[0].plot([r["step"] for r in logs], [r["max_logit"] for r in logs], label=n)
         axes[1].plot([r["step"] for r in logs], [r["grad_norm"] for r in logs], label=n)
-        final = [r for r in stress_runs[n] if "val_loss" in r][-1]
+        evals = [r for r in stress_runs[n] if "val_loss" in r]
+        final = "diverged (NaN loss)" if "diverged" in stress_runs[n][-1] else f"{evals[-1]['val_loss']:.4f}"
         stress_rows.append([n, f"{max(r['max_logit'] for r in logs):.1f}", f"{logs[-1]['max_logit']:.1f}",
-                            sum(r["max_logit"] > args.tau for r in logs), len(logs), f"{final['val_loss']:.4f}"])
+                            sum(r["max_logit"] > args.tau for r in logs), len(logs), final])
     axes[0].axhline(args.tau, color="k", ls="--", lw=1, label=f"tau = {args.tau:g}")
     axes[0].set(xlabel="step", ylabel="max attention logit", yscale="log")
     axes[1].set(xlabel="step", ylabel="gradient norm", yscale="log")
-    save_figure(fig, f"stress: lr {args.stress_lr}, no grad clipping", ASSETS / "optim_stress.png")
+    save_figure(fig, f"stress: lr {args.stress_lr}, no grad clipping", args.assets / "optim_stress.png")
 
     body = (f"`{args.preset}`, {args.steps} steps of {args.batch_size}x{args.block_size} tokens, lr {args.lr} for "
             f"all three (Muon's update is RMS-matched to AdamW, so lr and weight decay carry over), WSD schedule, "
@@ -241,6 +250,174 @@ def bench_optim(args):
             + "\n\n![stress](assets/optim_stress.png)")
     print(body)
     write_section(args.report, "optim", body)
+
+
+# ---- qk-clip overhead -------------------------------------------------------------------------------------------
+def bench_qk_overhead(args):
+    """Training-step time with Muon alone vs MuonClip (max-logit recording + clipping), same model and batch."""
+    from .optim import configure_optimizer
+    config = make_config("kimi", PRESETS[args.preset], {"max_position_embeddings": args.block_size})
+    x = torch.randint(0, config.vocab_size, (args.batch_size, args.block_size + 1))
+    times = {}
+    for name in ("muon", "muonclip", "muon", "muonclip"):  # interleaved twice against drift on a shared machine
+        torch.manual_seed(0)
+        model = Kimi(config)
+        opt = configure_optimizer(model, name, lr=2e-3)
+
+        def step():
+            model(x[:, :-1], x[:, 1:])[1].backward()
+            opt.step()
+            opt.zero_grad()
+            model.update_expert_bias()
+        times.setdefault(name, []).append(median_time(step, args.repeats))
+    muon, clip = statistics.median(times["muon"]), statistics.median(times["muonclip"])
+    body = (f"`{args.preset}`, batch {args.batch_size}x{args.block_size}, one full training step (forward, "
+            f"backward, optimizer step, expert-bias update), median of {args.repeats} steps, each optimizer "
+            f"measured twice, interleaved.\n\n"
+            + table(["optimizer", "step ms"], [["muon (no logit recording)", f"{muon * 1e3:.1f}"],
+                                                ["muonclip (recording + QK-Clip)", f"{clip * 1e3:.1f}"]])
+            + f"\n\nQK-Clip overhead: {100 * (clip / muon - 1):+.1f}% of a training step (goal < 20%).")
+    print(body)
+    write_section(args.report, "qk-clip-overhead", body)
+
+
+# ---- compare -----------------------------------------------------------------------------------------------------
+NANOGPT_HPARAMS = dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, beta2=0.99, lr_schedule="cosine", warmup_iters=100,
+                       weight_decay=0.1, grad_clip=1.0)  # nanoGPT's config/train_shakespeare_char.py
+
+
+def matmul_peak_gflops(n=1024, repeats=10):
+    """This machine's fp32 matmul throughput, measured now (the MFU denominator)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / median_time(lambda: a @ b, repeats) / 1e9
+
+
+def train_flops_per_token(model, block_size):
+    """6 x active parameters that do matmuls + attention's QK^T and PV over the context (nanoGPT's MFU estimate)."""
+    params = model.num_params()
+    if isinstance(model, Kimi):
+        c = model.config
+        lookup = params["embedding"]  # embed_tokens is a lookup; the untied lm_head is counted as a matmul
+        attn = c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
+    else:
+        lookup = model.config.n_embd * model.config.block_size  # wpe; wte counts once, as the tied lm_head
+        attn = model.config.n_layer * 2 * model.config.n_embd
+    return 6 * (params["active"] - lookup) + 6 * attn * block_size
+
+
+def time_to_reach(evals, target):
+    return next((r["time"] for r in evals if r["val_loss"] <= target), None)
+
+
+def bench_compare(args):
+    from .checkpoint import Checkpoint
+    from .sample import load_model
+    plt = pyplot()
+    peak = matmul_peak_gflops(512 if args.quick else 1024)
+    common = dict(data=args.data, batch_size=args.batch_size, block_size=args.block_size, log_interval=10,
+                  eval_iters=args.eval_iters, device=args.device)
+    contenders = {  # name: (preset, settings, model overrides) -- one component swapped per ablation
+        "nanoGPT baseline": ("gpt-shakespeare-char-cpu", NANOGPT_HPARAMS, {}),
+        "nanoKimi": (args.preset, dict(optimizer="muonclip", lr=2e-3, min_lr=2e-4, lr_schedule="wsd",
+                                       warmup_iters=100), {}),
+    }
+    base = PRESETS[args.preset]
+    dense_width = base.moe_intermediate_size * (base.num_experts_per_tok + base.n_shared_experts)
+    ablations = {
+        "nanoKimi, MoE -> dense (equal active)": {"first_k_dense_replace": base.num_hidden_layers,
+                                                   "intermediate_size": dense_width},
+        "nanoKimi, MuonClip -> AdamW": {"optimizer": "adamw"},
+    }
+
+    def run(name, steps, seed, extra=None):
+        preset, settings, overrides = contenders.get(name, contenders["nanoKimi"])
+        settings, overrides = dict(settings), dict(overrides)
+        for key, value in (extra or {}).items():
+            (settings if key in ("optimizer",) else overrides)[key] = value
+        settings = settings | dict(max_iters=steps, eval_interval=max(1, steps // args.evals), seed=seed,
+                                   warmup_iters=min(settings["warmup_iters"], steps // 10))
+        out = Path(args.out) / f"{name.replace(' ', '_').replace(',', '').replace('>', '')}-{steps}-{seed}"
+        from .train import TrainConfig, train
+        train(TrainConfig(preset=preset, out_dir=str(out), progress=False, **common, **settings), overrides)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {"out": out, "evals": [r for r in records if "val_loss" in r], "summary": records[-1]["summary"]}
+
+    # step time of each model, from a short calibration run, to match wall-clock
+    calibration = {n: run(n, 30, 0)["summary"]["train_time_s"] / 30 for n in contenders}
+    steps = {n: max(20, int(args.budget_s / t)) for n, t in calibration.items()}
+    results = {n: [run(n, steps[n], seed) for seed in range(args.seeds)] for n in contenders}
+    baseline_final = statistics.mean(r["evals"][-1]["val_loss"] for r in results["nanoGPT baseline"])
+    kimi_same_tokens = run("nanoKimi", steps["nanoGPT baseline"], 0)
+    ablation_runs = {n: run(n, steps["nanoKimi"], 0, extra) for n, extra in ablations.items()}
+
+    def spread(values, fmt="{:.4f}"):
+        values = list(values)
+        if len(values) == 1:
+            return fmt.format(values[0])
+        return f"{fmt.format(statistics.mean(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
+
+    rows = []
+    for n in contenders:
+        reach = [time_to_reach(r["evals"], baseline_final) for r in results[n]]
+        reached = [t for t in reach if t is not None]
+        rows.append([n, steps[n], f"{steps[n] * args.batch_size * args.block_size / 1e6:.2f}M",
+                     spread(r["summary"]["train_time_s"] for r in results[n]) + " s",
+                     spread(r["evals"][-1]["val_loss"] for r in results[n]),
+                     spread(reached, "{:.0f}") + " s" + (f" ({len(reached)}/{len(reach)} seeds)" if
+                                                       len(reached) < len(reach) else "") if reached else "not reached"])
+    same_tokens = kimi_same_tokens["evals"][-1]["val_loss"]
+    ablation_rows = [[n, f"{r['evals'][-1]['val_loss']:.4f}", f"{r['summary']['train_time_s']:.0f} s"]
+                     for n, r in [("nanoKimi", results["nanoKimi"][0])] + list(ablation_runs.items())]
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for n in contenders:
+        for seed, r in enumerate(results[n]):
+            tokens = [e["step"] * args.batch_size * args.block_size / 1e6 for e in r["evals"]]
+            style = dict(color="C0" if n == "nanoKimi" else "C1", alpha=1 if seed == 0 else 0.4,
+                         label=n if seed == 0 else None)
+            axes[0].plot([e["time"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], "o-", ms=3, **style)
+            axes[1].plot(tokens, [e["val_loss"] for e in r["evals"]], "o-", ms=3, **style)
+    axes[0].set(xlabel="training seconds", ylabel="val loss")
+    axes[1].set(xlabel="tokens (M)", ylabel="val loss")
+    for ax in axes:
+        ax.axhline(baseline_final, color="k", ls="--", lw=1)
+    save_figure(fig, f"shakespeare_char, {args.budget_s:.0f} s budget each, {args.seeds} seed(s)",
+                args.assets / "compare_val_loss.png")
+
+    accounting, throughput = [], []
+    for n in contenders:
+        r = results[n][0]
+        model, _, _ = load_model(r["out"])
+        params = model.num_params()
+        size = (Checkpoint(r["out"]).path / "model.safetensors").stat().st_size
+        val = r["evals"][-1]["val_loss"]
+        accounting.append([n, f"{params['total'] / 1e6:.3f}M", f"{params['active'] / 1e6:.3f}M",
+                           f"{size / 2 ** 20:.2f} MiB", f"{val:.4f}", f"{math.exp(val):.3f}"])
+        tok_s = r["summary"]["step"] * args.batch_size * args.block_size / r["summary"]["train_time_s"]
+        flops = train_flops_per_token(model, args.block_size)
+        throughput.append([n, f"{tok_s:.0f}", f"{flops / 1e6:.1f}M", f"{tok_s * flops / 1e9:.1f}",
+                           f"{100 * tok_s * flops / 1e9 / peak:.1f}%"])
+
+    body = (f"Same data (shakespeare_char), same batch ({args.batch_size}x{args.block_size} tokens), same machine, "
+            f"one run. The baseline uses nanoGPT's shakespeare_char hyperparameters (AdamW lr 1e-3, beta2 0.99, "
+            f"cosine to 1e-4); nanoKimi uses MuonClip lr 2e-3 with K2's WSD schedule. Each model trains for "
+            f"{args.budget_s:.0f} s of training time (steps set from a 30-step calibration run), "
+            f"{args.seeds} seed(s) (mean (min..max)); eval on {args.eval_iters} batches.\n\n"
+            + table(["model", "steps", "tokens", "train time", "final val loss",
+                     f"time to baseline's final val ({baseline_final:.4f})"], rows)
+            + f"\n\nMatched tokens: nanoKimi trained for the baseline's {steps['nanoGPT baseline']} steps reaches "
+              f"val loss {same_tokens:.4f} in {kimi_same_tokens['summary']['train_time_s']:.0f} s.\n\n"
+              f"![compare](assets/compare_val_loss.png)\n\n"
+              f"Ablations, one component swapped, seed 0, nanoKimi's {steps['nanoKimi']} steps:\n\n"
+            + table(["model", "final val loss", "train time"], ablation_rows)
+            + f"\n\nTraining throughput (fp32), model FLOPs utilisation against this machine's fp32 matmul peak "
+              f"measured in this run: {peak:.0f} GFLOP/s.\n\n"
+            + table(["model", "tokens/s", "train FLOPs/token", "GFLOP/s", "MFU"], throughput)
+            + "\n\nModel accounting:\n\n"
+            + table(["model", "total params", "active params", "checkpoint", "val loss", "val perplexity"],
+                    accounting))
+    print(body)
+    write_section(args.report, "compare", body)
 
 
 def main(argv):
@@ -275,9 +452,32 @@ def main(argv):
     p.add_argument("--eval_interval", type=int, default=25)
     p.add_argument("--eval_iters", type=int, default=10)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--stress_lr", type=float, default=3e-2)
+    p.add_argument("--stress_lr", type=float, default=0.1)
     p.add_argument("--stress_steps", type=int, default=150)
     p.add_argument("--tau", type=float, default=100.0)
 
+    p = sub.add_parser("qk-overhead", help="training-step cost of MuonClip's max-logit recording and clipping")
+    p.add_argument("--preset", default="shakespeare-char-cpu")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=15)
+
+    p = sub.add_parser("compare", help="nanoKimi vs the nanoGPT baseline at equal budget, ablations, throughput")
+    p.add_argument("--preset", default="shakespeare-char-cpu")
+    p.add_argument("--data", default="data/shakespeare_char")
+    p.add_argument("--out", default="out/bench-compare")
+    p.add_argument("--budget_s", type=float, default=240.0, help="training seconds per model")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--eval_iters", type=int, default=20)
+    p.add_argument("--evals", type=int, default=10, help="evaluations per run")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="tiny budget (a smoke test of the report, <= 3 min)")
+
     args = parser.parse_args(argv)
-    {"moe-scaling": bench_moe_scaling, "inference": bench_inference, "optim": bench_optim}[args.bench](args)
+    args.assets = Path(args.report).parent / "assets"  # plots sit beside the report, linked as assets/NAME.png
+    if getattr(args, "quick", False):
+        args.budget_s, args.seeds, args.eval_iters, args.evals = 4.0, 1, 2, 2
+    {"moe-scaling": bench_moe_scaling, "inference": bench_inference, "optim": bench_optim,
+     "qk-overhead": bench_qk_overhead, "compare": bench_compare}[args.bench](args)

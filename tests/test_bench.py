@@ -1,0 +1,35 @@
+"""The benchmarks produce well-formed report sections (their numbers are checked by reading them, not here)."""
+
+import re
+
+from nanokimi.cli import main
+
+
+def sections(report):
+    text = report.read_text()
+    return dict(re.findall(r"<!-- bench:([\w-]+) -->\n(.*?)<!-- /bench:\1 -->", text, re.S))
+
+
+def test_moe_scaling_and_inference_sections(tmp_path):
+    report = tmp_path / "BENCH.md"
+    main(["bench", f"--report={report}", "moe-scaling", "--experts", "4", "8", "--repeats=1", "--batch=2",
+          "--seq=16"])
+    main(["bench", f"--report={report}", "inference", "--contexts", "8", "16", "--new_tokens=4", "--repeats=1"])
+    main(["bench", f"--report={report}", "moe-scaling", "--experts", "4", "16", "--repeats=1", "--batch=2",
+          "--seq=16"])  # a rerun replaces its section
+    found = sections(report)
+    assert set(found) == {"moe-scaling", "inference"}
+    assert "| 16 | 2 |" in found["moe-scaling"] and "Command: `nanokimi bench" in found["moe-scaling"]
+    assert found["inference"].count("nanoKimi, MLA cache") == 2 and "KV-cache bytes" in found["inference"]
+
+
+def test_compare_quick_report(char_data, tmp_path):
+    report = tmp_path / "BENCH.md"
+    main(["bench", f"--report={report}", "compare", "--quick", f"--data={char_data}", f"--out={tmp_path / 'runs'}",
+          "--batch_size=4", "--block_size=32"])
+    body = sections(report)["compare"]
+    for needle in ("nanoGPT baseline", "MoE -> dense", "MuonClip -> AdamW", "MFU", "val perplexity", "Machine:"):
+        assert needle in body, needle
+    rows = [line for line in body.splitlines() if line.startswith("| nanoKimi |")]
+    assert len(rows) == 4  # main table, ablations, throughput, accounting
+    assert (tmp_path / "assets" / "compare_val_loss.png").stat().st_size > 1000
