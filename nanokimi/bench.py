@@ -361,7 +361,7 @@ def bench_compare(args):
         reach = [time_to_reach(r["evals"], baseline_final) for r in results[n]]
         reached = [t for t in reach if t is not None]
         rows.append([n, steps[n], f"{steps[n] * args.batch_size * args.block_size / 1e6:.2f}M",
-                     spread(r["summary"]["train_time_s"] for r in results[n]) + " s",
+                     spread((r["summary"]["train_time_s"] for r in results[n]), "{:.0f}") + " s",
                      spread(r["evals"][-1]["val_loss"] for r in results[n]),
                      spread(reached, "{:.0f}") + " s" + (f" ({len(reached)}/{len(reach)} seeds)" if
                                                        len(reached) < len(reach) else "") if reached else "not reached"])
@@ -466,7 +466,7 @@ def main(argv):
     p.add_argument("--preset", default="shakespeare-char-cpu")
     p.add_argument("--data", default="data/shakespeare_char")
     p.add_argument("--out", default="out/bench-compare")
-    p.add_argument("--budget_s", type=float, default=240.0, help="training seconds per model")
+    p.add_argument("--budget_s", type=float, default=180.0, help="training seconds per model")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--block_size", type=int, default=128)
