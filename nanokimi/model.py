@@ -289,6 +289,7 @@ class Experts(nn.Module):
         return mm(F.silu(mm(x, self.gate_proj)) * mm(x, self.up_proj), self.down_proj)
 
 
+@torch.compiler.disable  # torch._grouped_mm's meta kernel accepts only bf16 (eager CPU takes fp32): run it eagerly
 def grouped_matmul(a, b, offsets):
     """Rows a[offsets[e-1]:offsets[e]] @ b[e] for every expert e."""
     if grouped_mm_available() and a.device.type in ("cpu", "cuda"):

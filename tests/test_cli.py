@@ -237,3 +237,12 @@ def test_checkpoint_problems_are_reported_and_nothing_lost(char_data, tmp_path, 
 def test_no_traceback_from_subprocess(tmp_path):
     result = run_cli("sample", tmp_path / "missing")
     assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_compiled_run_checkpoint_loads_uncompiled(char_data, tmp_path):
+    out = tmp_path / "compiled"
+    train(char_data, out, "--max_iters=2", "--compile")
+    keys = safetensors.torch.load_file(out / "checkpoint" / "model.safetensors")
+    assert keys and not any(k.startswith("_orig_mod") for k in keys)
+    result = run_cli("sample", out, "--prompt=KING", "--max_new_tokens=5")
+    assert result.returncode == 0 and result.stdout.startswith("KING"), result.stderr
