@@ -177,17 +177,17 @@ def save_figure(fig, title, path):
 
 
 # ---- optim ------------------------------------------------------------------------------------------------------
-def run_training(out_dir, **settings):
-    """Train with the real trainer; returns its metrics records (ending with a summary, or a divergence note)."""
+def run_training(out_dir, overrides=None, **settings):
+    """Train with the real trainer; returns its metrics records, ending with the summary or, for a run that
+    diverged (NaN loss: a result here, not a failure), with {"diverged": message}."""
     from .errors import UserError
     from .train import TrainConfig, train
-    cfg = TrainConfig(out_dir=str(out_dir), progress=False, **settings)
     try:
-        train(cfg, {})
-    except UserError as e:  # a run that diverges (NaN loss) is a result here, not a failure
-        records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-        return records + [{"diverged": str(e)}]
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+        train(TrainConfig(out_dir=str(out_dir), progress=False, **settings), overrides or {})
+        ending = []
+    except UserError as e:
+        ending = [{"diverged": str(e)}]
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()] + ending
 
 
 def first_step_reaching(evals, target):
@@ -311,6 +311,7 @@ def time_to_reach(evals, target):
 
 def bench_compare(args):
     from .checkpoint import Checkpoint
+    from .errors import UserError
     from .sample import load_model
     plt = pyplot()
     peak = matmul_peak_gflops(512 if args.quick else 1024)
@@ -337,9 +338,9 @@ def bench_compare(args):
         settings = settings | dict(max_iters=steps, eval_interval=max(1, steps // args.evals), seed=seed,
                                    warmup_iters=min(settings["warmup_iters"], steps // 10))
         out = Path(args.out) / f"{name.replace(' ', '_').replace(',', '').replace('>', '')}-{steps}-{seed}"
-        from .train import TrainConfig, train
-        train(TrainConfig(preset=preset, out_dir=str(out), progress=False, **common, **settings), overrides)
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        records = run_training(out, overrides, preset=preset, **common, **settings)
+        if "diverged" in records[-1]:
+            raise UserError(f"{name} diverged: {records[-1]['diverged']}")
         return {"out": out, "evals": [r for r in records if "val_loss" in r], "summary": records[-1]["summary"]}
 
     # step time of each model, from a short calibration run, to match wall-clock

@@ -8,8 +8,8 @@
         meta.json (+ tokenizer.json)   the tokenizer
 
 Writes go to OUT_DIR/.checkpoint.tmp; then checkpoint -> .checkpoint.old, .checkpoint.tmp -> checkpoint, and
-.checkpoint.old is removed (the same for any folder name, e.g. `save_pretrained`). A kill at any moment leaves a complete checkpoint under one of the two names, and
-`resolve` finds it."""
+.checkpoint.old is removed (the same for any folder name, e.g. `save_pretrained`). A kill at any moment leaves a
+complete checkpoint under one of the two names, and `resolve` finds it."""
 
 import dataclasses
 import json
@@ -146,17 +146,22 @@ class Checkpoint:
         state = self.read_tensors("model.safetensors")
         if "lm_head.weight" not in state and "lm_head.weight" in model.state_dict():
             state["lm_head.weight"] = state.get("embed_tokens.weight", state.get("wte.weight"))
-        expected = model.state_dict()
-        missing = sorted(expected.keys() - state.keys())
-        unexpected = sorted(state.keys() - expected.keys())
-        wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
-        if missing or unexpected or wrong:
-            raise UserError(f"checkpoint {self.path} does not match the model (missing {missing[:3]}, unexpected "
-                            f"{unexpected[:3]}, wrong shape {wrong[:3]}): its config.json and weights disagree")
-        model.load_state_dict(state)
+        load_matching(model, state, f"checkpoint {self.path}")
 
     def optimizer_state(self):
         return unflatten_state(self.read_json("optimizer.json"), self.read_tensors("optimizer.safetensors"))
 
     def trainer_state(self):
         return self.read_json("trainer.json")
+
+
+def load_matching(model, state, source):
+    """Load `state` into `model`, or name what does not fit (from `source`) in one line."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise UserError(f"{source} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                        f"wrong shape {wrong[:3]}): its config.json and weights disagree")
+    model.load_state_dict(state)

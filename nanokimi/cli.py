@@ -1,5 +1,5 @@
-"""`nanokimi` command line: prepare, train, sample, export, import, bench. Train settings come from a preset or configs/*.toml
-and any `--field=value` on the command line, nanoGPT-style."""
+"""`nanokimi` command line: prepare, train, sample, export, import, bench. Train settings come from a preset or
+configs/*.toml and any `--field=value` on the command line, nanoGPT-style."""
 
 import argparse
 import ast

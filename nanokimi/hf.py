@@ -13,6 +13,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from .checkpoint import load_matching
 from .errors import UserError
 from .model import Kimi, KimiConfig
 
@@ -22,7 +23,6 @@ SAME_NAME_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_inter
                     "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                     "max_position_embeddings", "rope_theta", "rope_scaling", "rms_norm_eps", "tie_word_embeddings",
                     "initializer_range", "aux_loss_alpha")
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def is_hf_folder(path):
@@ -149,13 +149,7 @@ def load_hf(folder):
     config = from_hf_config(hf_config)
     model = Kimi(config)
     state = from_hf_state_dict(read_safetensors(folder), config)
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        raise UserError(f"{folder} does not match its config.json (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}, wrong shape {wrong[:3]})")
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    load_matching(model, {k: v.float() for k, v in state.items()}, f"Hugging Face folder {folder}")
     return model
 
 
