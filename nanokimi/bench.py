@@ -2,7 +2,7 @@
 command, machine, torch version and date) and its plots under assets/.
 
     moe-scaling   one MoE layer's fwd+bwd time as n_routed_experts grows at fixed top-k
-    inference     decode tokens/s (MLA cache, no cache, nanoGPT baseline) and KV-cache bytes per token
+    inference     decode tokens/s and peak memory (MLA cache, no cache, MHA ablation, nanoGPT baseline), KV bytes
     optim         AdamW vs Muon vs MuonClip on shakespeare_char, and a high-LR stress run (max logits)
     qk-overhead   cost of MuonClip's max-logit recording + QK-Clip in a training step
     compare       nanoKimi vs the nanoGPT baseline at equal wall-clock and tokens, ablations, throughput/MFU
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .baseline import GPT
-from .model import Kimi, MoE
+from .model import KVCache, Kimi, MLACache, MoE
 from .presets import BASELINE_PRESETS, PRESETS, make_config
 
 
@@ -100,12 +100,10 @@ def bench_moe_scaling(args):
 
 
 # ---- inference --------------------------------------------------------------------------------------------------
-def kv_bytes_per_token_layer(model, dtype_bytes=2):
-    """Bytes one token adds to one layer's inference cache."""
-    if isinstance(model, Kimi):
-        c = model.config
-        return (c.kv_lora_rank + c.qk_rope_head_dim) * dtype_bytes
-    return 2 * model.config.n_embd * dtype_bytes  # K and V of every head
+def kv_bytes_per_token_layer(config, dtype=torch.bfloat16):
+    """Bytes one token adds to one layer's inference cache, read off the cache nanoKimi allocates (on meta)."""
+    cache = (KVCache if config.attention == "mha" else MLACache)(config, 1, 1, "meta", dtype)
+    return sum(t.nbytes for t in vars(cache).values() if isinstance(t, torch.Tensor) and t._base is None)
 
 
 def decode_timing(model, prompt, new_tokens, use_cache):
@@ -119,41 +117,61 @@ def decode_timing(model, prompt, new_tokens, use_cache):
     return t1 - t0, (new_tokens - 1) / (time.perf_counter() - t1)
 
 
+def peak_memory(model, prompt, new_tokens, use_cache):
+    """Peak bytes of live tensors (weights, cache, activations) during one generation, tracked per storage by
+    torch's MemTracker (a dispatch mode, so it runs apart from the timed generations: it slows every op)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    tracker = MemTracker()
+    tracker.track_external(model, prompt)
+    with tracker:
+        for _ in model.stream(prompt, new_tokens, temperature=0, use_cache=use_cache):
+            tracker.reset_mod_stats()  # per-module stats only (it refuses repeated root calls); the peak stays
+    return sum(snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values())
+
+
 def bench_inference(args):
     kimi_base, gpt_base = PRESETS[args.preset], BASELINE_PRESETS[args.baseline]
     longest = max(args.contexts) + args.new_tokens
     torch.manual_seed(0)
     kimi = Kimi(make_config("kimi", kimi_base, {"max_position_embeddings": longest, "dropout": 0.0})).eval()
+    mha = Kimi(make_config("kimi", kimi.config, {"attention": "mha"})).eval()
     gpt = GPT(make_config("gpt", gpt_base, {"block_size": longest, "dropout": 0.0})).eval()
-    c = kimi.config
-    mha_same_heads = c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * 2
+    contenders = (("nanoKimi, MLA cache", kimi, True), ("nanoKimi, no cache", kimi, False),
+                  ("nanoKimi-MHA ablation, KV cache", mha, True), ("nanoGPT baseline, no cache", gpt, False))
     rows = []
     speed = {}
     for context in args.contexts:
-        prompt = torch.randint(0, c.vocab_size, (1, context))
-        for label, model, cache in (("nanoKimi, MLA cache", kimi, True), ("nanoKimi, no cache", kimi, False),
-                                    ("nanoGPT baseline, no cache", gpt, False)):
+        prompt = torch.randint(0, kimi.config.vocab_size, (1, context))
+        for label, model, cache in contenders:
             runs = [decode_timing(model, prompt, args.new_tokens, cache) for _ in range(args.repeats + 1)][1:]
             first = statistics.median(r[0] for r in runs)
             speed[label, context] = statistics.median(r[1] for r in runs)
-            rows.append([context, label, f"{first * 1e3:.0f}", f"{speed[label, context]:.0f}"])
+            peak = peak_memory(model, prompt, args.new_tokens, cache)
+            rows.append([context, label, f"{first * 1e3:.0f}", f"{speed[label, context]:.0f}",
+                         f"{peak / 2 ** 20:.2f}"])
     ratio = speed["nanoKimi, MLA cache", max(args.contexts)] / speed["nanoGPT baseline, no cache", max(args.contexts)]
-    kimi_kv, gpt_kv = kv_bytes_per_token_layer(kimi), kv_bytes_per_token_layer(gpt)
+    c, k2 = kimi.config, PRESETS["kimi-k2"]
+    k2_mha = make_config("kimi", k2, {"attention": "mha"})
     body = (f"Greedy decode of {args.new_tokens} tokens after a random prompt of the given length, batch 1, "
             f"fp32, median of {args.repeats} runs after one warm-up. First token = prefill + 1 token; decode "
-            f"tokens/s counts the tokens after the first. Models: `{args.preset}` "
-            f"({kimi.num_params()['total'] / 1e6:.2f}M params) and `{args.baseline}` "
+            f"tokens/s counts the tokens after the first; peak memory = live tensors (weights, cache, activations) "
+            f"during one generation, tracked by torch's MemTracker. Models: `{args.preset}` "
+            f"({kimi.num_params()['total'] / 1e6:.2f}M params), its MHA ablation "
+            f"({mha.num_params()['total'] / 1e6:.2f}M) and `{args.baseline}` "
             f"({gpt.num_params()['total'] / 1e6:.2f}M), random weights (speed does not depend on them).\n\n"
-            + table(["context", "model", "first token ms", "decode tokens/s"], rows)
+            + table(["context", "model", "first token ms", "decode tokens/s", "peak memory MiB"], rows)
             + f"\n\nMLA-cached decode vs the uncached baseline at context {max(args.contexts)}: {ratio:.1f}x "
-              f"(goal >= 5x).\n\nKV-cache bytes per token per layer (bf16):\n\n"
+              f"(goal >= 5x).\n\nKV-cache bytes per token per layer (bf16), read off the caches nanoKimi "
+              f"allocates:\n\n"
             + table(["cache", "bytes"], [
-                [f"MLA latent + rope key ({c.kv_lora_rank}+{c.qk_rope_head_dim})", kimi_kv],
-                [f"MHA of the same heads and dims ({c.num_attention_heads}x({c.qk_head_dim}+{c.v_head_dim}))",
-                 mha_same_heads],
-                [f"baseline MHA at width {gpt.config.n_embd} (K and V)", gpt_kv],
-                ["Kimi-K2 MLA (512+64), for reference", (512 + 64) * 2],
-                ["Kimi-K2 heads as MHA (64x(192+128))", 64 * 320 * 2]]))
+                [f"MLA latent + rope key ({c.kv_lora_rank}+{c.qk_rope_head_dim})", kv_bytes_per_token_layer(c)],
+                [f"MHA ablation, same heads and dims ({c.num_attention_heads}x({c.qk_head_dim}+{c.v_head_dim}))",
+                 kv_bytes_per_token_layer(mha.config)],
+                [f"baseline MHA at width {gpt.config.n_embd} (K and V; nanoGPT itself has no cache)",
+                 2 * gpt.config.n_embd * 2],
+                [f"Kimi-K2 MLA ({k2.kv_lora_rank}+{k2.qk_rope_head_dim})", kv_bytes_per_token_layer(k2)],
+                [f"Kimi-K2 heads as MHA ({k2.num_attention_heads}x({k2.qk_head_dim}+{k2.v_head_dim}))",
+                 kv_bytes_per_token_layer(k2_mha)]]))
     print(body)
     write_section(args.report, "inference", body)
 
@@ -196,31 +214,54 @@ def first_step_reaching(evals, target):
 
 def bench_optim(args):
     plt = pyplot()
-    common = dict(preset=args.preset, data=args.data, max_iters=args.steps, batch_size=args.batch_size,
-                  block_size=args.block_size, lr=args.lr, min_lr=args.lr / 10, warmup_iters=args.steps // 20,
+    common = dict(preset=args.preset, data=args.data, batch_size=args.batch_size, block_size=args.block_size,
                   eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=5, seed=args.seed,
                   log_max_logit=True)
+
+    def train_with(name, lr, steps=args.steps):
+        records = run_training(Path(args.out) / f"{name}-lr{lr:g}-{steps}", optimizer=name, lr=lr, min_lr=lr / 10,
+                               max_iters=steps, warmup_iters=steps // 20, **common)
+        return {"evals": [r for r in records if "val_loss" in r], "summary": records[-1].get("summary")}
+
+    def final(run):
+        return run["evals"][-1]["val_loss"]
+
+    # each optimizer at its own best lr (a sweep), so neither wins by a better-suited default
+    sweep = {(n, lr): train_with(n, lr) for n in ("adamw", "muon") for lr in args.lrs}
+    best = {n: min(args.lrs, key=lambda lr: final(sweep[n, lr])) for n in ("adamw", "muon")}
+    best["muonclip"] = best["muon"]
     names = ("adamw", "muon", "muonclip")
-    runs = {name: run_training(Path(args.out) / name, optimizer=name, **common) for name in names}
-    evals = {n: [r for r in recs if "val_loss" in r] for n, recs in runs.items()}
-    target = evals["adamw"][-1]["val_loss"]
+    runs = {"adamw": sweep["adamw", best["adamw"]], "muon": sweep["muon", best["muon"]],
+            "muonclip": train_with("muonclip", best["muon"])}
+    target = final(runs["adamw"])
+    # Muon given fewer steps, with its whole schedule (warmup, stable, decay) fitted into them, as Moonlight measures
+    shorter = {f: train_with("muon", best["muon"], round(f * args.steps)) for f in args.fractions}
+    sweep_rows = [[f"{lr:g}"] + [f"{final(sweep[n, lr]):.4f}" for n in ("adamw", "muon")] for lr in args.lrs]
     rows = []
     for n in names:
-        reached = first_step_reaching(evals[n], target)
-        rows.append([n, f"{evals[n][-1]['val_loss']:.4f}", f"{runs[n][-1]['summary']['train_time_s']:.0f}",
-                     reached if reached is not None else "not reached",
-                     f"{reached / args.steps:.2f}" if reached is not None else "-"])
+        reached = first_step_reaching(runs[n]["evals"], target)
+        rows.append([n, f"{best[n]:g}", args.steps, f"{final(runs[n]):.4f}",
+                     f"{runs[n]['summary']['train_time_s']:.0f}", reached if reached is not None else "not reached"])
+    for f, run in shorter.items():
+        rows.append([f"muon, {f:g}x the steps", f"{best['muon']:g}", round(f * args.steps), f"{final(run):.4f}",
+                     f"{run['summary']['train_time_s']:.0f}",
+                     "yes" if final(run) <= target else "no (final loss above)"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for n in names:
-        axes[0].plot([r["step"] for r in evals[n]], [r["val_loss"] for r in evals[n]], "o-", ms=3, label=n)
-        axes[1].plot([r["time"] for r in evals[n]], [r["val_loss"] for r in evals[n]], "o-", ms=3, label=n)
+    curves = {f"{n} (lr {best[n]:g})": runs[n] for n in names}
+    curves |= {f"muon, {f:g}x steps": run for f, run in shorter.items()}
+    for label, run in curves.items():
+        axes[0].plot([r["step"] for r in run["evals"]], [r["val_loss"] for r in run["evals"]], "o-", ms=3, label=label)
+        axes[1].plot([r["time"] for r in run["evals"]], [r["val_loss"] for r in run["evals"]], "o-", ms=3,
+                     label=label)
     for ax, xlabel in zip(axes, ("step", "training seconds")):
-        ax.set(xlabel=xlabel, ylabel="val loss", ylim=(None, evals["adamw"][0]["val_loss"] * 1.05))
-    save_figure(fig, f"{args.preset} on shakespeare_char: same model, same tokens, lr {args.lr}",
+        ax.axhline(target, color="k", ls="--", lw=1)
+        ax.set(xlabel=xlabel, ylabel="val loss", ylim=(None, runs["adamw"]["evals"][0]["val_loss"] * 1.05))
+    save_figure(fig, f"{args.preset} on shakespeare_char: same model, same tokens, each optimizer at its best lr",
                 args.assets / "optim_val_loss.png")
 
     stress = dict(common, lr=args.stress_lr, min_lr=args.stress_lr, warmup_iters=0, max_iters=args.stress_steps,
-                  eval_interval=args.stress_steps, grad_clip=0.0, qk_clip_tau=args.tau, lr_schedule="cosine")
+                  eval_interval=args.stress_steps, grad_clip=0.0, qk_clip_tau=args.tau, lr_schedule="cosine",
+                  log_interval=1)
     stress_runs = {n: run_training(Path(args.out) / f"stress-{n}", optimizer=n, **stress) for n in names}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     stress_rows = []
@@ -229,22 +270,26 @@ def bench_optim(args):
         axes[0].plot([r["step"] for r in logs], [r["max_logit"] for r in logs], label=n)
         axes[1].plot([r["step"] for r in logs], [r["grad_norm"] for r in logs], label=n)
         evals = [r for r in stress_runs[n] if "val_loss" in r]
-        final = "diverged (NaN loss)" if "diverged" in stress_runs[n][-1] else f"{evals[-1]['val_loss']:.4f}"
+        result = "diverged (NaN loss)" if "diverged" in stress_runs[n][-1] else f"{evals[-1]['val_loss']:.4f}"
         stress_rows.append([n, f"{max(r['max_logit'] for r in logs):.1f}", f"{logs[-1]['max_logit']:.1f}",
-                            sum(r["max_logit"] > args.tau for r in logs), len(logs), final])
+                            sum(r["max_logit"] > args.tau for r in logs), len(logs), result])
     axes[0].axhline(args.tau, color="k", ls="--", lw=1, label=f"tau = {args.tau:g}")
     axes[0].set(xlabel="step", ylabel="max attention logit", yscale="log")
     axes[1].set(xlabel="step", ylabel="gradient norm", yscale="log")
     save_figure(fig, f"stress: lr {args.stress_lr}, no grad clipping", args.assets / "optim_stress.png")
 
-    body = (f"`{args.preset}`, {args.steps} steps of {args.batch_size}x{args.block_size} tokens, lr {args.lr} for "
-            f"all three (Muon's update is RMS-matched to AdamW, so lr and weight decay carry over), WSD schedule, "
-            f"eval every {args.eval_interval} steps on {args.eval_iters} batches, seed {args.seed}.\n\n"
-            + table(["optimizer", "final val loss", "train s", f"first eval step at AdamW's final val ({target:.4f})",
-                     "fraction of AdamW's steps"], rows)
+    body = (f"`{args.preset}`, {args.batch_size}x{args.block_size} tokens per step, WSD schedule (warmup 5%, "
+            f"decay to lr/10 over the last 30%), eval every {args.eval_interval} steps on {args.eval_iters} batches, "
+            f"seed {args.seed}. Muon's update is RMS-matched to AdamW, so lr and weight decay mean the same for both; "
+            f"each optimizer still gets its own best lr from a sweep at {args.steps} steps (final val loss):\n\n"
+            + table(["lr", "adamw", "muon"], sweep_rows)
+            + f"\n\nAt the best lr, and Muon with fewer steps (its whole schedule fitted into them):\n\n"
+            + table(["optimizer", "lr", "steps", "final val loss", "train s",
+                     f"reaches AdamW's final val ({target:.4f}): first eval step, or whether the final does"], rows)
             + "\n\n![val loss](assets/optim_val_loss.png)\n\n"
             + f"Stress run: lr {args.stress_lr} held constant, no warmup, no gradient clipping, "
-              f"{args.stress_steps} steps, tau {args.tau:g} (max logit logged every 5 steps).\n\n"
+              f"{args.stress_steps} steps, tau {args.tau:g}; the max logit of every step's forward pass, i.e. before "
+              f"that step's update and clip.\n\n"
             + table(["optimizer", "max logit (peak)", "max logit (last)", "logged steps above tau", "logged steps",
                      "final val loss"], stress_rows)
             + "\n\n![stress](assets/optim_stress.png)")
@@ -282,8 +327,14 @@ def bench_qk_overhead(args):
 
 
 # ---- compare -----------------------------------------------------------------------------------------------------
-NANOGPT_HPARAMS = dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, beta2=0.99, lr_schedule="cosine", warmup_iters=100,
-                       weight_decay=0.1, grad_clip=1.0)  # nanoGPT's config/train_shakespeare_char.py
+# nanoGPT's config/train_shakespeare_char.py (its warmup, 100 of 5000 steps, becomes WARMUP_FRACTION of each run)
+NANOGPT_HPARAMS = dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, beta2=0.99, lr_schedule="cosine", weight_decay=0.1,
+                       grad_clip=1.0)
+NANOKIMI_HPARAMS = dict(optimizer="muonclip", lr=4e-3, min_lr=4e-4, lr_schedule="wsd")  # lr: best of bench optim's sweep
+WARMUP_FRACTION = 0.05
+
+
+CALIBRATION_STEPS = 50
 
 
 def matmul_peak_gflops(n=1024, repeats=10):
@@ -319,12 +370,12 @@ def bench_compare(args):
                   eval_iters=args.eval_iters, device=args.device)
     contenders = {  # name: (preset, settings, model overrides) -- one component swapped per ablation
         "nanoGPT baseline": ("gpt-shakespeare-char-cpu", NANOGPT_HPARAMS, {}),
-        "nanoKimi": (args.preset, dict(optimizer="muonclip", lr=2e-3, min_lr=2e-4, lr_schedule="wsd",
-                                       warmup_iters=100), {}),
+        "nanoKimi": (args.preset, NANOKIMI_HPARAMS, {}),
     }
     base = PRESETS[args.preset]
     dense_width = base.moe_intermediate_size * (base.num_experts_per_tok + base.n_shared_experts)
     ablations = {
+        "nanoKimi, MLA -> MHA (same head dims)": {"attention": "mha"},
         "nanoKimi, MoE -> dense (equal active)": {"first_k_dense_replace": base.num_hidden_layers,
                                                    "intermediate_size": dense_width},
         "nanoKimi, MuonClip -> AdamW": {"optimizer": "adamw"},
@@ -336,7 +387,7 @@ def bench_compare(args):
         for key, value in (extra or {}).items():
             (settings if key in ("optimizer",) else overrides)[key] = value
         settings = settings | dict(max_iters=steps, eval_interval=max(1, steps // args.evals), seed=seed,
-                                   warmup_iters=min(settings["warmup_iters"], steps // 10))
+                                   warmup_iters=int(WARMUP_FRACTION * steps))
         out = Path(args.out) / f"{name.replace(' ', '_').replace(',', '').replace('>', '')}-{steps}-{seed}"
         records = run_training(out, overrides, preset=preset, **common, **settings)
         if "diverged" in records[-1]:
@@ -344,7 +395,7 @@ def bench_compare(args):
         return {"out": out, "evals": [r for r in records if "val_loss" in r], "summary": records[-1]["summary"]}
 
     # step time of each model, from a short calibration run, to match wall-clock
-    calibration = {n: run(n, 30, 0)["summary"]["train_time_s"] / 30 for n in contenders}
+    calibration = {n: run(n, CALIBRATION_STEPS, 0)["summary"]["train_time_s"] / CALIBRATION_STEPS for n in contenders}
     steps = {n: max(20, int(args.budget_s / t)) for n, t in calibration.items()}
     results = {n: [run(n, steps[n], seed) for seed in range(args.seeds)] for n in contenders}
     baseline_final = statistics.mean(r["evals"][-1]["val_loss"] for r in results["nanoGPT baseline"])
@@ -401,8 +452,10 @@ def bench_compare(args):
 
     body = (f"Same data (shakespeare_char), same batch ({args.batch_size}x{args.block_size} tokens), same machine, "
             f"one run. The baseline uses nanoGPT's shakespeare_char hyperparameters (AdamW lr 1e-3, beta2 0.99, "
-            f"cosine to 1e-4); nanoKimi uses MuonClip lr 2e-3 with K2's WSD schedule. Each model trains for "
-            f"{args.budget_s:.0f} s of training time (steps set from a 30-step calibration run), "
+            f"cosine to 1e-4); nanoKimi uses MuonClip lr {NANOKIMI_HPARAMS['lr']:g} (the best Muon lr of `nanokimi "
+            f"bench optim`) with K2's WSD schedule; both warm up for {WARMUP_FRACTION:.0%} of their steps. "
+            f"Each model trains for "
+            f"{args.budget_s:.0f} s of training time (steps set from a {CALIBRATION_STEPS}-step calibration run), "
             f"{args.seeds} seed(s) (mean (min..max)); eval on {args.eval_iters} batches.\n\n"
             + table(["model", "steps", "tokens", "train time", "final val loss",
                      f"time to baseline's final val ({baseline_final:.4f})"], rows)
@@ -435,7 +488,7 @@ def main(argv):
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=9)
 
-    p = sub.add_parser("inference", help="decode tokens/s with and without the MLA cache, and KV bytes per token")
+    p = sub.add_parser("inference", help="decode tokens/s, peak memory and KV bytes per token: MLA cache vs none vs MHA")
     p.add_argument("--preset", default="shakespeare-char-cpu")
     p.add_argument("--baseline", default="gpt-shakespeare-char-cpu")
     p.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 1024])
@@ -449,12 +502,14 @@ def main(argv):
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--block_size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 4e-3, 8e-3], help="lr sweep, per optimizer")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.6],
+                   help="shorter Muon runs, as fractions of --steps")
     p.add_argument("--eval_interval", type=int, default=25)
     p.add_argument("--eval_iters", type=int, default=10)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--stress_lr", type=float, default=0.1)
-    p.add_argument("--stress_steps", type=int, default=150)
+    p.add_argument("--stress_lr", type=float, default=0.03)
+    p.add_argument("--stress_steps", type=int, default=200)
     p.add_argument("--tau", type=float, default=100.0)
 
     p = sub.add_parser("qk-overhead", help="training-step cost of MuonClip's max-logit recording and clipping")
@@ -472,7 +527,7 @@ def main(argv):
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--block_size", type=int, default=128)
     p.add_argument("--eval_iters", type=int, default=20)
-    p.add_argument("--evals", type=int, default=10, help="evaluations per run")
+    p.add_argument("--evals", type=int, default=20, help="evaluations per run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny budget (a smoke test of the report, <= 3 min)")
 

@@ -36,8 +36,8 @@ def generate_tokens(model, idx, max_new_tokens, max_context, temperature=1.0, to
             yield token
         return
     context = idx[:, -max_context:]
-    cache = make_cache(idx.shape[0], min(max_context, context.shape[1] + max_new_tokens))
-    cache_len = cache[0].latent.shape[1]
+    cache_len = min(max_context, context.shape[1] + max_new_tokens)
+    cache = make_cache(idx.shape[0], cache_len)
     logits, _ = model(context, cache=cache, start_pos=0)
     pos = context.shape[1]
     for step in range(max_new_tokens):

@@ -36,6 +36,9 @@ def is_hf_folder(path):
 
 
 def to_hf_config(config):
+    if config.attention != "mla":
+        raise UserError("DeepseekV3 attention is MLA: a model trained with the attention='mha' ablation cannot be "
+                        "exported")
     if config.n_shared_experts < 1:
         raise UserError("DeepseekV3 always has a shared expert: a model with n_shared_experts=0 cannot be exported")
     hf = {name: getattr(config, name) for name in SAME_NAME_FIELDS}

@@ -45,6 +45,7 @@ class KimiConfig:
     initializer_range: float = 0.02
     # training-only knobs
     dropout: float = 0.0
+    attention: str = "mla"  # "mha": the ablation, standard multi-head attention with MLA's head dims (not Kimi-K2)
     aux_loss_alpha: float = 1e-4  # sequence-wise balance loss coefficient (0 disables)
     extra: dict = field(default_factory=dict, repr=False)  # unknown keys kept from imported configs
 
@@ -74,6 +75,8 @@ class KimiConfig:
             raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in ("mla", "mha"):
+            raise ValueError(f"attention must be 'mla' or 'mha', got {self.attention!r}")
         if self.rope_scaling is not None and self.rope_scaling.get("type", self.rope_scaling.get("rope_type")) != "yarn":
             raise ValueError(f"rope_scaling supports only YaRN ({{'type': 'yarn', ...}}), got {self.rope_scaling}")
 
@@ -123,14 +126,61 @@ def apply_rope(x, cos, sin):
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
 
-class MLA(nn.Module):
-    """Multi-head Latent Attention: low-rank q and kv latents, decoupled RoPE with one shared rope key."""
+class Attention(nn.Module):
+    """What MLA and its MHA ablation share: head dims, softmax scale, causal SDPA for training and prefill, and the
+    per-head max logit that QK-Clip needs."""
 
     def __init__(self, config):
         super().__init__()
         c = config
-        self.nh, self.d_nope, self.d_rope, self.d_v, self.d_c = (
-            c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank)
+        self.nh, self.d_nope, self.d_rope, self.d_v = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim,
+                                                       c.v_head_dim)
+        self.dropout = c.dropout
+        self.scale = c.qk_head_dim ** -0.5
+        if c.rope_scaling is not None:
+            self.scale *= yarn_mscale(c.rope_scaling["factor"], c.rope_scaling.get("mscale_all_dim", 1.0)) ** 2
+        # QK-Clip bookkeeping: per-head max pre-softmax logit over the forward passes since the last reset.
+        self.track_max_logit = False
+        self.register_buffer("max_logit", torch.full((self.nh,), -float("inf")), persistent=False)
+
+    def causal_attention(self, q, k, v):
+        """q, k: [B, nh, T, d_nope + d_rope], v: [B, nh, T, d_v] -> o_proj(softmax(scale q k^T, causal) v)."""
+        if self.track_max_logit:
+            self.record_max_logit(q, k)
+        # fused SDPA kernels (flash, CPU flash) need v's head dim equal to q/k's, else a T x T math path runs (5x
+        # slower at T=1024 on CPU): zero-pad v and drop the padding from the output, which leaves it unchanged
+        pad = q.shape[-1] - self.d_v
+        y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, is_causal=True,
+                                           scale=self.scale, dropout_p=self.dropout if self.training else 0.0)
+        y = y[..., :self.d_v]
+        return F.dropout(self.o_proj(y.transpose(1, 2).flatten(2)), self.dropout, self.training)
+
+    @torch.no_grad()
+    def record_max_logit(self, q, k, chunk=256):
+        """Per-head max of scale * q.k over causal pairs. SDPA never returns logits, so recompute them (no softmax),
+        in query chunks to bound memory."""
+        T = q.shape[2]
+        head_max = torch.full((self.nh,), -float("inf"), device=q.device)
+        for s in range(0, T, chunk):
+            logits = q[:, :, s:s + chunk] @ k.transpose(-1, -2)  # [B, nh, c, T]
+            future = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).triu(s + 1)
+            head_max = torch.maximum(head_max, logits.masked_fill_(future, -float("inf")).amax(dim=(0, 2, 3)).float())
+        # scale > 0, so max(scale * q.k) = scale * max(q.k): one pass less over the [B, nh, T, T] logits
+        self.max_logit.copy_(torch.maximum(self.max_logit, head_max * self.scale))
+
+
+def decode_mask(T, end, device):
+    """Query i of the T newest tokens sits at position end - T + i and sees keys 0..end - T + i (None for T=1)."""
+    return None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=device).tril(end - T)
+
+
+class MLA(Attention):
+    """Multi-head Latent Attention: low-rank q and kv latents, decoupled RoPE with one shared rope key."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        c = config
+        self.d_c = c.kv_lora_rank
         if c.q_lora_rank is None:
             self.q_proj = nn.Linear(c.hidden_size, self.nh * c.qk_head_dim, bias=False)
         else:
@@ -141,13 +191,6 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.d_c, c.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.d_c, self.nh * (self.d_nope + self.d_v), bias=False)
         self.o_proj = nn.Linear(self.nh * self.d_v, c.hidden_size, bias=False)
-        self.dropout = c.dropout
-        self.scale = c.qk_head_dim ** -0.5
-        if c.rope_scaling is not None:
-            self.scale *= yarn_mscale(c.rope_scaling["factor"], c.rope_scaling.get("mscale_all_dim", 1.0)) ** 2
-        # QK-Clip bookkeeping: per-head max pre-softmax logit over the forward passes since the last reset.
-        self.track_max_logit = False
-        self.register_buffer("max_logit", torch.full((self.nh,), -float("inf")), persistent=False)
 
     def q_weight(self):
         return self.q_proj.weight if hasattr(self, "q_proj") else self.q_b_proj.weight
@@ -171,41 +214,19 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [B, nh, T, d_nope], [B, nh, T, d_v]
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, self.nh, -1, -1)], dim=-1)
-        if self.track_max_logit:
-            self.record_max_logit(q, k)
-        # fused SDPA kernels (flash, CPU flash) need v's head dim equal to q/k's, else a T x T math path runs (5x
-        # slower at T=1024 on CPU): zero-pad v and drop the padding from the output, which leaves it unchanged
-        pad = q.shape[-1] - self.d_v
-        y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, is_causal=True,
-                                           scale=self.scale, dropout_p=self.dropout if self.training else 0.0)
-        y = y[..., :self.d_v]
-        return F.dropout(self.o_proj(y.transpose(1, 2).flatten(2)), self.dropout, self.training)
-
-    @torch.no_grad()
-    def record_max_logit(self, q, k, chunk=256):
-        """Per-head max of scale * q.k over causal pairs. SDPA never returns logits, so recompute them (no softmax),
-        in query chunks to bound memory."""
-        T = q.shape[2]
-        head_max = torch.full((self.nh,), -float("inf"), device=q.device)
-        for s in range(0, T, chunk):
-            logits = (q[:, :, s:s + chunk] @ k.transpose(-1, -2)).float() * self.scale  # [B, nh, c, T]
-            causal = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).tril(s)
-            head_max = torch.maximum(head_max, logits.masked_fill(~causal, -float("inf")).amax(dim=(0, 2, 3)))
-        self.max_logit.copy_(torch.maximum(self.max_logit, head_max))
+        return self.causal_attention(q, k, v)
 
     def absorbed_attention(self, q_nope, q_pe, cache, end):
         """Attention of the T newest tokens over cache positions [0, end), with W_UK folded into the query and W_UV
         applied after: MQA in latent space, query/key [c_kv | k_pe] (d_c + d_rope) and value c_kv (d_c), one
         key/value head shared by all heads. Never materialises per-head keys or values."""
         B, _, T, _ = q_nope.shape
-        start_pos = end - T
         w_kv_b = self.kv_b_proj.weight.view(self.nh, self.d_nope + self.d_v, self.d_c)
         w_uk, w_uv = w_kv_b[:, :self.d_nope], w_kv_b[:, self.d_nope:]  # [nh, d_nope, d_c], [nh, d_v, d_c]
         q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # [B, nh, T, d_c]
         query = torch.cat([q_lat, q_pe], dim=-1)  # [B, nh, T, d_c + d_rope]
         latent = cache.latent[:B, :end].unsqueeze(1)  # [B, 1, end, d_c + d_rope] = [c_kv | k_pe], no copy
-        # query i sits at position start_pos + i and may see keys 0..start_pos + i (one new token sees them all)
-        mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=q_nope.device).tril(start_pos)
+        mask = decode_mask(T, end, q_nope.device)
         # the value is c_kv; passing the whole latent (equal q/k/v dims: the fused kernel runs) and keeping the
         # first d_c output columns gives the same result without slicing a copy out of the cache
         o_lat = F.scaled_dot_product_attention(query, latent, latent, attn_mask=mask, scale=self.scale,
@@ -222,6 +243,45 @@ class MLACache:
         d_c = config.kv_lora_rank
         self.latent = torch.zeros(batch_size, max_len, d_c + config.qk_rope_head_dim, device=device, dtype=dtype)
         self.kv, self.pe = self.latent[..., :d_c], self.latent[..., d_c:]  # views: c_kv and the roped k_pe
+
+
+class MHA(Attention):
+    """The MLA -> MHA ablation (config attention="mha"), not part of Kimi-K2: full-rank q, k, v projections with
+    MLA's head dims and a rope slice in every head's key; its cache holds every head's key and value."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        c = config
+        self.q_proj = nn.Linear(c.hidden_size, self.nh * c.qk_head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.nh * c.qk_head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.nh * self.d_v, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.d_v, c.hidden_size, bias=False)
+
+    def q_weight(self):
+        return self.q_proj.weight
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        B, T, _ = x.shape
+        q, k = (proj(x).view(B, T, self.nh, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj))
+        q, k = (torch.cat([t[..., :self.d_nope], apply_rope(t[..., self.d_nope:], cos, sin)], dim=-1) for t in (q, k))
+        v = self.v_proj(x).view(B, T, self.nh, -1).transpose(1, 2)  # [B, nh, T, d_v]
+        if cache is not None:
+            cache.k[:B, :, start_pos:start_pos + T], cache.v[:B, :, start_pos:start_pos + T] = k, v
+            if start_pos > 0:  # decoding: attend over every cached key and value
+                end = start_pos + T
+                y = F.scaled_dot_product_attention(q, cache.k[:B, :, :end], cache.v[:B, :, :end],
+                                                   attn_mask=decode_mask(T, end, x.device), scale=self.scale)
+                return self.o_proj(y.transpose(1, 2).flatten(2))
+        return self.causal_attention(q, k, v)
+
+
+class KVCache:
+    """The MHA ablation's cache: per-head keys and values, nh * (qk_head_dim + v_head_dim) numbers per token."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (batch_size, config.num_attention_heads, max_len)
+        self.k = torch.zeros(*shape, config.qk_head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(*shape, config.v_head_dim, device=device, dtype=dtype)
 
 
 class MLP(nn.Module):
@@ -361,7 +421,7 @@ class Block(nn.Module):
     def __init__(self, config, layer_id):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLA(config)
+        self.self_attn = MHA(config) if config.attention == "mha" else MLA(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = (MLP(config.hidden_size, config.intermediate_size) if layer_id < config.first_k_dense_replace
                     else MoE(config))
@@ -463,7 +523,8 @@ class Kimi(nn.Module):
 
     def make_cache(self, batch_size, max_len):
         p = self.lm_head.weight
-        return [MLACache(self.config, batch_size, max_len, p.device, p.dtype) for _ in self.layers]
+        cache = KVCache if self.config.attention == "mha" else MLACache
+        return [cache(self.config, batch_size, max_len, p.device, p.dtype) for _ in self.layers]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from .model import MHA
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
@@ -111,11 +113,16 @@ class MuonClip:
 def qk_clip(attn, head_max, tau):
     """K2 Algorithm 1, per head h with S_max > tau: gamma = tau / S_max; q nope rows and k nope rows (in kv_b_proj)
     scale by sqrt(gamma), q rope rows by gamma. The shared rope key and the value rows stay untouched, so every
-    logit of head h scales by exactly gamma."""
+    logit of head h scales by exactly gamma. (In the MHA ablation, whose heads own their rope keys, every q and k row
+    of head h scales by sqrt(gamma).)"""
     gamma = torch.where(head_max > tau, tau / head_max, torch.ones_like(head_max))
     if bool((gamma == 1).all()):
         return
     nh, d_nope = attn.nh, attn.d_nope
+    if isinstance(attn, MHA):  # the MHA ablation: every head has its own rope key, so all its q and k rows scale
+        for w in (attn.q_proj.weight, attn.k_proj.weight):
+            w.view(nh, -1, w.shape[-1]).mul_(gamma.sqrt().view(nh, 1, 1).to(w.dtype))
+        return
     w_q = attn.q_weight().view(nh, d_nope + attn.d_rope, -1)
     w_q[:, :d_nope] *= gamma.sqrt().view(nh, 1, 1).to(w_q.dtype)
     w_q[:, d_nope:] *= gamma.view(nh, 1, 1).to(w_q.dtype)

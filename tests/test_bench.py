@@ -21,6 +21,19 @@ def test_moe_scaling_and_inference_sections(tmp_path):
     assert set(found) == {"moe-scaling", "inference"}
     assert "| 16 | 2 |" in found["moe-scaling"] and "Command: `nanokimi bench" in found["moe-scaling"]
     assert found["inference"].count("nanoKimi, MLA cache") == 2 and "KV-cache bytes" in found["inference"]
+    assert found["inference"].count("nanoKimi-MHA ablation, KV cache") == 2 and "peak memory MiB" in found["inference"]
+
+
+def test_optim_report(char_data, tmp_path):
+    report = tmp_path / "BENCH.md"
+    main(["bench", f"--report={report}", "optim", f"--data={char_data}", f"--out={tmp_path / 'runs'}", "--steps=8",
+          "--lrs", "1e-3", "2e-3", "--fractions", "0.5", "--stress_steps=4", "--eval_interval=4", "--eval_iters=1",
+          "--batch_size=4", "--block_size=32"])
+    body = sections(report)["optim"]
+    for needle in ("| 0.002 |", "| muonclip |", "| muon, 0.5x the steps |", "max logit (peak)", "Machine:"):
+        assert needle in body, needle
+    for plot in ("optim_val_loss.png", "optim_stress.png"):
+        assert (tmp_path / "assets" / plot).stat().st_size > 1000
 
 
 def test_compare_quick_report(char_data, tmp_path):
@@ -28,7 +41,7 @@ def test_compare_quick_report(char_data, tmp_path):
     main(["bench", f"--report={report}", "compare", "--quick", f"--data={char_data}", f"--out={tmp_path / 'runs'}",
           "--batch_size=4", "--block_size=32"])
     body = sections(report)["compare"]
-    for needle in ("nanoGPT baseline", "MoE -> dense", "MuonClip -> AdamW", "MFU", "val perplexity", "Machine:"):
+    for needle in ("nanoGPT baseline", "MLA -> MHA", "MoE -> dense", "MuonClip -> AdamW", "MFU", "val perplexity", "Machine:"):
         assert needle in body, needle
     rows = [line for line in body.splitlines() if line.startswith("| nanoKimi |")]
     assert len(rows) == 4  # main table, ablations, throughput, accounting

@@ -37,6 +37,23 @@ def test_absorbed_cache_matches_full_forward(kw):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
 
 
+def test_mha_ablation_is_causal_and_its_kv_cache_matches_full_forward():
+    config = tiny_config(attention="mha")
+    model = Kimi(config).eval()
+    assert not hasattr(model.layers[0].self_attn, "kv_b_proj")
+    idx = torch.randint(0, 50, (2, 30))
+    full, _ = model(idx)
+    changed = idx.clone()
+    changed[:, 20:] = (changed[:, 20:] + 1) % 50
+    assert torch.equal(model(changed)[0][:, :20], full[:, :20])
+    cache = model.make_cache(2, 30)
+    # every head's key and value: nh * (qk_head_dim + v_head_dim) per token per layer, vs MLA's d_c + d_rope
+    assert cache[0].k.shape == (2, 2, 30, config.qk_head_dim) and cache[0].v.shape == (2, 2, 30, config.v_head_dim)
+    steps = [model(idx[:, :11], cache=cache, start_pos=0)[0], model(idx[:, 11:14], cache=cache, start_pos=11)[0]]
+    steps += [model(idx[:, t:t + 1], cache=cache, start_pos=t)[0] for t in range(14, 30)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+
+
 def test_yarn_changes_frequencies_and_scale():
     plain, yarn = Kimi(tiny_config()), Kimi(tiny_config(rope_scaling=YARN))
     assert yarn.layers[0].self_attn.scale > plain.layers[0].self_attn.scale

@@ -95,6 +95,21 @@ def test_qk_clip_caps_exploding_heads_only():
     assert torch.equal(attn.kv_b_proj.weight.view(2, 16, -1)[0], kv_b.view(2, 16, -1)[0])
 
 
+def test_qk_clip_on_mha_ablation_scales_whole_heads():
+    model = Kimi(tiny_config(attention="mha"))
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        for w in (attn.q_proj.weight, attn.k_proj.weight):
+            w.view(2, 16, -1)[1] *= 30
+    idx = torch.randint(0, 50, (2, 32))
+    before = head_max_logits(model, idx)
+    v, q_head0 = attn.v_proj.weight.clone(), attn.q_proj.weight.view(2, 16, -1)[0].clone()
+    qk_clip(attn, before[0], tau=5.0)
+    after = head_max_logits(model, idx)
+    assert before[0, 1] > 5.0 and after[0, 1] == pytest.approx(5.0, rel=1e-3)
+    assert torch.equal(attn.q_proj.weight.view(2, 16, -1)[0], q_head0) and torch.equal(attn.v_proj.weight, v)
+
+
 def test_qk_clip_is_noop_below_tau():
     model = Kimi(tiny_config())
     before = [p.clone() for p in model.parameters()]
