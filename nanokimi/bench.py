@@ -201,7 +201,7 @@ def run_training(out_dir, overrides=None, **settings):
     from .errors import UserError
     from .train import TrainConfig, train
     try:
-        train(TrainConfig(out_dir=str(out_dir), progress=False, **settings), overrides or {})
+        train(TrainConfig(out_dir=str(out_dir), progress=False, overwrite=True, **settings), overrides or {})
         ending = []
     except UserError as e:
         ending = [{"diverged": str(e)}]
@@ -304,7 +304,7 @@ def bench_qk_overhead(args):
     config = make_config("kimi", PRESETS[args.preset], {"max_position_embeddings": args.block_size})
     x = torch.randint(0, config.vocab_size, (args.batch_size, args.block_size + 1))
     times = {}
-    for name in ("muon", "muonclip", "muon", "muonclip"):  # interleaved twice against drift on a shared machine
+    for name in ("muon", "muonclip") * args.rounds:  # interleaved rounds against drift on a shared machine
         torch.manual_seed(0)
         model = Kimi(config)
         opt = configure_optimizer(model, name, lr=2e-3)
@@ -318,7 +318,7 @@ def bench_qk_overhead(args):
     muon, clip = statistics.median(times["muon"]), statistics.median(times["muonclip"])
     body = (f"`{args.preset}`, batch {args.batch_size}x{args.block_size}, one full training step (forward, "
             f"backward, optimizer step, expert-bias update), median of {args.repeats} steps, each optimizer "
-            f"measured twice, interleaved.\n\n"
+            f"measured {args.rounds} times, interleaved (median of the medians).\n\n"
             + table(["optimizer", "step ms"], [["muon (no logit recording)", f"{muon * 1e3:.1f}"],
                                                 ["muonclip (recording + QK-Clip)", f"{clip * 1e3:.1f}"]])
             + f"\n\nQK-Clip overhead: {100 * (clip / muon - 1):+.1f}% of a training step (goal < 20%).")
@@ -330,7 +330,7 @@ def bench_qk_overhead(args):
 # nanoGPT's config/train_shakespeare_char.py (its warmup, 100 of 5000 steps, becomes WARMUP_FRACTION of each run)
 NANOGPT_HPARAMS = dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, beta2=0.99, lr_schedule="cosine", weight_decay=0.1,
                        grad_clip=1.0)
-NANOKIMI_HPARAMS = dict(optimizer="muonclip", lr=4e-3, min_lr=4e-4, lr_schedule="wsd")  # lr: best of bench optim's sweep
+NANOKIMI_HPARAMS = dict(optimizer="muonclip", lr=4e-3, min_lr=4e-4, lr_schedule="wsd")  # lr: bench optim's best
 WARMUP_FRACTION = 0.05
 
 
@@ -408,6 +408,8 @@ def bench_compare(args):
             return fmt.format(values[0])
         return f"{fmt.format(statistics.mean(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
 
+    # step times drift within a run, so the runs' lengths differ somewhat: also compare at the shortest one's length
+    equal_time = min(r["summary"]["train_time_s"] for n in contenders for r in results[n])
     rows = []
     for n in contenders:
         reach = [time_to_reach(r["evals"], baseline_final) for r in results[n]]
@@ -415,6 +417,7 @@ def bench_compare(args):
         rows.append([n, steps[n], f"{steps[n] * args.batch_size * args.block_size / 1e6:.2f}M",
                      spread((r["summary"]["train_time_s"] for r in results[n]), "{:.0f}") + " s",
                      spread(r["evals"][-1]["val_loss"] for r in results[n]),
+                     spread([e for e in r["evals"] if e["time"] <= equal_time][-1]["val_loss"] for r in results[n]),
                      spread(reached, "{:.0f}") + " s" + (f" ({len(reached)}/{len(reach)} seeds)" if
                                                        len(reached) < len(reach) else "") if reached else "not reached"])
     same_tokens = kimi_same_tokens["evals"][-1]["val_loss"]
@@ -458,6 +461,7 @@ def bench_compare(args):
             f"{args.budget_s:.0f} s of training time (steps set from a {CALIBRATION_STEPS}-step calibration run), "
             f"{args.seeds} seed(s) (mean (min..max)); eval on {args.eval_iters} batches.\n\n"
             + table(["model", "steps", "tokens", "train time", "final val loss",
+                     f"val loss at {equal_time:.0f} s (last eval by then)",
                      f"time to baseline's final val ({baseline_final:.4f})"], rows)
             + f"\n\nMatched tokens: nanoKimi trained for the baseline's {steps['nanoGPT baseline']} steps reaches "
               f"val loss {same_tokens:.4f} in {kimi_same_tokens['summary']['train_time_s']:.0f} s.\n\n"
@@ -488,7 +492,7 @@ def main(argv):
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=9)
 
-    p = sub.add_parser("inference", help="decode tokens/s, peak memory and KV bytes per token: MLA cache vs none vs MHA")
+    p = sub.add_parser("inference", help="decode tokens/s, peak memory, KV bytes per token: MLA cache, none, MHA")
     p.add_argument("--preset", default="shakespeare-char-cpu")
     p.add_argument("--baseline", default="gpt-shakespeare-char-cpu")
     p.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 1024])
@@ -517,6 +521,7 @@ def main(argv):
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--block_size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=6, help="interleaved measurements of each optimizer")
 
     p = sub.add_parser("compare", help="nanoKimi vs the nanoGPT baseline at equal budget, ablations, throughput")
     p.add_argument("--preset", default="shakespeare-char-cpu")

@@ -27,8 +27,8 @@ from .errors import UserError
 NAME, OLD = "checkpoint", ".checkpoint.old"
 
 
-def resolve(path):
-    """A checkpoint folder from either the folder itself or the run's out_dir."""
+def find(path):
+    """The checkpoint folder at `path` (the folder itself or a run's out_dir), or None."""
     path = Path(path)
     if (path / "config.json").is_file() or path.name in (NAME, OLD):
         return path
@@ -38,7 +38,15 @@ def resolve(path):
         return path / OLD
     if (path.parent / f".{path.name}.old").is_dir():  # the same, for a folder saved under its own name
         return path.parent / f".{path.name}.old"
-    raise UserError(f"no checkpoint in {path}: pass a run's --out_dir or its checkpoint folder")
+    return None
+
+
+def resolve(path):
+    """Like find, but a missing checkpoint is a UserError."""
+    found = find(path)
+    if found is None:
+        raise UserError(f"no checkpoint in {path}: pass a run's --out_dir or its checkpoint folder")
+    return found
 
 
 def flatten_state(obj, tensors, prefix="t"):

@@ -45,8 +45,8 @@ class KimiConfig:
     initializer_range: float = 0.02
     # training-only knobs
     dropout: float = 0.0
-    attention: str = "mla"  # "mha": the ablation, standard multi-head attention with MLA's head dims (not Kimi-K2)
     aux_loss_alpha: float = 1e-4  # sequence-wise balance loss coefficient (0 disables)
+    attention: str = "mla"  # "mha": the MLA -> MHA ablation (standard multi-head attention, same head dims)
     extra: dict = field(default_factory=dict, repr=False)  # unknown keys kept from imported configs
 
     def __post_init__(self):

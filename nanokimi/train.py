@@ -60,6 +60,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
     compile: bool = False
     resume: bool = False
+    overwrite: bool = False  # start afresh in an out_dir that holds a checkpoint (replaced at the first save)
     init_from: str = ""  # a checkpoint to finetune from (weights only; new optimizer and schedule)
 
     def __post_init__(self):
@@ -82,6 +83,8 @@ class TrainConfig:
             raise UserError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
         if self.resume and self.init_from:
             raise UserError("--resume continues a run and --init_from starts a new one from weights: pass only one")
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in --out_dir and --overwrite replaces it: pass only one")
 
 
 def learning_rate(cfg, step):
@@ -156,6 +159,9 @@ class StopRequest:
 def build(cfg, overrides):
     """Model (fresh, resumed or finetuned), its arch and config, and the checkpoint it came from (or None)."""
     source = None
+    if not (cfg.resume or cfg.overwrite) and checkpoint.find(cfg.out_dir) is not None:
+        raise UserError(f"{cfg.out_dir} already holds a checkpoint: --resume continues it, --overwrite replaces it, "
+                        f"or pick another --out_dir")
     if cfg.resume:
         source = checkpoint.Checkpoint(cfg.out_dir)
     elif cfg.init_from:

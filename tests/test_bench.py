@@ -41,7 +41,8 @@ def test_compare_quick_report(char_data, tmp_path):
     main(["bench", f"--report={report}", "compare", "--quick", f"--data={char_data}", f"--out={tmp_path / 'runs'}",
           "--batch_size=4", "--block_size=32"])
     body = sections(report)["compare"]
-    for needle in ("nanoGPT baseline", "MLA -> MHA", "MoE -> dense", "MuonClip -> AdamW", "MFU", "val perplexity", "Machine:"):
+    for needle in ("nanoGPT baseline", "MLA -> MHA", "MoE -> dense", "MuonClip -> AdamW", "MFU", "val perplexity",
+                   "val loss at", "Machine:"):
         assert needle in body, needle
     rows = [line for line in body.splitlines() if line.startswith("| nanoKimi |")]
     assert len(rows) == 4  # main table, ablations, throughput, accounting

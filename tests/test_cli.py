@@ -198,7 +198,8 @@ def test_bad_input_gives_one_line_error(case, char_data, tmp_path, capsys):
     short.write_text("To be, or not to be" * 2)
     train_args = ["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={tmp_path / 'o'}", *TINY]
     argv, expected = {
-        "missing_data": (["train", "shakespeare-char-cpu", f"--data={tmp_path / 'nope'}"], "nanokimi prepare"),
+        "missing_data": (["train", "shakespeare-char-cpu", f"--data={tmp_path / 'nope'}",
+                          f"--out_dir={tmp_path / 'o'}"], "nanokimi prepare"),
         "empty_input": (["prepare", "text", f"--input={empty}", f"--out={tmp_path / 'd'}"], "empty"),
         "unknown_dataset": (["prepare", "wikitext", f"--out={tmp_path / 'd'}"], "unknown dataset"),
         "short_data": (None, "block_size+1"),
@@ -210,7 +211,7 @@ def test_bad_input_gives_one_line_error(case, char_data, tmp_path, capsys):
     }[case]
     if case == "short_data":
         main(["prepare", "text", f"--input={short}", f"--out={tmp_path / 's'}"])
-        argv = ["train", "shakespeare-char-cpu", f"--data={tmp_path / 's'}", *TINY]
+        argv = ["train", "shakespeare-char-cpu", f"--data={tmp_path / 's'}", f"--out_dir={tmp_path / 'o'}", *TINY]
     assert expected in cli_error(capsys, *argv)
 
 
@@ -220,6 +221,9 @@ def test_checkpoint_problems_are_reported_and_nothing_lost(char_data, tmp_path, 
     capsys.readouterr()
     assert "not in this model" in cli_error(capsys, "sample", out, "--prompt=日本")
     good = checkpoint.Checkpoint(out).trainer_state()
+    # a fresh run into an out_dir that holds a checkpoint: refused, unless --overwrite
+    assert "--overwrite replaces it" in cli_error(capsys, "train", "x", f"--out_dir={out}")
+    assert checkpoint.Checkpoint(out).trainer_state() == good
     # diverging run (absurd lr): stops with the step, keeps the last good checkpoint
     assert "same optimizer" in cli_error(capsys, "train", "x", f"--out_dir={out}", "--resume", "--optimizer=adamw")
     err = cli_error(capsys, "train", "x", f"--out_dir={out}", "--resume", "--max_iters=50", "--lr=1e12",
