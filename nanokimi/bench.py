@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .baseline import GPT
-from .model import KVCache, Kimi, MLACache, MoE
+from .model import ATTENTION, Kimi, MoE
 from .presets import BASELINE_PRESETS, PRESETS, make_config
 
 
@@ -102,7 +102,7 @@ def bench_moe_scaling(args):
 # ---- inference --------------------------------------------------------------------------------------------------
 def kv_bytes_per_token_layer(config, dtype=torch.bfloat16):
     """Bytes one token adds to one layer's inference cache, read off the cache nanoKimi allocates (on meta)."""
-    cache = (KVCache if config.attention == "mha" else MLACache)(config, 1, 1, "meta", dtype)
+    cache = ATTENTION[config.attention][1](config, 1, 1, "meta", dtype)
     return sum(t.nbytes for t in vars(cache).values() if isinstance(t, torch.Tensor) and t._base is None)
 
 
@@ -332,8 +332,6 @@ NANOGPT_HPARAMS = dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, beta2=0.99, lr_s
                        grad_clip=1.0)
 NANOKIMI_HPARAMS = dict(optimizer="muonclip", lr=4e-3, min_lr=4e-4, lr_schedule="wsd")  # lr: bench optim's best
 WARMUP_FRACTION = 0.05
-
-
 CALIBRATION_STEPS = 50
 
 

@@ -75,7 +75,7 @@ class KimiConfig:
             raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.attention not in ("mla", "mha"):
+        if self.attention not in ATTENTION:
             raise ValueError(f"attention must be 'mla' or 'mha', got {self.attention!r}")
         if self.rope_scaling is not None and self.rope_scaling.get("type", self.rope_scaling.get("rope_type")) != "yarn":
             raise ValueError(f"rope_scaling supports only YaRN ({{'type': 'yarn', ...}}), got {self.rope_scaling}")
@@ -284,6 +284,10 @@ class KVCache:
         self.v = torch.zeros(*shape, config.v_head_dim, device=device, dtype=dtype)
 
 
+# config.attention -> (attention layer, its inference cache)
+ATTENTION = {"mla": (MLA, MLACache), "mha": (MHA, KVCache)}
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). Used as the dense FFN and as the shared expert(s)."""
 
@@ -421,7 +425,7 @@ class Block(nn.Module):
     def __init__(self, config, layer_id):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MHA(config) if config.attention == "mha" else MLA(config)
+        self.self_attn = ATTENTION[config.attention][0](config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = (MLP(config.hidden_size, config.intermediate_size) if layer_id < config.first_k_dense_replace
                     else MoE(config))
@@ -523,7 +527,7 @@ class Kimi(nn.Module):
 
     def make_cache(self, batch_size, max_len):
         p = self.lm_head.weight
-        cache = KVCache if self.config.attention == "mha" else MLACache
+        cache = ATTENTION[self.config.attention][1]
         return [cache(self.config, batch_size, max_len, p.device, p.dtype) for _ in self.layers]
 
     @torch.no_grad()
