@@ -363,6 +363,7 @@ def bench_compare(args):
     from .errors import UserError
     from .sample import load_model
     plt = pyplot()
+    started = time.perf_counter()
     peak = matmul_peak_gflops(512 if args.quick else 1024)
     common = dict(data=args.data, batch_size=args.batch_size, block_size=args.block_size, log_interval=10,
                   eval_iters=args.eval_iters, device=args.device)
@@ -379,12 +380,12 @@ def bench_compare(args):
         "nanoKimi, MuonClip -> AdamW": {"optimizer": "adamw"},
     }
 
-    def run(name, steps, seed, extra=None):
+    def run(name, steps, seed, extra=None, evals=args.evals):
         preset, settings, overrides = contenders.get(name, contenders["nanoKimi"])
         settings, overrides = dict(settings), dict(overrides)
         for key, value in (extra or {}).items():
             (settings if key in ("optimizer",) else overrides)[key] = value
-        settings = settings | dict(max_iters=steps, eval_interval=max(1, steps // args.evals), seed=seed,
+        settings = settings | dict(max_iters=steps, eval_interval=max(1, steps // evals), seed=seed,
                                    warmup_iters=int(WARMUP_FRACTION * steps))
         out = Path(args.out) / f"{name.replace(' ', '_').replace(',', '').replace('>', '')}-{steps}-{seed}"
         records = run_training(out, overrides, preset=preset, **common, **settings)
@@ -392,8 +393,9 @@ def bench_compare(args):
             raise UserError(f"{name} diverged: {records[-1]['diverged']}")
         return {"out": out, "evals": [r for r in records if "val_loss" in r], "summary": records[-1]["summary"]}
 
-    # step time of each model, from a short calibration run, to match wall-clock
-    calibration = {n: run(n, CALIBRATION_STEPS, 0)["summary"]["train_time_s"] / CALIBRATION_STEPS for n in contenders}
+    # step time of each model, from a short calibration run (evaluated only at its ends), to match wall-clock
+    calibration = {n: run(n, CALIBRATION_STEPS, 0, evals=1)["summary"]["train_time_s"] / CALIBRATION_STEPS
+                   for n in contenders}
     steps = {n: max(20, int(args.budget_s / t)) for n, t in calibration.items()}
     results = {n: [run(n, steps[n], seed) for seed in range(args.seeds)] for n in contenders}
     baseline_final = statistics.mean(r["evals"][-1]["val_loss"] for r in results["nanoGPT baseline"])
@@ -457,7 +459,8 @@ def bench_compare(args):
             f"bench optim`) with K2's WSD schedule; both warm up for {WARMUP_FRACTION:.0%} of their steps. "
             f"Each model trains for "
             f"{args.budget_s:.0f} s of training time (steps set from a {CALIBRATION_STEPS}-step calibration run), "
-            f"{args.seeds} seed(s) (mean (min..max)); eval on {args.eval_iters} batches.\n\n"
+            f"{args.seeds} seed(s) (mean (min..max)); {args.evals} evals per run on {args.eval_iters} batches per split. "
+            f"The whole benchmark took {(time.perf_counter() - started) / 60:.0f} min of wall-clock.\n\n"
             + table(["model", "steps", "tokens", "train time", "final val loss",
                      f"val loss at {equal_time:.0f} s (last eval by then)",
                      f"time to baseline's final val ({baseline_final:.4f})"], rows)
@@ -529,7 +532,7 @@ def main(argv):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--block_size", type=int, default=128)
-    p.add_argument("--eval_iters", type=int, default=20)
+    p.add_argument("--eval_iters", type=int, default=10)
     p.add_argument("--evals", type=int, default=20, help="evaluations per run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny budget (a smoke test of the report, <= 3 min)")
