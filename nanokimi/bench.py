@@ -332,7 +332,7 @@ NANOGPT_HPARAMS = dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, beta2=0.99, lr_s
                        grad_clip=1.0)
 NANOKIMI_HPARAMS = dict(optimizer="muonclip", lr=4e-3, min_lr=4e-4, lr_schedule="wsd")  # lr: bench optim's best
 WARMUP_FRACTION = 0.05
-CALIBRATION_STEPS = 50
+CALIBRATION_STEPS, CALIBRATION_WARMUP = 60, 20  # the first steps run slow (allocator, kernel set-up): not counted
 
 
 def matmul_peak_gflops(n=1024, repeats=10):
@@ -356,6 +356,11 @@ def train_flops_per_token(model, block_size):
 
 def time_to_reach(evals, target):
     return next((r["time"] for r in evals if r["val_loss"] <= target), None)
+
+
+def val_loss_by(evals, seconds):
+    """Val loss of the last eval within `seconds` of training (None if there was none)."""
+    return next((r["val_loss"] for r in reversed(evals) if r["time"] <= seconds), None)
 
 
 def bench_compare(args):
@@ -391,35 +396,40 @@ def bench_compare(args):
         records = run_training(out, overrides, preset=preset, **common, **settings)
         if "diverged" in records[-1]:
             raise UserError(f"{name} diverged: {records[-1]['diverged']}")
-        return {"out": out, "evals": [r for r in records if "val_loss" in r], "summary": records[-1]["summary"]}
+        return {"out": out, "evals": [r for r in records if "val_loss" in r],
+                "logs": [r for r in records if "loss" in r], "summary": records[-1]["summary"]}
 
-    # step time of each model, from a short calibration run (evaluated only at its ends), to match wall-clock
-    calibration = {n: run(n, CALIBRATION_STEPS, 0, evals=1)["summary"]["train_time_s"] / CALIBRATION_STEPS
-                   for n in contenders}
+    def step_time(logs):  # seconds per step after the warm-up steps
+        first = next(r for r in logs if r["step"] >= CALIBRATION_WARMUP)
+        return (logs[-1]["time"] - first["time"]) / (logs[-1]["step"] - first["step"])
+
+    # step time of each model, from a short calibration run (evaluated only at its end), to match wall-clock
+    calibration = {n: step_time(run(n, CALIBRATION_STEPS, 0, evals=1)["logs"]) for n in contenders}
     steps = {n: max(20, int(args.budget_s / t)) for n, t in calibration.items()}
     results = {n: [run(n, steps[n], seed) for seed in range(args.seeds)] for n in contenders}
     baseline_final = statistics.mean(r["evals"][-1]["val_loss"] for r in results["nanoGPT baseline"])
     kimi_same_tokens = run("nanoKimi", steps["nanoGPT baseline"], 0)
     ablation_runs = {n: run(n, steps["nanoKimi"], 0, extra) for n, extra in ablations.items()}
 
-    def spread(values, fmt="{:.4f}"):
+    def spread(values, fmt="{:.4f}", unit="", missing="not reached"):
+        """'mean (min..max)' over the seeds that have a value (None: reached no value), saying how many do."""
         values = list(values)
-        if len(values) == 1:
-            return fmt.format(values[0])
-        return f"{fmt.format(statistics.mean(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
+        found = [v for v in values if v is not None]
+        if not found:
+            return missing
+        text = fmt.format(found[0]) if len(found) == 1 else \
+            f"{fmt.format(statistics.mean(found))} ({fmt.format(min(found))}..{fmt.format(max(found))})"
+        return text + unit + (f" ({len(found)}/{len(values)} seeds)" if len(found) < len(values) else "")
 
     # step times drift within a run, so the runs' lengths differ somewhat: also compare at the shortest one's length
     equal_time = min(r["summary"]["train_time_s"] for n in contenders for r in results[n])
     rows = []
     for n in contenders:
-        reach = [time_to_reach(r["evals"], baseline_final) for r in results[n]]
-        reached = [t for t in reach if t is not None]
         rows.append([n, steps[n], f"{steps[n] * args.batch_size * args.block_size / 1e6:.2f}M",
-                     spread((r["summary"]["train_time_s"] for r in results[n]), "{:.0f}") + " s",
+                     spread((r["summary"]["train_time_s"] for r in results[n]), "{:.0f}", " s"),
                      spread(r["evals"][-1]["val_loss"] for r in results[n]),
-                     spread([e for e in r["evals"] if e["time"] <= equal_time][-1]["val_loss"] for r in results[n]),
-                     spread(reached, "{:.0f}") + " s" + (f" ({len(reached)}/{len(reach)} seeds)" if
-                                                       len(reached) < len(reach) else "") if reached else "not reached"])
+                     spread((val_loss_by(r["evals"], equal_time) for r in results[n]), missing="no eval by then"),
+                     spread((time_to_reach(r["evals"], baseline_final) for r in results[n]), "{:.0f}", " s")])
     same_tokens = kimi_same_tokens["evals"][-1]["val_loss"]
     ablation_rows = [[n, f"{r['evals'][-1]['val_loss']:.4f}", f"{r['summary']['train_time_s']:.0f} s"]
                      for n, r in [("nanoKimi", results["nanoKimi"][0])] + list(ablation_runs.items())]
@@ -457,9 +467,9 @@ def bench_compare(args):
             f"one run. The baseline uses nanoGPT's shakespeare_char hyperparameters (AdamW lr 1e-3, beta2 0.99, "
             f"cosine to 1e-4); nanoKimi uses MuonClip lr {NANOKIMI_HPARAMS['lr']:g} (the best Muon lr of `nanokimi "
             f"bench optim`) with K2's WSD schedule; both warm up for {WARMUP_FRACTION:.0%} of their steps. "
-            f"Each model trains for "
-            f"{args.budget_s:.0f} s of training time (steps set from a {CALIBRATION_STEPS}-step calibration run), "
-            f"{args.seeds} seed(s) (mean (min..max)); {args.evals} evals per run on {args.eval_iters} batches per split. "
+            f"Each model trains for {args.budget_s:.0f} s of training time (steps set from the step time of a "
+            f"{CALIBRATION_STEPS}-step calibration run, after its first {CALIBRATION_WARMUP} steps), {args.seeds} "
+            f"seed(s) (mean (min..max)); {args.evals} evals per run on {args.eval_iters} batches per split. "
             f"The whole benchmark took {(time.perf_counter() - started) / 60:.0f} min of wall-clock.\n\n"
             + table(["model", "steps", "tokens", "train time", "final val loss",
                      f"val loss at {equal_time:.0f} s (last eval by then)",
