@@ -55,7 +55,8 @@ def write_section(report, name, body):
     print(f"wrote section {name!r} of {report}")
 
 
-def median_time(fn, repeats, warmup=2):
+def timings(fn, repeats, warmup=2):
+    """Seconds taken by each of `repeats` calls of fn, after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -63,7 +64,7 @@ def median_time(fn, repeats, warmup=2):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
 def table(header, rows):
@@ -86,7 +87,7 @@ def bench_moe_scaling(args):
 
         def step():
             moe(inputs).square().mean().backward()
-        times[experts] = median_time(step, args.repeats)
+        times[experts] = statistics.median(timings(step, args.repeats))
         params = sum(p.numel() for p in moe.parameters())
         rows.append([experts, args.top_k, f"{params / 1e6:.2f}M", f"{times[experts] * 1e3:.1f}",
                      f"{times[experts] / times[args.experts[0]]:.2f}x"])
@@ -314,7 +315,7 @@ def bench_qk_overhead(args):
             opt.step()
             opt.zero_grad()
             model.update_expert_bias()
-        times.setdefault(name, []).append(median_time(step, args.repeats))
+        times.setdefault(name, []).append(statistics.median(timings(step, args.repeats)))
     muon, clip = statistics.median(times["muon"]), statistics.median(times["muonclip"])
     body = (f"`{args.preset}`, batch {args.batch_size}x{args.block_size}, one full training step (forward, "
             f"backward, optimizer step, expert-bias update), median of {args.repeats} steps, each optimizer "
@@ -335,10 +336,11 @@ WARMUP_FRACTION = 0.05
 CALIBRATION_STEPS, CALIBRATION_WARMUP = 60, 20  # the first steps run slow (allocator, kernel set-up): not counted
 
 
-def matmul_peak_gflops(n=1024, repeats=10):
-    """This machine's fp32 matmul throughput, measured now (the MFU denominator)."""
+def matmul_peak_gflops(n=1024, repeats=50):
+    """This machine's fp32 matmul peak, measured now (the MFU denominator): the fastest of `repeats` matmuls, as a
+    median would dip with whatever else the shared machine runs meanwhile."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n ** 3 / median_time(lambda: a @ b, repeats) / 1e9
+    return 2 * n ** 3 / min(timings(lambda: a @ b, repeats, warmup=5)) / 1e9
 
 
 def train_flops_per_token(model, block_size):

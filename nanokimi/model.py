@@ -101,6 +101,18 @@ def yarn_mscale(scale, mscale=1.0):
     return 0.1 * mscale * math.log(scale) + 1.0 if scale > 1 else 1.0
 
 
+def yarn_magnitudes(rope_scaling):
+    """YaRN's two magnitude corrections, as HF's DeepseekV3 applies them: (softmax scale multiplier, cos/sin
+    multiplier). For K2 (mscale = mscale_all_dim = 1, factor 32): (1.813, 1.0)."""
+    factor, mscale, mscale_all_dim = (rope_scaling["factor"], rope_scaling.get("mscale"),
+                                      rope_scaling.get("mscale_all_dim"))
+    softmax = yarn_mscale(factor, mscale_all_dim) ** 2 if mscale_all_dim else 1.0
+    rope = rope_scaling.get("attention_factor") or (
+        yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
+        else yarn_mscale(factor))
+    return softmax, rope
+
+
 def rope_frequencies(config):
     """Inverse frequencies [d_r/2] of the rope slice, with YaRN's ramp when rope_scaling is set."""
     d, theta = config.qk_rope_head_dim, config.rope_theta
@@ -112,8 +124,10 @@ def rope_frequencies(config):
         def correction_dim(rotations):
             return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-        low = max(math.floor(correction_dim(rs.get("beta_fast", 32))), 0)
-        high = min(math.ceil(correction_dim(rs.get("beta_slow", 1))), d - 1)
+        low, high = correction_dim(rs.get("beta_fast", 32)), correction_dim(rs.get("beta_slow", 1))
+        if rs.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
         ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
         smooth = 1 - ramp
         freqs = freqs / factor * (1 - smooth) + freqs * smooth
@@ -138,7 +152,7 @@ class Attention(nn.Module):
         self.dropout = c.dropout
         self.scale = c.qk_head_dim ** -0.5
         if c.rope_scaling is not None:
-            self.scale *= yarn_mscale(c.rope_scaling["factor"], c.rope_scaling.get("mscale_all_dim", 1.0)) ** 2
+            self.scale *= yarn_magnitudes(c.rope_scaling)[0]
         # QK-Clip bookkeeping: per-head max pre-softmax logit over the forward passes since the last reset.
         self.track_max_logit = False
         self.register_buffer("max_logit", torch.full((self.nh,), -float("inf")), persistent=False)
@@ -447,8 +461,9 @@ class Kimi(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         angles = torch.outer(positions, rope_frequencies(config))  # [max_pos, d_rope/2]
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        magnitude = 1.0 if config.rope_scaling is None else yarn_magnitudes(config.rope_scaling)[1]
+        self.register_buffer("rope_cos", angles.cos() * magnitude, persistent=False)
+        self.register_buffer("rope_sin", angles.sin() * magnitude, persistent=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):  # as HF DeepseekV3: N(0, initializer_range) for every matrix, norms = 1

@@ -22,13 +22,20 @@ def hf_config(**kw):
     return transformers.DeepseekV3Config(**(base | kw))
 
 
-@pytest.mark.parametrize("q_lora_rank", [24, None])
-def test_import_transformers_model_gives_same_logits(tmp_path, q_lora_rank):
+def yarn(**kw):  # sequences of 20 tokens run past original_max_position_embeddings, into YaRN's interpolated range
+    return {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1} | kw}
+
+
+@pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None}, yarn(mscale=1.0, mscale_all_dim=1.0),
+                                yarn(mscale=1.0, mscale_all_dim=0.7, truncate=False), yarn()],
+                         ids=["q_lora", "direct_q", "yarn_k2", "yarn_unequal_mscales", "yarn_no_mscales"])
+def test_import_transformers_model_gives_same_logits(tmp_path, kw):
     torch.manual_seed(0)
-    reference = transformers.DeepseekV3ForCausalLM(hf_config(q_lora_rank=q_lora_rank)).eval()
+    reference = transformers.DeepseekV3ForCausalLM(hf_config(**kw)).eval()
     with torch.no_grad():
         for p in reference.parameters():
-            p.normal_(0, 0.1)
+            p.normal_(0, 0.3)  # large enough that attention is sharp and a wrong rope scale shows
         for layer in reference.model.layers[2:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
     reference.save_pretrained(tmp_path / "hf")
@@ -41,6 +48,11 @@ def test_import_transformers_model_gives_same_logits(tmp_path, q_lora_rank):
     # and through the CLI, into a checkpoint that `sample` can read
     main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")])
     torch.testing.assert_close(Kimi.from_pretrained(tmp_path / "imported")(idx)[0], expected, atol=1e-4, rtol=0)
+    # and back out: transformers reads nanoKimi's export (rope settings included) to the same logits
+    model.save_pretrained(tmp_path / "exported", format="hf")
+    with torch.no_grad():
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()(idx).logits
+    torch.testing.assert_close(reloaded, expected, atol=1e-4, rtol=0)
 
 
 def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(char_data, tmp_path):
