@@ -371,7 +371,7 @@ def bench_compare(args):
     from .sample import load_model
     plt = pyplot()
     started = time.perf_counter()
-    peak = matmul_peak_gflops(512 if args.quick else 1024)
+    peaks = []  # measured before every training run: one measurement can land on a busy moment of a shared machine
     common = dict(data=args.data, batch_size=args.batch_size, block_size=args.block_size, log_interval=10,
                   eval_iters=args.eval_iters, device=args.device)
     contenders = {  # name: (preset, settings, model overrides) -- one component swapped per ablation
@@ -394,6 +394,7 @@ def bench_compare(args):
             (settings if key in ("optimizer",) else overrides)[key] = value
         settings = settings | dict(max_iters=steps, eval_interval=max(1, steps // evals), seed=seed,
                                    warmup_iters=int(WARMUP_FRACTION * steps))
+        peaks.append(matmul_peak_gflops(512 if args.quick else 1024))
         out = Path(args.out) / f"{name.replace(' ', '_').replace(',', '').replace('>', '')}-{steps}-{seed}"
         records = run_training(out, overrides, preset=preset, **common, **settings)
         if "diverged" in records[-1]:
@@ -451,7 +452,7 @@ def bench_compare(args):
     save_figure(fig, f"shakespeare_char, {args.budget_s:.0f} s budget each, {args.seeds} seed(s)",
                 args.assets / "compare_val_loss.png")
 
-    accounting, throughput = [], []
+    accounting, throughput, peak = [], [], max(peaks)
     for n in contenders:
         r = results[n][0]
         model, _, _ = load_model(r["out"])
@@ -482,7 +483,8 @@ def bench_compare(args):
               f"Ablations, one component swapped, seed 0, nanoKimi's {steps['nanoKimi']} steps:\n\n"
             + table(["model", "final val loss", "train time"], ablation_rows)
             + f"\n\nTraining throughput (fp32), model FLOPs utilisation against this machine's fp32 matmul peak "
-              f"measured in this run: {peak:.0f} GFLOP/s.\n\n"
+              f"measured in this run: {peak:.0f} GFLOP/s (the best of {len(peaks)} measurements, one before each "
+              f"training run; the lowest was {min(peaks):.0f}).\n\n"
             + table(["model", "tokens/s", "train FLOPs/token", "GFLOP/s", "MFU"], throughput)
             + "\n\nModel accounting:\n\n"
             + table(["model", "total params", "active params", "checkpoint", "val loss", "val perplexity"],
