@@ -202,10 +202,13 @@ def run_training(out_dir, overrides=None, **settings):
     from .errors import UserError
     from .train import TrainConfig, train
     try:
-        train(TrainConfig(out_dir=str(out_dir), progress=False, overwrite=True, **settings), overrides or {})
+        summary = train(TrainConfig(out_dir=str(out_dir), progress=False, overwrite=True, **settings), overrides or {})
         ending = []
     except UserError as e:
         ending = [{"diverged": str(e)}]
+    else:  # Ctrl-C / SIGTERM end a training run early and cleanly: here that must end the benchmark, not skew it
+        if summary["status"] != "finished":
+            raise UserError(f"the benchmark was stopped during the run in {out_dir}; no report was written")
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()] + ending
 
 

@@ -2,6 +2,9 @@
 
 import re
 
+import pytest
+
+import nanokimi.train
 from nanokimi.cli import main
 
 
@@ -47,3 +50,18 @@ def test_compare_quick_report(char_data, tmp_path):
     rows = [line for line in body.splitlines() if line.startswith("| nanoKimi |")]
     assert len(rows) == 4  # main table, ablations, throughput, accounting
     assert (tmp_path / "assets" / "compare_val_loss.png").stat().st_size > 1000
+
+
+def test_a_stopped_training_run_stops_the_benchmark(char_data, tmp_path, monkeypatch, capsys):
+    class StopAtOnce(nanokimi.train.StopRequest):  # as if Ctrl-C arrived during the first step
+        def __init__(self):
+            super().__init__()
+            self.requested = True
+
+    monkeypatch.setattr(nanokimi.train, "StopRequest", StopAtOnce)
+    report = tmp_path / "BENCH.md"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", f"--report={report}", "compare", "--quick", f"--data={char_data}", f"--out={tmp_path / 'runs'}",
+              "--batch_size=4", "--block_size=32"])
+    assert exit_info.value.code != 0 and "the benchmark was stopped" in capsys.readouterr().err
+    assert not report.exists()
