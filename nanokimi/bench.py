@@ -455,7 +455,8 @@ def bench_compare(args):
     save_figure(fig, f"shakespeare_char, {args.budget_s:.0f} s budget each, {args.seeds} seed(s)",
                 args.assets / "compare_val_loss.png")
 
-    accounting, throughput, peak = [], [], max(peaks)
+    peak = max(peaks)
+    accounting, throughput = [], []
     for n in contenders:
         r = results[n][0]
         model, _, _ = load_model(r["out"])

@@ -76,7 +76,7 @@ class KimiConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.attention not in ATTENTION:
-            raise ValueError(f"attention must be 'mla' or 'mha', got {self.attention!r}")
+            raise ValueError(f"attention must be {' or '.join(map(repr, ATTENTION))}, got {self.attention!r}")
         if self.rope_scaling is not None and self.rope_scaling.get("type", self.rope_scaling.get("rope_type")) != "yarn":
             raise ValueError(f"rope_scaling supports only YaRN ({{'type': 'yarn', ...}}), got {self.rope_scaling}")
 
