@@ -363,11 +363,6 @@ def time_to_reach(evals, target):
     return next((r["time"] for r in evals if r["val_loss"] <= target), None)
 
 
-def val_loss_by(evals, seconds):
-    """Val loss of the last eval within `seconds` of training (None if there was none)."""
-    return next((r["val_loss"] for r in reversed(evals) if r["time"] <= seconds), None)
-
-
 def bench_compare(args):
     from .checkpoint import Checkpoint
     from .errors import UserError
@@ -390,15 +385,18 @@ def bench_compare(args):
         "nanoKimi, MuonClip -> AdamW": {"optimizer": "adamw"},
     }
 
-    def run(name, steps, seed, extra=None, evals=args.evals):
+    def run(name, seed, steps, extra=None, evals=args.evals, budget_s=0.0):
+        """A training run of `steps` steps, or with `budget_s`, of budget_s training seconds (its lr schedule fitted to
+        them) where `steps` is the expected step count, which sets the warmup and the eval spacing."""
         preset, settings, overrides = contenders.get(name, contenders["nanoKimi"])
         settings, overrides = dict(settings), dict(overrides)
         for key, value in (extra or {}).items():
             (settings if key in ("optimizer",) else overrides)[key] = value
-        settings = settings | dict(max_iters=steps, eval_interval=max(1, steps // evals), seed=seed,
-                                   warmup_iters=int(WARMUP_FRACTION * steps))
+        settings = settings | dict(max_iters=10 * steps if budget_s else steps, max_time_s=budget_s, seed=seed,
+                                   eval_interval=max(1, steps // evals), warmup_iters=int(WARMUP_FRACTION * steps))
         peaks.append(matmul_peak_gflops(512 if args.quick else 1024))
-        out = Path(args.out) / f"{name.replace(' ', '_').replace(',', '').replace('>', '')}-{steps}-{seed}"
+        length = f"{budget_s:g}s" if budget_s else f"{steps}steps"
+        out = Path(args.out) / f"{name.replace(' ', '_').replace(',', '').replace('>', '')}-{length}-{seed}"
         records = run_training(out, overrides, preset=preset, **common, **settings)
         if "diverged" in records[-1]:
             raise UserError(f"{name} diverged: {records[-1]['diverged']}")
@@ -409,13 +407,19 @@ def bench_compare(args):
         first = next(r for r in logs if r["step"] >= CALIBRATION_WARMUP)
         return (logs[-1]["time"] - first["time"]) / (logs[-1]["step"] - first["step"])
 
-    # step time of each model, from a short calibration run (evaluated only at its end), to match wall-clock
-    calibration = {n: step_time(run(n, CALIBRATION_STEPS, 0, evals=1)["logs"]) for n in contenders}
-    steps = {n: max(20, int(args.budget_s / t)) for n, t in calibration.items()}
-    results = {n: [run(n, steps[n], seed) for seed in range(args.seeds)] for n in contenders}
+    # every run trains for the budget's seconds exactly (`max_time_s`), so step counts follow the machine's speed; a
+    # short calibration run of each model (evaluated only at its end) says how many to expect
+    calibration = {n: step_time(run(n, 0, CALIBRATION_STEPS, evals=1)["logs"]) for n in contenders}
+    expected = {n: max(20, int(args.budget_s / t)) for n, t in calibration.items()}
+    planned = (args.seeds * 2 + len(ablations)) * args.budget_s + expected["nanoGPT baseline"] * calibration["nanoKimi"]
+    print(f"expected steps: {expected}; about {planned / 60:.0f} min of training to go, plus evals")
+    results = {n: [run(n, seed, expected[n], budget_s=args.budget_s) for seed in range(args.seeds)]
+               for n in contenders}
     baseline_final = statistics.mean(r["evals"][-1]["val_loss"] for r in results["nanoGPT baseline"])
-    kimi_same_tokens = run("nanoKimi", steps["nanoGPT baseline"], 0)
-    ablation_runs = {n: run(n, steps["nanoKimi"], 0, extra) for n, extra in ablations.items()}
+    baseline_steps = round(statistics.mean(r["summary"]["step"] for r in results["nanoGPT baseline"]))
+    kimi_same_tokens = run("nanoKimi", 0, baseline_steps)
+    ablation_runs = {n: run(n, 0, expected["nanoKimi"], extra, budget_s=args.budget_s)
+                     for n, extra in ablations.items()}
 
     def spread(values, fmt="{:.4f}", unit="", missing="not reached"):
         """'mean (min..max)' over the seeds that have a value (None: reached no value), saying how many do."""
@@ -427,23 +431,22 @@ def bench_compare(args):
             f"{fmt.format(statistics.mean(found))} ({fmt.format(min(found))}..{fmt.format(max(found))})"
         return text + unit + (f" ({len(found)}/{len(values)} seeds)" if len(found) < len(values) else "")
 
-    # step times drift within a run, so the runs' lengths differ somewhat: also compare at the shortest one's length
-    equal_time = min(r["summary"]["train_time_s"] for n in contenders for r in results[n])
+    tokens_per_step = args.batch_size * args.block_size
     rows = []
     for n in contenders:
-        rows.append([n, steps[n], f"{steps[n] * args.batch_size * args.block_size / 1e6:.2f}M",
+        steps = [r["summary"]["step"] for r in results[n]]
+        rows.append([n, spread(steps, "{:.0f}"), f"{statistics.mean(steps) * tokens_per_step / 1e6:.2f}M",
                      spread((r["summary"]["train_time_s"] for r in results[n]), "{:.0f}", " s"),
                      spread(r["evals"][-1]["val_loss"] for r in results[n]),
-                     spread((val_loss_by(r["evals"], equal_time) for r in results[n]), missing="no eval by then"),
                      spread((time_to_reach(r["evals"], baseline_final) for r in results[n]), "{:.0f}", " s")])
     same_tokens = kimi_same_tokens["evals"][-1]["val_loss"]
-    ablation_rows = [[n, f"{r['evals'][-1]['val_loss']:.4f}", f"{r['summary']['train_time_s']:.0f} s"]
-                     for n, r in [("nanoKimi", results["nanoKimi"][0])] + list(ablation_runs.items())]
+    ablation_rows = [[n, r["summary"]["step"], f"{r['evals'][-1]['val_loss']:.4f}",
+                      f"{r['summary']['train_time_s']:.0f} s"] for n, r in [("nanoKimi", results["nanoKimi"][0])] + list(ablation_runs.items())]
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for n in contenders:
         for seed, r in enumerate(results[n]):
-            tokens = [e["step"] * args.batch_size * args.block_size / 1e6 for e in r["evals"]]
+            tokens = [e["step"] * tokens_per_step / 1e6 for e in r["evals"]]
             style = dict(color="C0" if n == "nanoKimi" else "C1", alpha=1 if seed == 0 else 0.4,
                          label=n if seed == 0 else None)
             axes[0].plot([e["time"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], "o-", ms=3, **style)
@@ -465,7 +468,7 @@ def bench_compare(args):
         val = r["evals"][-1]["val_loss"]
         accounting.append([n, f"{params['total'] / 1e6:.3f}M", f"{params['active'] / 1e6:.3f}M",
                            f"{size / 2 ** 20:.2f} MiB", f"{val:.4f}", f"{math.exp(val):.3f}"])
-        tok_s = r["summary"]["step"] * args.batch_size * args.block_size / r["summary"]["train_time_s"]
+        tok_s = r["summary"]["step"] * tokens_per_step / r["summary"]["train_time_s"]
         flops = train_flops_per_token(model, args.block_size)
         throughput.append([n, f"{tok_s:.0f}", f"{flops / 1e6:.1f}M", f"{tok_s * flops / 1e9:.1f}",
                            f"{100 * tok_s * flops / 1e9 / peak:.1f}%"])
@@ -473,19 +476,19 @@ def bench_compare(args):
     body = (f"Same data (shakespeare_char), same batch ({args.batch_size}x{args.block_size} tokens), same machine, "
             f"one run. The baseline uses nanoGPT's shakespeare_char hyperparameters (AdamW lr 1e-3, beta2 0.99, "
             f"cosine to 1e-4); nanoKimi uses MuonClip lr {NANOKIMI_HPARAMS['lr']:g} (the best Muon lr of `nanokimi "
-            f"bench optim`) with K2's WSD schedule; both warm up for {WARMUP_FRACTION:.0%} of their steps. "
-            f"Each model trains for {args.budget_s:.0f} s of training time (steps set from the step time of a "
-            f"{CALIBRATION_STEPS}-step calibration run, after its first {CALIBRATION_WARMUP} steps), {args.seeds} "
-            f"seed(s) (mean (min..max)); {args.evals} evals per run on {args.eval_iters} batches per split. "
+            f"bench optim`) with K2's WSD schedule; both warm up for {WARMUP_FRACTION:.0%} of their expected steps. "
+            f"Every run trains for {args.budget_s:.0f} s of training time (evals excluded; `--max_time_s`, which fits "
+            f"the lr schedule to the time), so its step count follows the machine's speed; {args.seeds} seed(s) "
+            f"(mean (min..max)); about {args.evals} evals per run (spaced by the step count a {CALIBRATION_STEPS}-step "
+            f"calibration run predicts) on {args.eval_iters} batches per split. "
             f"The whole benchmark took {(time.perf_counter() - started) / 60:.0f} min of wall-clock.\n\n"
             + table(["model", "steps", "tokens", "train time", "final val loss",
-                     f"val loss at {equal_time:.0f} s (last eval by then)",
                      f"time to baseline's final val ({baseline_final:.4f})"], rows)
-            + f"\n\nMatched tokens: nanoKimi trained for the baseline's {steps['nanoGPT baseline']} steps reaches "
+            + f"\n\nMatched tokens: nanoKimi trained for the baseline's {baseline_steps} steps (mean) reaches "
               f"val loss {same_tokens:.4f} in {kimi_same_tokens['summary']['train_time_s']:.0f} s.\n\n"
               f"![compare](assets/compare_val_loss.png)\n\n"
-              f"Ablations, one component swapped, seed 0, nanoKimi's {steps['nanoKimi']} steps:\n\n"
-            + table(["model", "final val loss", "train time"], ablation_rows)
+              f"Ablations, one component swapped, seed 0, the same {args.budget_s:.0f} s each:\n\n"
+            + table(["model", "steps", "final val loss", "train time"], ablation_rows)
             + f"\n\nTraining throughput (fp32), model FLOPs utilisation against this machine's fp32 matmul peak "
               f"measured in this run: {peak:.0f} GFLOP/s (the best of {len(peaks)} measurements, one before each "
               f"training run; the lowest was {min(peaks):.0f}).\n\n"
@@ -546,7 +549,8 @@ def main(argv):
     p.add_argument("--preset", default="shakespeare-char-cpu")
     p.add_argument("--data", default="data/shakespeare_char")
     p.add_argument("--out", default="out/bench-compare")
-    p.add_argument("--budget_s", type=float, default=180.0, help="training seconds per model")
+    p.add_argument("--budget_s", type=float, default=160.0,
+                   help="training seconds per run (160: the whole benchmark takes ~36 min on 2 CPU cores)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--block_size", type=int, default=128)

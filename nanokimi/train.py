@@ -33,6 +33,8 @@ class TrainConfig:
     block_size: int = 128
     grad_accum: int = 1
     max_iters: int = 2000
+    max_time_s: float = 0.0  # a training-time budget (evals excluded): the run and its lr schedule end at whichever
+    # of max_iters and max_time_s comes first (0: none). For runs compared at equal wall-clock (`nanokimi bench`).
     # optimizer and schedule
     optimizer: str = "muonclip"  # muonclip | muon | adamw
     lr: float = 2e-3
@@ -67,8 +69,8 @@ class TrainConfig:
         for name in ("batch_size", "block_size", "grad_accum", "eval_iters", "log_interval", "eval_interval"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_iters < 0 or self.warmup_iters < 0 or self.ckpt_interval < 0:
-            raise UserError("max_iters, warmup_iters and ckpt_interval must be >= 0")
+        if min(self.max_iters, self.max_time_s, self.warmup_iters, self.ckpt_interval) < 0:
+            raise UserError("max_iters, max_time_s, warmup_iters and ckpt_interval must be >= 0")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
         if self.lr_schedule not in ("wsd", "cosine"):
@@ -87,18 +89,22 @@ class TrainConfig:
             raise UserError("--resume continues the run in --out_dir and --overwrite replaces it: pass only one")
 
 
-def learning_rate(cfg, step):
+def learning_rate(cfg, step, elapsed=0.0):
     """Linear warmup, then cosine decay to min_lr (cosine) or constant then cosine decay over the last decay_frac
-    (wsd, as Kimi-K2: constant 2e-4, then cosine to 2e-5)."""
+    (wsd, as Kimi-K2: constant 2e-4, then cosine to 2e-5). With a time budget the decay follows the share of
+    max_time_s used (`elapsed` training seconds) where that is further along than the share of the steps."""
     horizon = cfg.lr_decay_iters or cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     decay_start = cfg.warmup_iters if cfg.lr_schedule == "cosine" else max(cfg.warmup_iters,
                                                                             horizon - int(cfg.decay_frac * horizon))
-    if step < decay_start:
+    progress = (step - decay_start) / max(1, horizon - decay_start)
+    if cfg.max_time_s:
+        start = decay_start / max(1, horizon)
+        progress = max(progress, (elapsed / cfg.max_time_s - start) / max(1 - start, 1 / max(1, horizon)))
+    if progress < 0:
         return cfg.lr
-    progress = min(1.0, (step - decay_start) / max(1, horizon - decay_start))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
 
 def step_seed(seed, rank, step, stream):
@@ -272,7 +278,7 @@ class Trainer:
     def train_step(self):
         """One optimizer step over micro_steps batches; returns the mean loss (a tensor)."""
         cfg, run = self.cfg, self.run
-        lr = learning_rate(cfg, self.step)
+        lr = learning_rate(cfg, self.step, self.elapsed)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=run.device)
@@ -318,12 +324,13 @@ class Trainer:
                   f"active), {tokens_per_step} tokens/step, {cfg.optimizer}, {run.device} {str(run.dtype)[6:]}"
                   f"{f', {run.world} processes' if run.distributed else ''}", flush=True)
         stop = StopRequest()
-        bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not (cfg.progress and run.master),
-                   dynamic_ncols=True, unit="step")
+        bar = tqdm(total=math.ceil(cfg.max_time_s) or cfg.max_iters, initial=self.progress(), dynamic_ncols=True,
+                   disable=not (cfg.progress and run.master), unit="step", bar_format=cfg.max_time_s and
+                   "{l_bar}{bar}| {n_fmt}/{total_fmt} s of training [{elapsed}<{remaining}{postfix}]" or None)
         last_eval, status = None, "finished"
         try:
             self.model.train()
-            while self.step < cfg.max_iters:
+            while not self.done():
                 if self.step % cfg.eval_interval == 0 and self.step not in (0, self.evaluated_at):
                     last_eval = self.eval_and_checkpoint(bar)
                 t0 = time.perf_counter()
@@ -331,7 +338,8 @@ class Trainer:
                 self.step += 1
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
-                if self.step % cfg.log_interval == 0 or self.step == cfg.max_iters:
+                stopping = self.sync_clock_and_stop(stop)
+                if self.step % cfg.log_interval == 0 or self.done():
                     record = {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
                               "tokens": self.step * tokens_per_step, "time": self.elapsed,
                               "tok_per_s": tokens_per_step / dt}
@@ -343,10 +351,10 @@ class Trainer:
                     self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}",
                                     refresh=False)
-                bar.update(1)
+                bar.update(self.progress() - bar.n)
                 if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0:
                     self.save()
-                if self.stop_requested(stop):
+                if stopping:
                     status = "interrupted"
                     break
             if status == "finished":
@@ -366,11 +374,21 @@ class Trainer:
             plot_losses(self.metrics_path, out_dir / "loss.png")
         return summary
 
-    def stop_requested(self, stop):
-        flag = torch.tensor(float(stop.requested))
-        if self.run.distributed:  # all ranks stop at the same step
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag)
+    def done(self):
+        return self.step >= self.cfg.max_iters or 0 < self.cfg.max_time_s <= self.elapsed
+
+    def progress(self):  # what the progress bar counts: whole seconds of a time budget, else steps
+        return min(int(self.elapsed), math.ceil(self.cfg.max_time_s)) if self.cfg.max_time_s else self.step
+
+    def sync_clock_and_stop(self, stop):
+        """All ranks take the slowest rank's clock (the time budget and lr schedule stay in step across ranks) and
+        stop at the same step on a stop request. Returns whether to stop."""
+        if not self.run.distributed:
+            return stop.requested
+        state = torch.tensor([self.elapsed, float(stop.requested)], dtype=torch.float64, device=self.run.device)
+        dist.all_reduce(state, op=dist.ReduceOp.MAX)  # on the device: NCCL reduces no CPU tensors
+        self.elapsed, stopping = state.tolist()
+        return bool(stopping)
 
     def eval_and_checkpoint(self, bar):
         losses = self.evaluate()

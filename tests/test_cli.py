@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -5,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import torch
 from nanokimi import checkpoint
 from nanokimi.cli import main
 from nanokimi.data import load_tokenizer, read_meta
+from nanokimi.train import TrainConfig, learning_rate
 from tests.conftest import ROOT, TINY, run_cli
 
 
@@ -101,6 +104,31 @@ def test_resume_is_bitwise_identical(char_data, tmp_path):
     assert all(full[s] == split[s] for s in range(1, 13)), (full, split)  # bitwise: exact float equality
 
 
+def test_time_budget_schedule():
+    cosine = TrainConfig(lr=1.0, min_lr=0.0, warmup_iters=0, max_iters=1000, max_time_s=10.0, lr_schedule="cosine")
+    assert learning_rate(cosine, 5, elapsed=5.0) == pytest.approx(0.5)  # half the time used: half-way down
+    assert learning_rate(cosine, 5, elapsed=10.0) == pytest.approx(0.0)
+    assert learning_rate(cosine, 500, elapsed=1.0) == pytest.approx(0.5)  # the steps are further along: they count
+    wsd = dataclasses.replace(cosine, lr_schedule="wsd", decay_frac=0.3)
+    assert learning_rate(wsd, 5, elapsed=6.9) == 1.0  # stable until the last 30% of the time
+    assert learning_rate(wsd, 5, elapsed=8.5) == pytest.approx(0.5)
+    untimed = dataclasses.replace(cosine, max_time_s=0.0)
+    assert learning_rate(untimed, 5, elapsed=5.0) == learning_rate(untimed, 5)  # no budget: time plays no part
+
+
+def test_time_budget_ends_the_run_with_its_schedule(char_data, tmp_path):
+    out = tmp_path / "timed"
+    train(char_data, out, "--max_time_s=3", "--max_iters=100000", "--eval_interval=100000", "--warmup_iters=2",
+          "--lr_schedule=cosine", "--lr=1e-2", "--min_lr=1e-3", "--log_interval=1")
+    logs = [r for r in metrics(out) if "loss" in r]
+    summary = metrics(out)[-1]["summary"]
+    step_s = logs[-1]["time"] / len(logs)
+    assert summary["status"] == "finished" and 3 <= summary["train_time_s"] < 3 + 5 * step_s + 0.1
+    assert summary["step"] == len(logs) < 100000
+    lrs = [r["lr"] for r in logs[2:]]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > 9e-3 and lrs[-1] == pytest.approx(1e-3, rel=0.05)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_0(char_data, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "nanokimi", "train", "shakespeare-char-cpu", f"--data={char_data}",
@@ -169,24 +197,40 @@ def test_finetune_from_checkpoint_on_new_text(char_data, tmp_path, shakespeare_t
     assert "tokenizer" in err
 
 
-def test_ddp_two_processes_agree_and_learn(char_data, tmp_path):
-    out = tmp_path / "ddp"
-    model = {k.lstrip("-").split("=")[0]: json.loads(k.split("=")[1]) for k in TINY[:13]}
-    cfg = {"data": str(char_data), "out_dir": str(out), "max_iters": 12, "grad_accum": 2, "batch_size": 4,
-           "block_size": 32, "eval_interval": 100, "eval_iters": 2, "log_interval": 1, "progress": False,
-           "lr": 1e-2, "warmup_iters": 2}
+def run_ddp(cfg, model, port):
+    """Train `cfg` under torchrun with 2 processes (tests/ddp_worker.py); returns its check of the ranks' weights."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port=29533", str(ROOT / "tests" / "ddp_worker.py"), json.dumps(cfg),
+                             f"--master_port={port}", str(ROOT / "tests" / "ddp_worker.py"), json.dumps(cfg),
                              json.dumps(model)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    check = json.loads((out / "ddp_check.json").read_text())
+    return json.loads((Path(cfg["out_dir"]) / "ddp_check.json").read_text())
+
+
+DDP_MODEL = {k.lstrip("-").split("=")[0]: json.loads(k.split("=")[1]) for k in TINY[:13]}
+DDP_TRAIN = {"grad_accum": 2, "batch_size": 4, "block_size": 32, "eval_interval": 100, "eval_iters": 2,
+             "log_interval": 1, "progress": False, "lr": 1e-2, "warmup_iters": 2}
+
+
+def test_ddp_two_processes_agree_and_learn(char_data, tmp_path):
+    out = tmp_path / "ddp"
+    cfg = {"data": str(char_data), "out_dir": str(out), "max_iters": 12, **DDP_TRAIN}
+    check = run_ddp(cfg, DDP_MODEL, 29533)
     assert check["world"] == 2 and check["max_diff"] == 0.0
     ddp = step_losses(out)
     assert ddp[12] < ddp[1] - 0.3
     # one process with the same global batch (grad_accum 2) sees the same batches: same loss scale
     train(char_data, tmp_path / "single", *[f"--{k}={v}" for k, v in cfg.items() if k not in ("data", "out_dir")])
     assert step_losses(tmp_path / "single")[1] == pytest.approx(ddp[1], abs=1e-5)
+
+
+def test_ddp_time_budget_keeps_ranks_in_step(char_data, tmp_path):
+    """Each rank's own clock would end the run (and set the lr) at a different step: they share the slowest one."""
+    cfg = {"data": str(char_data), "out_dir": str(tmp_path / "ddp"), "max_iters": 100000, "max_time_s": 2.0,
+           **DDP_TRAIN}
+    check = run_ddp(cfg, DDP_MODEL, 29534)
+    assert check["world"] == 2 and check["max_diff"] == 0.0
+    assert metrics(tmp_path / "ddp")[-1]["summary"]["status"] == "finished"
 
 
 @pytest.mark.parametrize("case", ["missing_data", "empty_input", "short_data", "unknown_dataset", "bad_model_value",
