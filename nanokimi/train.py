@@ -324,9 +324,10 @@ class Trainer:
                   f"active), {tokens_per_step} tokens/step, {cfg.optimizer}, {run.device} {str(run.dtype)[6:]}"
                   f"{f', {run.world} processes' if run.distributed else ''}", flush=True)
         stop = StopRequest()
+        seconds_bar = "{l_bar}{bar}| {n_fmt}/{total_fmt} s of training [{elapsed}<{remaining}{postfix}]"
         bar = tqdm(total=math.ceil(cfg.max_time_s) or cfg.max_iters, initial=self.progress(), dynamic_ncols=True,
-                   disable=not (cfg.progress and run.master), unit="step", bar_format=cfg.max_time_s and
-                   "{l_bar}{bar}| {n_fmt}/{total_fmt} s of training [{elapsed}<{remaining}{postfix}]" or None)
+                   disable=not (cfg.progress and run.master), unit="step",
+                   bar_format=seconds_bar if cfg.max_time_s else None)
         last_eval, status = None, "finished"
         try:
             self.model.train()
@@ -385,8 +386,9 @@ class Trainer:
         stop at the same step on a stop request. Returns whether to stop."""
         if not self.run.distributed:
             return stop.requested
-        state = torch.tensor([self.elapsed, float(stop.requested)], dtype=torch.float64, device=self.run.device)
-        dist.all_reduce(state, op=dist.ReduceOp.MAX)  # on the device: NCCL reduces no CPU tensors
+        device = self.run.device if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+        state = torch.tensor([self.elapsed, float(stop.requested)], dtype=torch.float64, device=device)
+        dist.all_reduce(state, op=dist.ReduceOp.MAX)
         self.elapsed, stopping = state.tolist()
         return bool(stopping)
 
