@@ -392,6 +392,7 @@ def bench_compare(args):
         settings, overrides = dict(settings), dict(overrides)
         for key, value in (extra or {}).items():
             (settings if key in ("optimizer",) else overrides)[key] = value
+        # a timed run's max_iters is only a cap, far past the expected steps, so the clock ends it
         settings = settings | dict(max_iters=10 * steps if budget_s else steps, max_time_s=budget_s, seed=seed,
                                    eval_interval=max(1, steps // evals), warmup_iters=int(WARMUP_FRACTION * steps))
         peaks.append(matmul_peak_gflops(512 if args.quick else 1024))
@@ -441,7 +442,8 @@ def bench_compare(args):
                      spread((time_to_reach(r["evals"], baseline_final) for r in results[n]), "{:.0f}", " s")])
     same_tokens = kimi_same_tokens["evals"][-1]["val_loss"]
     ablation_rows = [[n, r["summary"]["step"], f"{r['evals'][-1]['val_loss']:.4f}",
-                      f"{r['summary']['train_time_s']:.0f} s"] for n, r in [("nanoKimi", results["nanoKimi"][0])] + list(ablation_runs.items())]
+                      f"{r['summary']['train_time_s']:.0f} s"]
+                     for n, r in [("nanoKimi", results["nanoKimi"][0])] + list(ablation_runs.items())]
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for n in contenders:
@@ -550,7 +552,7 @@ def main(argv):
     p.add_argument("--data", default="data/shakespeare_char")
     p.add_argument("--out", default="out/bench-compare")
     p.add_argument("--budget_s", type=float, default=160.0,
-                   help="training seconds per run (160: the whole benchmark takes ~36 min on 2 CPU cores)")
+                   help="training seconds per run (160: the whole benchmark takes ~40 min on 2 CPU cores)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--block_size", type=int, default=128)

@@ -98,10 +98,9 @@ def learning_rate(cfg, step, elapsed=0.0):
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
     decay_start = cfg.warmup_iters if cfg.lr_schedule == "cosine" else max(cfg.warmup_iters,
                                                                             horizon - int(cfg.decay_frac * horizon))
+    if cfg.max_time_s:  # the share of the time budget used counts as the same share of the steps
+        step = max(step, elapsed / cfg.max_time_s * horizon)
     progress = (step - decay_start) / max(1, horizon - decay_start)
-    if cfg.max_time_s:
-        start = decay_start / max(1, horizon)
-        progress = max(progress, (elapsed / cfg.max_time_s - start) / max(1 - start, 1 / max(1, horizon)))
     if progress < 0:
         return cfg.lr
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
