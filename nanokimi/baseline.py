@@ -1,8 +1,13 @@
 """The nanoGPT dense baseline (Karpathy's model.py, same design): learned positions, LayerNorm, causal multi-head
-attention through SDPA, GELU MLP 4x, tied embeddings. Same forward/generate signature as nanokimi.Kimi."""
+attention through SDPA, GELU MLP 4x, tied embeddings. Same interface as nanokimi.Kimi (forward, generate/stream,
+num_params, flops_per_token, context_length, update_expert_bias).
+
+nanoGPT calls the model's context `block_size`, the same name as the training window; here the model's is
+`n_positions` (GPT-2's name), so that `--block_size` always means the training window."""
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -13,17 +18,27 @@ from .generation import generate_tokens
 
 @dataclass
 class GPTConfig:
-    block_size: int = 256
+    n_positions: int = 256  # learned positions = the longest context
     vocab_size: int = 65
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.2
     bias: bool = False
+    context_field: ClassVar[str] = "n_positions"
 
     def __post_init__(self):
+        for name in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def context_length(self):
+        return self.n_positions
 
 
 class CausalSelfAttention(nn.Module):
@@ -65,11 +80,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    has_kv_cache = False  # as nanoGPT: every sampled token recomputes the context
+
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -87,8 +104,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         T = idx.shape[1]
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size ({self.config.block_size})")
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence of {T} tokens exceeds n_positions ({self.config.n_positions})")
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
         x = F.dropout(x, self.config.dropout, self.training)
         for block in self.h:
@@ -102,6 +119,22 @@ class GPT(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return {"total": total, "active": total, "embedding": self.wte.weight.numel()}
 
+    def flops_per_token(self, seq_len):
+        """6 x parameters that do matmuls (wpe is a lookup; wte counts once, as the tied lm_head) + attention's QK^T
+        and PV over the context, as nanoGPT's estimate_mfu."""
+        c = self.config
+        return 6 * (self.num_params()["total"] - self.wpe.weight.numel()) + 6 * c.n_layer * 2 * c.n_embd * seq_len
+
+    @property
+    def context_length(self):
+        return self.config.context_length
+
+    def attention_layers(self):
+        return []  # nanoGPT trains with AdamW: no QK-Clip
+
+    def update_expert_bias(self, gamma=1e-3):
+        return []  # dense: no experts to balance
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=False,
                  generator=None):
@@ -111,5 +144,5 @@ class GPT(nn.Module):
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=False, generator=None):
         if use_cache:
             raise ValueError("the nanoGPT baseline has no KV cache (as nanoGPT): pass use_cache=False")
-        return generate_tokens(self, idx, max_new_tokens, self.config.block_size, temperature, top_k, top_p,
+        return generate_tokens(self, idx, max_new_tokens, self.config.n_positions, temperature, top_k, top_p,
                                generator)

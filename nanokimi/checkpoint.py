@@ -21,8 +21,9 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .data import copy_tokenizer
+from .data import copy_tokenizer, load_tokenizer
 from .errors import UserError
+from .presets import ARCHS, build_model, make_config
 
 NAME, OLD = "checkpoint", ".checkpoint.old"
 
@@ -86,7 +87,8 @@ def write_json(path, obj):
 
 def save(out_dir, model, arch, model_config, train_config=None, tokenizer_dir=None, optimizer_state=None,
          trainer_state=None, name=NAME):
-    """Write the checkpoint folder out_dir/name atomically (see the module docstring)."""
+    """Write the checkpoint folder out_dir/name atomically (see the module docstring). train_config: the run's
+    settings as a dict."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final, tmp, old = out_dir / name, out_dir / f".{name}.tmp", out_dir / f".{name}.old"
@@ -94,12 +96,9 @@ def save(out_dir, model, arch, model_config, train_config=None, tokenizer_dir=No
         os.replace(old, final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False) or arch == "gpt":  # safetensors stores shared tensors once
-        state.pop("lm_head.weight", None)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied_copies(model)}
     safetensors.torch.save_file(state, tmp / "model.safetensors")
-    write_json(tmp / "config.json", {"arch": arch, "model": dataclasses.asdict(model_config),
-                                     "train": dataclasses.asdict(train_config) if train_config else None})
+    write_json(tmp / "config.json", {"arch": arch, "model": dataclasses.asdict(model_config), "train": train_config})
     if optimizer_state is not None:
         tensors = {}
         write_json(tmp / "optimizer.json", flatten_state(optimizer_state, tensors))
@@ -118,16 +117,30 @@ def save(out_dir, model, arch, model_config, train_config=None, tokenizer_dir=No
     return final
 
 
+def tied_copies(model):
+    """{name: the earlier name of the same tensor} for parameters shared under two names (tied embeddings):
+    safetensors refuses shared tensors, so a checkpoint stores each once."""
+    first, copies = {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            copies[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return copies
+
+
 class Checkpoint:
     """A checkpoint folder read back: config, weights, optimizer and trainer state, each validated on access."""
 
     def __init__(self, path):
         self.path = resolve(path)
         cfg = self.read_json("config.json")
-        if not isinstance(cfg, dict) or "model" not in cfg or cfg.get("arch") not in ("kimi", "gpt"):
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or cfg.get("arch") not in ARCHS:
             raise UserError(f"{self.path / 'config.json'} is not a nanoKimi checkpoint config: point to a folder "
                             f"written by `nanokimi train`")
         self.arch, self.model_config, self.train_config = cfg["arch"], cfg["model"], cfg.get("train")
+        if self.arch == "gpt" and "block_size" in self.model_config:  # written before the baseline's n_positions
+            self.model_config["n_positions"] = self.model_config.pop("block_size")
 
     def read_json(self, name):
         path = self.path / name
@@ -152,8 +165,9 @@ class Checkpoint:
 
     def load_weights(self, model):
         state = self.read_tensors("model.safetensors")
-        if "lm_head.weight" not in state and "lm_head.weight" in model.state_dict():
-            state["lm_head.weight"] = state.get("embed_tokens.weight", state.get("wte.weight"))
+        for name, twin in tied_copies(model).items():
+            if name not in state and twin in state:
+                state[name] = state[twin]
         load_matching(model, state, f"checkpoint {self.path}")
 
     def optimizer_state(self):
@@ -173,3 +187,12 @@ def load_matching(model, state, source):
         raise UserError(f"{source} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
                         f"wrong shape {wrong[:3]}): its config.json and weights disagree")
     model.load_state_dict(state)
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode, tokenizer or None, checkpoint) from a checkpoint folder or a run's out_dir."""
+    ckpt = Checkpoint(path)
+    model = build_model(ckpt.arch, make_config(ckpt.arch, ckpt.model_config, {}))
+    ckpt.load_weights(model)
+    tokenizer = load_tokenizer(ckpt.path) if (ckpt.path / "meta.json").is_file() else None
+    return model.to(device).eval(), tokenizer, ckpt

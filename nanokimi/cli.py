@@ -2,98 +2,24 @@
 configs/*.toml and any `--field=value` on the command line, nanoGPT-style."""
 
 import argparse
-import ast
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from .errors import UserError
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-
-def parse_value(raw):
-    """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, 'none' -> None, '{"type": "yarn"}' -> dict, else the string."""
-    low = raw.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            return parse(raw)
-        except (ValueError, SyntaxError):
-            pass
-    return raw
-
-
-def parse_overrides(args):
-    """['--max_iters=10', '--resume'] -> {'max_iters': 10, 'resume': True}."""
-    out = {}
-    for arg in args:
-        if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r}: settings look like --name=value")
-        key, sep, value = arg[2:].partition("=")
-        out[key] = parse_value(value) if sep else True
-    return out
-
-
-def coerce(cls, values):
-    """Check values against dataclass `cls`'s defaults: ints where ints belong, floats accept ints."""
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    out = {}
-    for key, value in values.items():
-        default = defaults.get(key)
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif default is not None and value is not None and type(value) is not type(default):
-            raise UserError(f"--{key} expects a {type(default).__name__}, got {value!r}")
-        out[key] = value
-    return out
-
 
 def train_command(target, extra):
-    from . import checkpoint
-    from .model import KimiConfig
-    from .baseline import GPTConfig
-    from .train import TrainConfig, train
-
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    model_fields = {f.name for c in (KimiConfig, GPTConfig) for f in dataclasses.fields(c)} - train_fields
-    base, model_overrides = {}, {}
-    path = Path(target)
-    if path.suffix == ".toml" or path.is_file():
-        if not path.is_file():
-            raise UserError(f"config file {path} not found: pass a configs/*.toml file or a preset name")
-        try:
-            base = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"config file {path} is not valid TOML ({e})") from None
-        model_overrides = base.pop("model", {})
-    else:
-        base = {"preset": target, "out_dir": f"out/{target}"}
-    cli = parse_overrides(extra)
-    unknown = sorted(cli.keys() - train_fields - model_fields) + sorted(base.keys() - train_fields)
-    if unknown:
-        raise UserError(f"unknown setting(s) {unknown}: see `nanokimi train --help` and configs/*.toml")
-    model_overrides |= {k: v for k, v in cli.items() if k in model_fields}
-    cli_train = {k: v for k, v in cli.items() if k in train_fields}
-    if cli_train.get("resume"):  # the saved run's settings, updated by what this command line sets again
-        out_dir = cli_train.get("out_dir", base.get("out_dir", TrainConfig.out_dir))
-        base = checkpoint.Checkpoint(out_dir).train_config or base
-        base |= {"out_dir": out_dir, "init_from": ""}
-    cfg = TrainConfig(**coerce(TrainConfig, base | cli_train))
+    from .config import load_train_config
+    from .train import train
+    cfg, model_overrides = load_train_config(target, extra)
     summary = train(cfg, model_overrides)
     if summary:
         print(json.dumps(summary))
 
 
 def bench_command(args):
-    from .bench import main as bench_main
+    from .bench.cli import main as bench_main
     bench_main(args)
 
 

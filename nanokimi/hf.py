@@ -12,8 +12,10 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from .checkpoint import load_matching
+from . import checkpoint
+from .data import BPETokenizer, CharTokenizer, copy_tokenizer, load_tokenizer
 from .errors import UserError
 from .model import Kimi, KimiConfig
 
@@ -152,13 +154,12 @@ def load_hf(folder):
     config = from_hf_config(hf_config)
     model = Kimi(config)
     state = from_hf_state_dict(read_safetensors(folder), config)
-    load_matching(model, {k: v.float() for k, v in state.items()}, f"Hugging Face folder {folder}")
+    checkpoint.load_matching(model, {k: v.float() for k, v in state.items()}, f"Hugging Face folder {folder}")
     return model
 
 
 def char_tokenizer_json(chars):
     """A char-level vocabulary as an HF `tokenizers` file: one token per character, decoded by concatenation."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -168,7 +169,6 @@ def char_tokenizer_json(chars):
 def save_hf(model, out_dir, tokenizer_dir=None):
     """Write an HF DeepseekV3ForCausalLM folder: config.json, model.safetensors, and the tokenizer if given
     (tokenizer.json for BPE or char vocabularies, plus nanoKimi's meta.json so `import` gets it back exactly)."""
-    from .data import CharTokenizer, copy_tokenizer, load_tokenizer
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = to_hf_config(model.config)
@@ -187,17 +187,14 @@ def save_hf(model, out_dir, tokenizer_dir=None):
 
 def export(checkpoint_path, out_dir):
     """`nanokimi export`: a trained nanoKimi checkpoint -> an HF folder with its tokenizer."""
-    from .sample import load_model
-    model, _, ckpt = load_model(checkpoint_path)
-    if ckpt.arch != "kimi":
+    model, _, ckpt = checkpoint.load_model(checkpoint_path)
+    if not isinstance(model, Kimi):
         raise UserError(f"{ckpt.path} holds the {ckpt.arch} baseline: only Kimi models export to DeepseekV3")
     return save_hf(model, out_dir, ckpt.path)
 
 
 def import_folder(hf_dir, out):
     """`nanokimi import`: an HF DeepseekV3 folder -> a nanoKimi checkpoint folder (tokenizer included if any)."""
-    from . import checkpoint
-    from .data import BPETokenizer, write_json
     hf_dir, out = Path(hf_dir), Path(out).resolve()
     if not is_hf_folder(hf_dir):
         raise UserError(f"{hf_dir} is not a Hugging Face model folder (no config.json with 'architectures')")
@@ -205,6 +202,23 @@ def import_folder(hf_dir, out):
     path = checkpoint.save(out.parent, model, "kimi", model.config, name=out.name,
                            tokenizer_dir=hf_dir if (hf_dir / "meta.json").is_file() else None)
     if not (path / "meta.json").is_file() and (hf_dir / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
         BPETokenizer(Tokenizer.from_file(str(hf_dir / "tokenizer.json"))).save(path)
     return path
+
+
+def from_pretrained(path):
+    """A model in eval mode from a nanoKimi checkpoint (folder or run out_dir) or a Hugging Face DeepseekV3 folder."""
+    if is_hf_folder(path):
+        return load_hf(path).eval()
+    return checkpoint.load_model(path)[0]
+
+
+def save_pretrained(model, path, format="nanokimi"):
+    """Write `model` as a nanoKimi checkpoint folder (format="nanokimi") or a DeepseekV3ForCausalLM folder ("hf")."""
+    if format == "hf":
+        return save_hf(model, path)
+    if format != "nanokimi":
+        raise ValueError(f"unknown format {format!r}: use 'nanokimi' or 'hf'")
+    path = Path(path).resolve()
+    arch = next(name for name, (_, cls) in checkpoint.ARCHS.items() if isinstance(model, cls))
+    return checkpoint.save(path.parent, model, arch, model.config, name=path.name)

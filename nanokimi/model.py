@@ -7,7 +7,7 @@ Shapes in comments: B batch, T sequence, H hidden_size, nh heads, E routed exper
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -48,6 +48,7 @@ class KimiConfig:
     aux_loss_alpha: float = 1e-4  # sequence-wise balance loss coefficient (0 disables)
     attention: str = "mla"  # "mha": the MLA -> MHA ablation (standard multi-head attention, same head dims)
     extra: dict = field(default_factory=dict, repr=False)  # unknown keys kept from imported configs
+    context_field: ClassVar[str] = "max_position_embeddings"  # the setting that bounds the context (as GPTConfig)
 
     def __post_init__(self):
         positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
@@ -83,6 +84,10 @@ class KimiConfig:
     @property
     def qk_head_dim(self):
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def context_length(self):
+        return self.max_position_embeddings
 
 
 class RMSNorm(nn.Module):
@@ -153,24 +158,21 @@ class Attention(nn.Module):
         self.scale = c.qk_head_dim ** -0.5
         if c.rope_scaling is not None:
             self.scale *= yarn_magnitudes(c.rope_scaling)[0]
-        # QK-Clip bookkeeping: per-head max pre-softmax logit over the forward passes since the last reset.
-        self.track_max_logit = False
-        self.register_buffer("max_logit", torch.full((self.nh,), -float("inf")), persistent=False)
 
-    def causal_attention(self, q, k, v):
-        """q, k: [B, nh, T, d_nope + d_rope], v: [B, nh, T, d_v] -> o_proj(softmax(scale q k^T, causal) v)."""
-        if self.track_max_logit:
-            self.record_max_logit(q, k)
+    def causal_attention(self, q, k, v, record_max_logit=False):
+        """q, k: [B, nh, T, d_nope + d_rope], v: [B, nh, T, d_v] -> (o_proj(softmax(scale q k^T, causal) v),
+        per-head max logit [nh] for QK-Clip when record_max_logit, else None)."""
+        head_max = self.max_logit(q, k) if record_max_logit else None
         # fused SDPA kernels (flash, CPU flash) need v's head dim equal to q/k's, else a T x T math path runs (5x
         # slower at T=1024 on CPU): zero-pad v and drop the padding from the output, which leaves it unchanged
         pad = q.shape[-1] - self.d_v
         y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, is_causal=True,
                                            scale=self.scale, dropout_p=self.dropout if self.training else 0.0)
         y = y[..., :self.d_v]
-        return F.dropout(self.o_proj(y.transpose(1, 2).flatten(2)), self.dropout, self.training)
+        return F.dropout(self.o_proj(y.transpose(1, 2).flatten(2)), self.dropout, self.training), head_max
 
     @torch.no_grad()
-    def record_max_logit(self, q, k, chunk=256):
+    def max_logit(self, q, k, chunk=256):
         """Per-head max of scale * q.k over causal pairs. SDPA never returns logits, so recompute them (no softmax),
         in query chunks to bound memory."""
         T = q.shape[2]
@@ -179,8 +181,13 @@ class Attention(nn.Module):
             logits = q[:, :, s:s + chunk] @ k.transpose(-1, -2)  # [B, nh, c, T]
             future = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).triu(s + 1)
             head_max = torch.maximum(head_max, logits.masked_fill_(future, -float("inf")).amax(dim=(0, 2, 3)).float())
-        # scale > 0, so max(scale * q.k) = scale * max(q.k): one pass less over the [B, nh, T, T] logits
-        self.max_logit.copy_(torch.maximum(self.max_logit, head_max * self.scale))
+        return head_max * self.scale  # scale > 0: max(scale * q.k) = scale * max(q.k), one pass less over the logits
+
+    @staticmethod
+    def scale_heads_(weight, nh, factors):
+        """Multiply head h's rows of `weight` [nh * rows_per_head, in] by factors[h] ([nh] or [nh, rows_per_head])."""
+        w = weight.view(nh, -1, weight.shape[-1])
+        w.mul_(factors.view(nh, -1, 1).to(w.dtype))
 
 
 def decode_mask(T, end, device):
@@ -194,7 +201,7 @@ class MLA(Attention):
     def __init__(self, config):
         super().__init__(config)
         c = config
-        self.d_c = c.kv_lora_rank
+        self.d_c, self.q_lora_rank = c.kv_lora_rank, c.q_lora_rank
         if c.q_lora_rank is None:
             self.q_proj = nn.Linear(c.hidden_size, self.nh * c.qk_head_dim, bias=False)
         else:
@@ -206,12 +213,9 @@ class MLA(Attention):
         self.kv_b_proj = nn.Linear(self.d_c, self.nh * (self.d_nope + self.d_v), bias=False)
         self.o_proj = nn.Linear(self.nh * self.d_v, c.hidden_size, bias=False)
 
-    def q_weight(self):
-        return self.q_proj.weight if hasattr(self, "q_proj") else self.q_b_proj.weight
-
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
+    def forward(self, x, cos, sin, cache=None, start_pos=0, record_max_logit=False):
         B, T, _ = x.shape
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, self.nh, -1).transpose(1, 2)  # [B, nh, T, d_nope + d_rope]
         q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
@@ -222,13 +226,23 @@ class MLA(Attention):
             cache.kv[:B, start_pos:start_pos + T] = c_kv
             cache.pe[:B, start_pos:start_pos + T] = k_pe.squeeze(1)
             if start_pos > 0:  # decoding: attend over the cached latents
-                return self.o_proj(self.absorbed_attention(q_nope, q_pe, cache, start_pos + T))
+                return self.o_proj(self.absorbed_attention(q_nope, q_pe, cache, start_pos + T)), None
         # training and prefill: materialise per-head keys and values, causal SDPA
         kv = self.kv_b_proj(c_kv).view(B, T, self.nh, -1).transpose(1, 2)
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [B, nh, T, d_nope], [B, nh, T, d_v]
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, self.nh, -1, -1)], dim=-1)
-        return self.causal_attention(q, k, v)
+        return self.causal_attention(q, k, v, record_max_logit)
+
+    @torch.no_grad()
+    def qk_clip_(self, gamma):
+        """K2's QK-Clip for MLA, gamma [nh] per head: q nope rows and k nope rows (in kv_b_proj) scale by
+        sqrt(gamma), q rope rows by gamma. The shared rope key and the value rows stay untouched, so every logit of
+        head h scales by exactly gamma."""
+        q_proj = self.q_proj if self.q_lora_rank is None else self.q_b_proj
+        root = gamma.sqrt().unsqueeze(1).expand(-1, self.d_nope)  # [nh, d_nope]
+        self.scale_heads_(q_proj.weight, self.nh, torch.cat([root, gamma.unsqueeze(1).expand(-1, self.d_rope)], 1))
+        self.scale_heads_(self.kv_b_proj.weight, self.nh, torch.cat([root, root.new_ones(self.nh, self.d_v)], 1))
 
     def absorbed_attention(self, q_nope, q_pe, cache, end):
         """Attention of the T newest tokens over cache positions [0, end), with W_UK folded into the query and W_UV
@@ -271,10 +285,7 @@ class MHA(Attention):
         self.v_proj = nn.Linear(c.hidden_size, self.nh * self.d_v, bias=False)
         self.o_proj = nn.Linear(self.nh * self.d_v, c.hidden_size, bias=False)
 
-    def q_weight(self):
-        return self.q_proj.weight
-
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
+    def forward(self, x, cos, sin, cache=None, start_pos=0, record_max_logit=False):
         B, T, _ = x.shape
         q, k = (proj(x).view(B, T, self.nh, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj))
         q, k = (torch.cat([t[..., :self.d_nope], apply_rope(t[..., self.d_nope:], cos, sin)], dim=-1) for t in (q, k))
@@ -285,8 +296,14 @@ class MHA(Attention):
                 end = start_pos + T
                 y = F.scaled_dot_product_attention(q, cache.k[:B, :, :end], cache.v[:B, :, :end],
                                                    attn_mask=decode_mask(T, end, x.device), scale=self.scale)
-                return self.o_proj(y.transpose(1, 2).flatten(2))
-        return self.causal_attention(q, k, v)
+                return self.o_proj(y.transpose(1, 2).flatten(2)), None
+        return self.causal_attention(q, k, v, record_max_logit)
+
+    @torch.no_grad()
+    def qk_clip_(self, gamma):
+        """QK-Clip for the ablation: every head owns its rope key, so all its q and k rows scale by sqrt(gamma)."""
+        for proj in (self.q_proj, self.k_proj):
+            self.scale_heads_(proj.weight, self.nh, gamma.sqrt())
 
 
 class KVCache:
@@ -298,8 +315,13 @@ class KVCache:
         self.v = torch.zeros(*shape, config.v_head_dim, device=device, dtype=dtype)
 
 
-# config.attention -> (attention layer, its inference cache)
-ATTENTION = {"mla": (MLA, MLACache), "mha": (MHA, KVCache)}
+class AttentionKind(NamedTuple):
+    layer: type
+    cache: type
+
+
+# config.attention -> its attention layer and inference cache
+ATTENTION = {"mla": AttentionKind(MLA, MLACache), "mha": AttentionKind(MHA, KVCache)}
 
 
 class MLP(nn.Module):
@@ -387,19 +409,22 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
                                if config.n_shared_experts else None)
-        # tokens routed to each expert since the last bias update (summed over micro-steps, all-reduced under DDP)
+        # tokens routed to each expert since the last bias update (summed over training micro-steps, all-reduced
+        # under DDP): running statistics, as BatchNorm's, consumed by update_bias once per optimizer step
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
-        self.aux_loss = None
 
     def forward(self, x):
+        """x [B, T, H] -> (y [B, T, H], sequence balance loss: a scalar in training when aux_loss_alpha > 0, else
+        None)."""
         B, T, H = x.shape
         E, K = self.config.n_routed_experts, self.config.num_experts_per_tok
         flat = x.reshape(-1, H)
         weights, indices, scores = self.gate(flat)  # [N, K], [N, K], [N, E]
         counts = torch.bincount(indices.flatten(), minlength=E)
+        aux_loss = None
         if self.training:
             self.tokens_per_expert += counts
-            self.aux_loss = self.sequence_balance_loss(scores.view(B, T, E), indices.view(B, T, K))
+            aux_loss = self.sequence_balance_loss(scores.view(B, T, E), indices.view(B, T, K))
         order = indices.flatten().argsort(stable=True)  # token-slots sorted by expert
         token_of_slot = order // K
         y = self.experts(flat[token_of_slot], counts.cumsum(0).to(torch.int32))
@@ -407,7 +432,7 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat, dtype=torch.float32).index_add_(0, token_of_slot, y).type_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        return out.view(B, T, H)
+        return out.view(B, T, H), aux_loss
 
     def sequence_balance_loss(self, scores, indices):
         """DeepSeek-V3 complementary sequence-wise loss: alpha * sum_i f_i P_i per sequence, averaged over the batch."""
@@ -439,17 +464,31 @@ class Block(nn.Module):
     def __init__(self, config, layer_id):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = ATTENTION[config.attention][0](config)
+        self.self_attn = ATTENTION[config.attention].layer(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = (MLP(config.hidden_size, config.intermediate_size) if layer_id < config.first_k_dense_replace
                     else MoE(config))
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, cache=None, start_pos=0, record_max_logit=False):
+        """-> (x, the MoE's balance loss or None, the attention's per-head max logit or None)."""
+        attn, max_logit = self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, record_max_logit)
+        x = x + attn
+        if isinstance(self.mlp, MoE):
+            ffn, aux_loss = self.mlp(self.post_attention_layernorm(x))
+        else:
+            ffn, aux_loss = self.mlp(self.post_attention_layernorm(x)), None
+        return x + ffn, aux_loss, max_logit
 
 
 class Kimi(nn.Module):
+    """Kimi-K2: token embedding, Blocks of MLA + (dense SwiGLU | DeepSeekMoE), RMSNorm, untied lm_head.
+
+    `model(idx, targets)` -> (logits, loss) as nanoGPT; `generate`/`stream` sample with the MLA latent cache;
+    `update_expert_bias` after each optimizer step; `num_params`, `flops_per_token`. The nanoGPT baseline
+    (baseline.GPT) has the same interface."""
+
+    has_kv_cache = True
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -478,25 +517,32 @@ class Kimi(nn.Module):
         return [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
 
     def attention_layers(self):
+        """The layers QK-Clip rescales (`qk_clip_`), in the order of forward's max logits."""
         return [b.self_attn for b in self.layers]
 
-    def forward(self, idx, targets=None, cache=None, start_pos=0):
+    def forward(self, idx, targets=None, cache=None, start_pos=0, record_max_logits=False):
         """idx: [B, T] token ids -> (logits [B, T, vocab], loss or None). With `cache`, runs absorbed MLA over the
-        cached latents, the new tokens sitting at positions start_pos..start_pos+T-1."""
+        cached latents, the new tokens sitting at positions start_pos..start_pos+T-1. The loss adds the MoE balance
+        loss in training mode only. With record_max_logits (for QK-Clip), returns a third value: every layer's
+        per-head max attention logit [layers, heads]."""
         T = idx.shape[1]
         if start_pos + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         x = F.dropout(self.embed_tokens(idx), self.config.dropout, self.training)
+        aux_losses, max_logits = [], []
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if cache is None else cache[i], start_pos)
+            x, aux_loss, max_logit = layer(x, cos, sin, None if cache is None else cache[i], start_pos,
+                                           record_max_logits)
+            aux_losses += [] if aux_loss is None else [aux_loss]
+            max_logits.append(max_logit)
         logits = self.lm_head(self.norm(x))
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        return logits, loss + sum(aux) if aux else loss
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            loss = loss + sum(aux_losses) if aux_losses else loss
+        return (logits, loss, torch.stack(max_logits)) if record_max_logits else (logits, loss)
 
     @torch.no_grad()
     def update_expert_bias(self, gamma=1e-3):
@@ -519,30 +565,20 @@ class Kimi(nn.Module):
         return {"total": total, "active": total - inactive,
                 "embedding": self.embed_tokens.weight.numel()}
 
-    @classmethod
-    def from_pretrained(cls, path):
-        """Load a nanoKimi checkpoint (folder or run out_dir) or a Hugging Face DeepseekV3 folder, in eval mode."""
-        from . import hf, sample
-        if hf.is_hf_folder(path):
-            return hf.load_hf(path).eval()
-        model, _, ckpt = sample.load_model(path)
-        if not isinstance(model, cls):
-            raise ValueError(f"{ckpt.path} holds a {ckpt.arch} model, not a Kimi model")
-        return model
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 x active parameters that do matmuls (the embedding is a lookup; the untied
+        lm_head counts) + attention's QK^T and PV over the context (nanoGPT's MFU estimate)."""
+        c, params = self.config, self.num_params()
+        attn = c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
+        return 6 * (params["active"] - params["embedding"]) + 6 * attn * seq_len
 
-    def save_pretrained(self, path, format="nanokimi"):
-        """Write a nanoKimi checkpoint folder (format="nanokimi") or a DeepseekV3ForCausalLM folder ("hf")."""
-        from . import checkpoint, hf
-        if format == "hf":
-            return hf.save_hf(self, path)
-        if format != "nanokimi":
-            raise ValueError(f"unknown format {format!r}: use 'nanokimi' or 'hf'")
-        path = Path(path).resolve()
-        return checkpoint.save(path.parent, self, "kimi", self.config, name=path.name)
+    @property
+    def context_length(self):
+        return self.config.context_length
 
     def make_cache(self, batch_size, max_len):
         p = self.lm_head.weight
-        cache = ATTENTION[self.config.attention][1]
+        cache = ATTENTION[self.config.attention].cache
         return [cache(self.config, batch_size, max_len, p.device, p.dtype) for _ in self.layers]
 
     @torch.no_grad()

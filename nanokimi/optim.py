@@ -11,8 +11,6 @@ import math
 import torch
 import torch.distributed as dist
 
-from .model import MHA
-
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
@@ -60,39 +58,37 @@ class MuonClip:
     """One optimizer object over several torch optimizers (Muon, ExpertMuon, AdamW), plus QK-Clip.
 
     `param_groups` lists every group (set group["lr"] for schedules); state_dict/load_state_dict round-trip.
-    When `attention` (the model's MLA layers) is given, their per-head max logits are recorded during forward and
-    collected at each step (max over micro-steps, and over ranks when distributed) into `max_logits`; heads above
-    `qk_clip_tau` are rescaled after the update."""
+    `needs_max_logits` says whether training forwards should return their per-head max attention logits
+    (`model(x, y, record_max_logits=True)`); `step(max_logits=...)` takes their max over the step's micro-batches,
+    reduces it over ranks when distributed, and asks every attention layer whose heads exceed `qk_clip_tau` to
+    rescale itself (`attn.qk_clip_(gamma)`)."""
 
-    def __init__(self, optimizers, attention=(), qk_clip_tau=None):
+    def __init__(self, optimizers, attention=(), qk_clip_tau=None, track_max_logits=False):
         self.optimizers = optimizers
         self.attention = list(attention)
         self.qk_clip_tau = qk_clip_tau
-        self.max_logits = None  # [layers, heads] of the last step
-        for attn in self.attention:
-            attn.track_max_logit = True
+        self.needs_max_logits = bool(self.attention) and (qk_clip_tau is not None or track_max_logits)
 
     @property
     def param_groups(self):
         return [g for opt in self.optimizers for g in opt.param_groups]
 
-    def step(self, scaler=None):
-        """Step every optimizer (through `scaler`, a torch.amp.GradScaler, under fp16), then QK-Clip."""
+    def step(self, scaler=None, max_logits=None):
+        """Step every optimizer (through `scaler`, a torch.amp.GradScaler, under fp16), then QK-Clip with
+        `max_logits` [layers, heads]. Returns the max logits reduced over ranks (None when not given)."""
         for opt in self.optimizers:
             scaler.step(opt) if scaler is not None else opt.step()
-        if self.attention:
-            self.max_logits = self.collect_max_logits()
-            if self.qk_clip_tau is not None:
-                for attn, head_max in zip(self.attention, self.max_logits):
-                    qk_clip(attn, head_max, self.qk_clip_tau)
-
-    def collect_max_logits(self):
-        logits = torch.stack([attn.max_logit for attn in self.attention])
+        if max_logits is None:
+            return None
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(logits, op=dist.ReduceOp.MAX)
-        for attn in self.attention:
-            attn.max_logit.fill_(-float("inf"))
-        return logits
+            max_logits = max_logits.clone()
+            dist.all_reduce(max_logits, op=dist.ReduceOp.MAX)
+        if self.qk_clip_tau is not None:
+            for attn, head_max in zip(self.attention, max_logits):
+                gamma = qk_clip_factors(head_max, self.qk_clip_tau)
+                if bool((gamma < 1).any()):
+                    attn.qk_clip_(gamma)
+        return max_logits
 
     def zero_grad(self, set_to_none=True):
         for opt in self.optimizers:
@@ -109,25 +105,9 @@ class MuonClip:
             opt.load_state_dict(s)
 
 
-@torch.no_grad()
-def qk_clip(attn, head_max, tau):
-    """K2 Algorithm 1, per head h with S_max > tau: gamma = tau / S_max; q nope rows and k nope rows (in kv_b_proj)
-    scale by sqrt(gamma), q rope rows by gamma. The shared rope key and the value rows stay untouched, so every
-    logit of head h scales by exactly gamma. (In the MHA ablation, whose heads own their rope keys, every q and k row
-    of head h scales by sqrt(gamma).)"""
-    gamma = torch.where(head_max > tau, tau / head_max, torch.ones_like(head_max))
-    if bool((gamma == 1).all()):
-        return
-    nh, d_nope = attn.nh, attn.d_nope
-    if isinstance(attn, MHA):  # the MHA ablation: every head has its own rope key, so all its q and k rows scale
-        for w in (attn.q_proj.weight, attn.k_proj.weight):
-            w.view(nh, -1, w.shape[-1]).mul_(gamma.sqrt().view(nh, 1, 1).to(w.dtype))
-        return
-    w_q = attn.q_weight().view(nh, d_nope + attn.d_rope, -1)
-    w_q[:, :d_nope] *= gamma.sqrt().view(nh, 1, 1).to(w_q.dtype)
-    w_q[:, d_nope:] *= gamma.view(nh, 1, 1).to(w_q.dtype)
-    w_kv = attn.kv_b_proj.weight.view(nh, d_nope + attn.d_v, -1)
-    w_kv[:, :d_nope] *= gamma.sqrt().view(nh, 1, 1).to(w_kv.dtype)
+def qk_clip_factors(head_max, tau):
+    """K2 Algorithm 1: gamma_h = tau / S_max_h for heads whose max logit S_max_h exceeds tau, else 1."""
+    return torch.where(head_max > tau, tau / head_max, torch.ones_like(head_max))
 
 
 def unwrap(model):
@@ -167,6 +147,5 @@ def configure_optimizer(model, name="muonclip", lr=1e-3, weight_decay=0.1, betas
                                            adjust_lr_fn="match_rms_adamw"))
     if muon_3d:
         optimizers.append(ExpertMuon(muon_3d, lr=lr, weight_decay=weight_decay, momentum=momentum))
-    attention = model.attention_layers() if hasattr(model, "attention_layers") else []
-    track = name == "muonclip" or track_max_logit
-    return MuonClip(optimizers, attention if track else (), qk_clip_tau if name == "muonclip" else None)
+    return MuonClip(optimizers, model.attention_layers(), qk_clip_tau if name == "muonclip" else None,
+                    track_max_logit)

@@ -34,11 +34,11 @@ PRESETS = {
 
 # The nanoGPT dense baseline at the same two sizes (nanoGPT's config/train_shakespeare_char.py and its CPU variant).
 BASELINE_PRESETS = {
-    "gpt-shakespeare-char-cpu": GPTConfig(block_size=128, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
-    "gpt-shakespeare-char": GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+    "gpt-shakespeare-char-cpu": GPTConfig(n_positions=128, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+    "gpt-shakespeare-char": GPTConfig(n_positions=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
 }
 
-ARCHS = {"kimi": (KimiConfig, Kimi), "gpt": (GPTConfig, GPT)}
+ARCHS = {"kimi": (KimiConfig, Kimi), "gpt": (GPTConfig, GPT)}  # a checkpoint's "arch" -> config, model classes
 
 
 def find_preset(name):

@@ -4,19 +4,8 @@ import sys
 
 import torch
 
-from .checkpoint import Checkpoint
-from .data import load_tokenizer
+from .checkpoint import load_model
 from .errors import UserError
-from .presets import build_model, make_config
-
-
-def load_model(path, device="cpu"):
-    """(model in eval mode, tokenizer or None, checkpoint) from a checkpoint folder or a run's out_dir."""
-    ckpt = Checkpoint(path)
-    model = build_model(ckpt.arch, make_config(ckpt.arch, ckpt.model_config, {}))
-    ckpt.load_weights(model)
-    tokenizer = load_tokenizer(ckpt.path) if (ckpt.path / "meta.json").is_file() else None
-    return model.to(device).eval(), tokenizer, ckpt
 
 
 def sample(path, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=200, top_p=None, seed=1337,
@@ -35,7 +24,7 @@ def sample(path, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=200, to
     ids = tokenizer.encode(prompt)
     if not ids:
         raise UserError("the prompt is empty: pass --prompt=TEXT with at least one token")
-    use_cache = use_cache and hasattr(model, "make_cache")
+    use_cache = use_cache and model.has_kv_cache
     texts = []
     for i in range(num_samples):
         generator = torch.Generator(device=device).manual_seed(seed + i)

@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,76 +16,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import checkpoint
-from .data import TokenData, tokenizer_fingerprint
+from .config import plan_run, saved_settings
 from .errors import UserError
 from .optim import configure_optimizer, unwrap
-from .presets import build_model, find_preset, make_config
-
-
-@dataclass
-class TrainConfig:
-    preset: str = "shakespeare-char-cpu"  # model preset (nanokimi.PRESETS or a gpt-* baseline)
-    data: str = "data/shakespeare_char"
-    out_dir: str = "out/shakespeare-char-cpu"
-    # batches: tokens per optimizer step = batch_size * block_size * grad_accum (grad_accum summed over all ranks)
-    batch_size: int = 32
-    block_size: int = 128
-    grad_accum: int = 1
-    max_iters: int = 2000
-    max_time_s: float = 0.0  # a training-time budget (evals excluded): the run and its lr schedule end at whichever
-    # of max_iters and max_time_s comes first (0: none). For runs compared at equal wall-clock (`nanokimi bench`).
-    # optimizer and schedule
-    optimizer: str = "muonclip"  # muonclip | muon | adamw
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    lr_schedule: str = "wsd"  # wsd (K2's warmup-stable-decay) | cosine
-    warmup_iters: int = 100
-    decay_frac: float = 0.3  # wsd: fraction of lr_decay_iters spent decaying (cosine) to min_lr
-    lr_decay_iters: int = 0  # 0: max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables
-    qk_clip_tau: float = 100.0
-    bias_update_gamma: float = 1e-3  # aux-loss-free balancing step (0 freezes the expert bias)
-    # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    ckpt_interval: int = 0  # 0: checkpoint at every eval and at the end
-    log_max_logit: bool = False  # record max attention logits even when not clipping (muon/adamw)
-    progress: bool = True
-    # run
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | mps
-    dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
-    compile: bool = False
-    resume: bool = False
-    overwrite: bool = False  # start afresh in an out_dir that holds a checkpoint (replaced at the first save)
-    init_from: str = ""  # a checkpoint to finetune from (weights only; new optimizer and schedule)
-
-    def __post_init__(self):
-        for name in ("batch_size", "block_size", "grad_accum", "eval_iters", "log_interval", "eval_interval"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        if min(self.max_iters, self.max_time_s, self.warmup_iters, self.ckpt_interval) < 0:
-            raise UserError("max_iters, max_time_s, warmup_iters and ckpt_interval must be >= 0")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise UserError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.lr_schedule not in ("wsd", "cosine"):
-            raise UserError(f"unknown lr_schedule {self.lr_schedule!r}: use wsd or cosine")
-        if self.optimizer not in ("muonclip", "muon", "adamw"):
-            raise UserError(f"unknown optimizer {self.optimizer!r}: use muonclip, muon or adamw")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
-            raise UserError(f"unknown device {self.device!r}: use auto, cpu, cuda or mps")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UserError(f"unknown dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
-        if not 0 < self.decay_frac <= 1:
-            raise UserError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
-        if self.resume and self.init_from:
-            raise UserError("--resume continues a run and --init_from starts a new one from weights: pass only one")
-        if self.resume and self.overwrite:
-            raise UserError("--resume continues the run in --out_dir and --overwrite replaces it: pass only one")
+from .presets import build_model
 
 
 def learning_rate(cfg, step, elapsed=0.0):
@@ -161,29 +94,6 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def build(cfg, overrides):
-    """Model (fresh, resumed or finetuned), its arch and config, and the checkpoint it came from (or None)."""
-    source = None
-    if not (cfg.resume or cfg.overwrite) and checkpoint.find(cfg.out_dir) is not None:
-        raise UserError(f"{cfg.out_dir} already holds a checkpoint: --resume continues it, --overwrite replaces it, "
-                        f"or pick another --out_dir")
-    if cfg.resume:
-        source = checkpoint.Checkpoint(cfg.out_dir)
-    elif cfg.init_from:
-        source = checkpoint.Checkpoint(cfg.init_from)
-    if source is not None:
-        arch = source.arch
-        allowed = {"dropout"} if cfg.init_from else set()  # a finetune may change regularisation, nothing else
-        changed = sorted(k for k, v in overrides.items() if k not in allowed and source.model_config.get(k) != v)
-        if changed:
-            raise UserError(f"model settings {changed} cannot change when continuing from a checkpoint: drop them")
-        model_config = make_config(arch, source.model_config, overrides)
-    else:
-        arch, base = find_preset(cfg.preset)
-        model_config = make_config(arch, base, overrides)
-    return arch, model_config, source
-
-
 def train(cfg, overrides=None):
     """Train per `cfg` (TrainConfig) with model-field `overrides`; returns a summary dict (rank 0)."""
     run = Run(cfg)
@@ -200,21 +110,10 @@ class Trainer:
             raise UserError(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes "
                             f"({run.world})")
         self.micro_steps = cfg.grad_accum // run.world
-        arch, model_config, source = build(cfg, overrides)
-        self.data = TokenData(cfg.data, cfg.block_size)
-        if source is None:
-            model_config = make_config(arch, model_config, {"vocab_size": self.data.tokenizer.vocab_size})
-        elif tokenizer_fingerprint(source.path) != tokenizer_fingerprint(cfg.data):
-            raise UserError(f"the tokenizer of checkpoint {source.path} differs from the one of data {cfg.data}: "
-                            f"prepare the data with the checkpoint's tokenizer (same text for char, same "
-                            f"tokenizer.json for BPE)")
-        context = model_config.max_position_embeddings if arch == "kimi" else model_config.block_size
-        if cfg.block_size > context:
-            raise UserError(f"block_size ({cfg.block_size}) exceeds the model's context ({context}): lower "
-                            f"--block_size or raise the model's max_position_embeddings/block_size")
-        self.arch, self.model_config = arch, model_config
+        plan = plan_run(cfg, overrides)
+        self.data, self.arch, self.model_config, source = plan.data, plan.arch, plan.config, plan.source
         torch.manual_seed(cfg.seed)
-        model = build_model(arch, model_config)
+        model = build_model(self.arch, self.model_config)
         if source is not None:
             source.load_weights(model)
         self.model = model.to(run.device)
@@ -222,6 +121,7 @@ class Trainer:
                                              (cfg.beta1, cfg.beta2), qk_clip_tau=cfg.qk_clip_tau,
                                              track_max_logit=cfg.log_max_logit)
         self.step, self.best_val, self.elapsed, self.evaluated_at = 0, float("inf"), 0.0, None
+        self.max_logits = None  # [layers, heads] of the last step, when the optimizer asks for them
         if cfg.resume:
             saved = (source.train_config or {}).get("optimizer")
             if saved != cfg.optimizer:
@@ -269,7 +169,7 @@ class Trainer:
     def save(self):
         if not self.run.master:
             return
-        checkpoint.save(self.cfg.out_dir, self.model, self.arch, self.model_config, self.cfg, self.cfg.data,
+        checkpoint.save(self.cfg.out_dir, self.model, self.arch, self.model_config, saved_settings(self.cfg), self.cfg.data,
                         self.optimizer.state_dict(),
                         {"step": self.step, "best_val_loss": self.best_val, "elapsed": self.elapsed,
                          "evaluated_at": self.evaluated_at})
@@ -281,14 +181,18 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=run.device)
+        record = self.optimizer.needs_max_logits
+        max_logits = None
         for micro in range(self.micro_steps):
             gen = torch.Generator().manual_seed(step_seed(cfg.seed, run.rank * self.micro_steps + micro, self.step, 0))
             torch.manual_seed(step_seed(cfg.seed, run.rank * self.micro_steps + micro, self.step, 1))  # dropout
             x, y = (t.to(run.device) for t in self.data.batch("train", cfg.batch_size, gen))
             sync = micro == self.micro_steps - 1 or not run.distributed
             with contextlib.nullcontext() if sync else self.net.no_sync(), run.autocast():
-                _, loss = self.net(x, y)
+                _, loss, *recorded = self.net(x, y, record_max_logits=True) if record else self.net(x, y)
                 loss = loss / self.micro_steps  # DDP averages over ranks: the scale of one big batch
+            if record:  # the step's max logit per head: the max over its micro-batches
+                max_logits = recorded[0] if max_logits is None else torch.maximum(max_logits, recorded[0])
             self.scaler.scale(loss).backward()
             total += loss.detach()
         if run.distributed:
@@ -299,10 +203,10 @@ class Trainer:
         for opt in self.optimizer.optimizers:
             self.scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
-        self.optimizer.step(self.scaler)
+        self.max_logits = self.optimizer.step(self.scaler, max_logits)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        loads = unwrap(self.net).update_expert_bias(cfg.bias_update_gamma) if self.arch == "kimi" else []
+        loads = unwrap(self.net).update_expert_bias(cfg.bias_update_gamma)
         return total, grad_norm, lr, loads
 
     # ---- the loop ---------------------------------------------------------------------------------------------
@@ -343,8 +247,8 @@ class Trainer:
                     record = {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
                               "tokens": self.step * tokens_per_step, "time": self.elapsed,
                               "tok_per_s": tokens_per_step / dt}
-                    if self.optimizer.max_logits is not None:
-                        record["max_logit"] = self.optimizer.max_logits.max().item()
+                    if self.max_logits is not None:
+                        record["max_logit"] = self.max_logits.max().item()
                     if loads:
                         record["expert_max_over_mean"] = max(s["max_over_mean"] for s in loads)
                         record["dead_experts"] = sum(s["dead_experts"] for s in loads)

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -7,25 +8,22 @@ import pytest
 import torch
 
 from nanokimi import KimiConfig
+from nanokimi.cli import main
 from nanokimi.data import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
-# A model small enough for CLI tests to train in seconds (model and training fields, as CLI overrides).
-TINY = ["--hidden_size=32", "--num_hidden_layers=2", "--num_attention_heads=2", "--q_lora_rank=24",
-        "--kv_lora_rank=16", "--qk_nope_head_dim=8", "--qk_rope_head_dim=8", "--v_head_dim=8",
-        "--intermediate_size=64", "--moe_intermediate_size=32", "--n_routed_experts=4", "--num_experts_per_tok=2",
-        "--max_position_embeddings=32", "--batch_size=4", "--block_size=32", "--eval_iters=2", "--log_interval=1",
-        "--progress=false", "--warmup_iters=2"]
+# The one tiny model of the tests: trains in seconds. As a KimiConfig (tiny_config) and as CLI flags (TINY).
+TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=24, kv_lora_rank=16,
+                  qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64, moe_intermediate_size=32,
+                  n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+TINY_TRAIN = dict(batch_size=4, block_size=32, eval_iters=2, log_interval=1, progress=False, warmup_iters=2)
+TINY = [f"--{k}={v}" for k, v in (TINY_MODEL | TINY_TRAIN).items()]
 
 
 def tiny_config(**kw):
-    base = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=24,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64,
-                moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-                first_k_dense_replace=1, max_position_embeddings=64)
-    return KimiConfig(**(base | kw))
+    return KimiConfig(**(TINY_MODEL | dict(vocab_size=50, max_position_embeddings=64) | kw))
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +52,27 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(out_dir):
+    return {r["step"]: r["loss"] for r in metrics(out_dir) if "loss" in r}
+
+
+def cli_error(capsys, *argv):
+    """Run the CLI in-process, expect a one-line error and exit code 2; return the message."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def train(data, out, *extra, preset="shakespeare-char-cpu"):
+    """`nanokimi train` of the tiny model, in-process."""
+    main(["train", preset, f"--data={data}", f"--out_dir={out}", *TINY, *map(str, extra)])

@@ -1,4 +1,4 @@
-"""Run by tests/test_cli.py under `torchrun --nproc_per_node=2`: trains with the real Trainer, then compares every
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: trains with the real Trainer, then compares every
 rank's final weights and expert biases with rank 0's and writes the largest difference to OUT_DIR/ddp_check.json."""
 
 import json
@@ -7,7 +7,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from nanokimi.train import Run, TrainConfig, Trainer
+from nanokimi.config import TrainConfig
+from nanokimi.train import Run, Trainer
 
 cfg, overrides = TrainConfig(**json.loads(sys.argv[1])), json.loads(sys.argv[2])
 run = Run(cfg)

@@ -27,6 +27,7 @@ def test_moe_scaling_and_inference_sections(tmp_path):
     assert found["inference"].count("nanoKimi-MHA ablation, KV cache") == 2 and "peak memory MiB" in found["inference"]
 
 
+@pytest.mark.slow
 def test_optim_report(char_data, tmp_path):
     report = tmp_path / "BENCH.md"
     main(["bench", f"--report={report}", "optim", f"--data={char_data}", f"--out={tmp_path / 'runs'}", "--steps=8",
@@ -39,6 +40,7 @@ def test_optim_report(char_data, tmp_path):
         assert (tmp_path / "assets" / plot).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_compare_quick_report(char_data, tmp_path):
     report = tmp_path / "BENCH.md"
     main(["bench", f"--report={report}", "compare", "--quick", f"--data={char_data}", f"--out={tmp_path / 'runs'}",

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from nanokimi import Kimi
+import nanokimi
 from nanokimi.cli import main
 from nanokimi.sample import sample
 from tests.conftest import TINY
@@ -39,7 +39,7 @@ def test_import_transformers_model_gives_same_logits(tmp_path, kw):
         for layer in reference.model.layers[2:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
     reference.save_pretrained(tmp_path / "hf")
-    model = Kimi.from_pretrained(tmp_path / "hf")
+    model = nanokimi.from_pretrained(tmp_path / "hf")
     assert model.config.n_group == 2 and model.config.first_k_dense_replace == 2
     idx = torch.randint(0, 64, (2, 20))
     with torch.no_grad():
@@ -47,9 +47,9 @@ def test_import_transformers_model_gives_same_logits(tmp_path, kw):
     torch.testing.assert_close(model(idx)[0], expected, atol=1e-4, rtol=0)
     # and through the CLI, into a checkpoint that `sample` can read
     main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")])
-    torch.testing.assert_close(Kimi.from_pretrained(tmp_path / "imported")(idx)[0], expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(nanokimi.from_pretrained(tmp_path / "imported")(idx)[0], expected, atol=1e-4, rtol=0)
     # and back out: transformers reads nanoKimi's export (rope settings included) to the same logits
-    model.save_pretrained(tmp_path / "exported", format="hf")
+    nanokimi.save_pretrained(model, tmp_path / "exported", format="hf")
     with torch.no_grad():
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()(idx).logits
     torch.testing.assert_close(reloaded, expected, atol=1e-4, rtol=0)
@@ -59,7 +59,7 @@ def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(char_da
     out = tmp_path / "run"
     main(["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={out}", *TINY, "--max_iters=6",
           "--bias_update_gamma=0.01"])
-    model = Kimi.from_pretrained(out)
+    model = nanokimi.from_pretrained(out)
     assert model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() > 0
     main(["export", str(out), str(tmp_path / "hf")])
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -77,9 +77,9 @@ def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(char_da
     hf_tokens = reference.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
     ours = sample(out, prompt, max_new_tokens=20, temperature=0, out=io.StringIO())[0]
     assert tokenizer.decode(hf_tokens) == ours[len(prompt):]
-    # and the nanoKimi round trip: save_pretrained(format="hf") -> from_pretrained
-    model.save_pretrained(tmp_path / "again", format="hf")
-    torch.testing.assert_close(Kimi.from_pretrained(tmp_path / "again")(idx)[0], model(idx)[0])
+    # and the nanoKimi round trip: nanokimi.save_pretrained(format="hf") -> nanokimi.from_pretrained
+    nanokimi.save_pretrained(model, tmp_path / "again", format="hf")
+    torch.testing.assert_close(nanokimi.from_pretrained(tmp_path / "again")(idx)[0], model(idx)[0])
 
 
 def test_import_refuses_what_it_cannot_represent(tmp_path, capsys):

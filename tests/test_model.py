@@ -91,7 +91,7 @@ def test_moe_matches_per_token_reference():
     assert isinstance(moe, MoE)
     moe.gate.e_score_correction_bias.normal_(0, 0.05)
     x = torch.randn(3, 10, 32)
-    torch.testing.assert_close(moe(x), reference_moe(moe, x), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(moe(x)[0], reference_moe(moe, x), atol=1e-5, rtol=1e-4)
 
 
 def test_bias_changes_selection_not_weights():
@@ -121,13 +121,29 @@ def test_bias_update_moves_load_toward_balance():
     assert moe.tokens_per_expert.sum() == 0  # counters reset each step
 
 
-def test_aux_loss_added_when_enabled():
+def test_aux_loss_only_in_training():
     idx = torch.randint(0, 50, (2, 16))
     torch.manual_seed(1)
     with_aux = Kimi(tiny_config(aux_loss_alpha=0.1))
     torch.manual_seed(1)
     without = Kimi(tiny_config(aux_loss_alpha=0.0))
     assert with_aux(idx, idx)[1] > without(idx, idx)[1]
+    # evaluation: the loss is the plain cross-entropy, whatever the training forwards before it did
+    with_aux.eval()
+    logits, loss = with_aux(idx, idx)
+    assert loss.item() == F.cross_entropy(logits.flatten(0, 1), idx.flatten()).item()
+    assert with_aux.layers[1].mlp.tokens_per_expert.sum() == 2 * 16 * 2  # the training forward only
+
+
+def test_max_logits_returned_when_asked():
+    model = Kimi(tiny_config()).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    logits, loss, max_logits = model(idx, idx, record_max_logits=True)
+    assert max_logits.shape == (2, 2) and len(model(idx, idx)) == 2
+    with torch.no_grad():  # doubling head 1's query rows in layer 0 doubles that head's logits, and its max
+        model.layers[0].self_attn.q_b_proj.weight.view(2, 16, -1)[1] *= 2
+    doubled = model(idx, record_max_logits=True)[2]
+    torch.testing.assert_close(doubled[0], max_logits[0] * torch.tensor([1.0, 2.0]))
 
 
 def test_kimi_k2_parameter_count_on_meta():
@@ -163,10 +179,15 @@ def test_invalid_configs_are_explained():
 
 
 def test_baseline_has_same_interface():
-    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
+    model = GPT(GPTConfig(n_positions=32, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
     idx = torch.randint(0, 50, (2, 8))
     logits, loss = model(idx, idx)
     assert logits.shape == (2, 8, 50) and loss.ndim == 0
     assert model.generate(idx, 40, top_p=0.9, use_cache=False).shape == (2, 48)
     with pytest.raises(ValueError, match="no KV cache"):
         model.generate(idx, 1, use_cache=True)
+    kimi = Kimi(tiny_config())
+    for m in (model, kimi):  # the interface the trainer and benchmarks use, with no switch on the model class
+        assert m.context_length == m.config.context_length and m.flops_per_token(8) > 6 * m.num_params()["active"] / 2
+        assert isinstance(m.update_expert_bias(), list) and isinstance(m.attention_layers(), list)
+    assert model.attention_layers() == [] and len(kimi.attention_layers()) == 2

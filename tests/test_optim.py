@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanokimi import Kimi
-from nanokimi.optim import ExpertMuon, configure_optimizer, qk_clip, zeropower_via_newtonschulz
+from nanokimi.optim import ExpertMuon, configure_optimizer, qk_clip_factors, zeropower_via_newtonschulz
 from tests.conftest import tiny_config
 
 
@@ -64,11 +64,7 @@ def test_parameter_split():
 
 
 def head_max_logits(model, idx):
-    for attn in model.attention_layers():
-        attn.track_max_logit = True
-        attn.max_logit.fill_(-float("inf"))
-    model(idx)
-    return torch.stack([a.max_logit.clone() for a in model.attention_layers()])
+    return model(idx, record_max_logits=True)[2]
 
 
 def test_qk_clip_caps_exploding_heads_only():
@@ -76,20 +72,21 @@ def test_qk_clip_caps_exploding_heads_only():
     model = Kimi(tiny_config())
     attn = model.layers[0].self_attn
     with torch.no_grad():  # blow up head 1's query and key so its logits exceed tau
-        attn.q_weight().view(2, 16, -1)[1] *= 30
+        attn.q_b_proj.weight.view(2, 16, -1)[1] *= 30
         attn.kv_b_proj.weight.view(2, 16, -1)[1, :8] *= 30
     idx = torch.randint(0, 50, (2, 32))
     before = head_max_logits(model, idx)
     tau = 5.0
     assert before[0, 1] > tau and before[0, 0] < tau
     kv_a, kv_b = attn.kv_a_proj_with_mqa.weight.clone(), attn.kv_b_proj.weight.clone()
-    q_head0 = attn.q_weight().view(2, 16, -1)[0].clone()
+    q_head0 = attn.q_b_proj.weight.view(2, 16, -1)[0].clone()
     opt = configure_optimizer(model, "muonclip", lr=0.0, weight_decay=0.0, qk_clip_tau=tau)  # lr 0: clip only
-    model(idx, idx)[1].backward()
-    opt.step()
+    _, loss, max_logits = model(idx, idx, record_max_logits=True)
+    loss.backward()
+    opt.step(max_logits=max_logits)
     after = head_max_logits(model, idx)
     assert after[0, 1] <= tau * (1 + 1e-3) and after[0, 1] == pytest.approx(tau, rel=1e-3)
-    assert torch.equal(attn.q_weight().view(2, 16, -1)[0], q_head0)  # unclipped head bit-identical
+    assert torch.equal(attn.q_b_proj.weight.view(2, 16, -1)[0], q_head0)  # unclipped head bit-identical
     assert torch.equal(attn.kv_a_proj_with_mqa.weight, kv_a)  # shared rope key (and latent) untouched
     assert torch.equal(attn.kv_b_proj.weight.view(2, 16, -1)[:, 8:], kv_b.view(2, 16, -1)[:, 8:])  # values untouched
     assert torch.equal(attn.kv_b_proj.weight.view(2, 16, -1)[0], kv_b.view(2, 16, -1)[0])
@@ -104,7 +101,7 @@ def test_qk_clip_on_mha_ablation_scales_whole_heads():
     idx = torch.randint(0, 50, (2, 32))
     before = head_max_logits(model, idx)
     v, q_head0 = attn.v_proj.weight.clone(), attn.q_proj.weight.view(2, 16, -1)[0].clone()
-    qk_clip(attn, before[0], tau=5.0)
+    attn.qk_clip_(qk_clip_factors(before[0], tau=5.0))
     after = head_max_logits(model, idx)
     assert before[0, 1] > 5.0 and after[0, 1] == pytest.approx(5.0, rel=1e-3)
     assert torch.equal(attn.q_proj.weight.view(2, 16, -1)[0], q_head0) and torch.equal(attn.v_proj.weight, v)
@@ -113,8 +110,8 @@ def test_qk_clip_on_mha_ablation_scales_whole_heads():
 def test_qk_clip_is_noop_below_tau():
     model = Kimi(tiny_config())
     before = [p.clone() for p in model.parameters()]
-    attn = model.layers[0].self_attn
-    qk_clip(attn, torch.tensor([1.0, 2.0]), tau=100.0)
+    opt = configure_optimizer(model, "muonclip", lr=0.0, weight_decay=0.0, qk_clip_tau=100.0)
+    opt.step(max_logits=torch.tensor([[1.0, 2.0], [3.0, 99.0]]))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -126,9 +123,9 @@ def test_optimizers_reduce_loss(name):
     idx = torch.randint(0, 50, (8, 32))
     losses = []
     for _ in range(20):
-        loss = model(idx[:, :-1], idx[:, 1:])[1]
+        _, loss, max_logits = model(idx[:, :-1], idx[:, 1:], record_max_logits=True)
         loss.backward()
-        opt.step()
+        opt.step(max_logits=max_logits)
         opt.zero_grad()
         model.update_expert_bias()
         losses.append(loss.item())
@@ -140,8 +137,9 @@ def test_state_dict_round_trip_resumes_identically():
 
     def steps(model, opt, n):
         for _ in range(n):
-            model(idx[:, :-1], idx[:, 1:])[1].backward()
-            opt.step()
+            _, loss, max_logits = model(idx[:, :-1], idx[:, 1:], record_max_logits=True)
+            loss.backward()
+            opt.step(max_logits=max_logits)
             opt.zero_grad()
 
     torch.manual_seed(0)

@@ -1,0 +1,228 @@
+"""One place assembles a training run's configuration: a preset name or configs/*.toml, `--name=value` flags, and on
+`--resume` the settings saved with the run; then the model config it trains (fresh from a preset, or continued or
+finetuned from a checkpoint), checked against the data.
+
+Per-invocation flags (`resume`, `overwrite`, `init_from`) say what this command does: they are never saved into a
+run nor read back from one. `block_size` is always the training window; a model's context is its own setting
+(`max_position_embeddings` for Kimi, `n_positions` for the baseline)."""
+
+import ast
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import checkpoint
+from .baseline import GPTConfig
+from .data import TokenData, tokenizer_fingerprint
+from .errors import UserError
+from .model import KimiConfig
+from .presets import find_preset, make_config
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "shakespeare-char-cpu"  # model preset (nanokimi.PRESETS or a gpt-* baseline)
+    data: str = "data/shakespeare_char"  # a folder written by `nanokimi prepare`
+    out_dir: str = "out/shakespeare-char-cpu"  # checkpoint/, metrics.jsonl, loss.png
+    # batches: tokens per optimizer step = batch_size * block_size * grad_accum (grad_accum summed over all ranks)
+    batch_size: int = 32  # sequences per micro-batch
+    block_size: int = 128  # training window in tokens (at most the model's context)
+    grad_accum: int = 1  # micro-batches per optimizer step, over all processes
+    max_iters: int = 2000  # optimizer steps
+    max_time_s: float = 0.0  # a training-time budget (evals excluded): the run and its lr schedule end at whichever
+    # of max_iters and max_time_s comes first (0: none). For runs compared at equal wall-clock (`nanokimi bench`).
+    # optimizer and schedule
+    optimizer: str = "muonclip"  # muonclip | muon | adamw
+    lr: float = 2e-3  # peak learning rate (Muon's update is RMS-matched to AdamW's, so one lr serves both)
+    min_lr: float = 2e-4  # the schedule's final lr
+    lr_schedule: str = "wsd"  # wsd (K2's warmup-stable-decay) | cosine
+    warmup_iters: int = 100  # linear warmup steps
+    decay_frac: float = 0.3  # wsd: fraction of lr_decay_iters spent decaying (cosine) to min_lr
+    lr_decay_iters: int = 0  # the schedule's length in steps (0: max_iters)
+    weight_decay: float = 0.1  # decoupled, on matrices only
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    grad_clip: float = 1.0  # max gradient norm (0 disables)
+    qk_clip_tau: float = 100.0  # MuonClip: heads whose max attention logit exceeds tau are rescaled to it
+    bias_update_gamma: float = 1e-3  # aux-loss-free balancing step (0 freezes the expert bias)
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250  # steps between evaluations (each also writes a checkpoint)
+    eval_iters: int = 20  # batches per split and evaluation
+    log_interval: int = 10  # steps between metrics.jsonl records
+    ckpt_interval: int = 0  # extra checkpoints every N steps (0: only at evals and at the end)
+    log_max_logit: bool = False  # record max attention logits even when not clipping (muon/adamw)
+    progress: bool = True  # a progress bar on a terminal (plain lines otherwise)
+    # run
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
+    compile: bool = False  # torch.compile the model
+    # per invocation, never saved with the run
+    resume: bool = False  # continue the run in out_dir
+    overwrite: bool = False  # start afresh in an out_dir that holds a checkpoint (replaced at the first save)
+    init_from: str = ""  # a checkpoint to finetune from (weights only; new optimizer and schedule)
+
+    def __post_init__(self):
+        for name in ("batch_size", "block_size", "grad_accum", "eval_iters", "log_interval", "eval_interval"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_iters", "max_time_s", "warmup_iters", "ckpt_interval", "lr_decay_iters", "weight_decay",
+                     "grad_clip", "bias_update_gamma"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.qk_clip_tau <= 0:
+            raise UserError(f"qk_clip_tau must be positive, got {self.qk_clip_tau}")
+        if self.lr_schedule not in ("wsd", "cosine"):
+            raise UserError(f"unknown lr_schedule {self.lr_schedule!r}: use wsd or cosine")
+        if self.optimizer not in ("muonclip", "muon", "adamw"):
+            raise UserError(f"unknown optimizer {self.optimizer!r}: use muonclip, muon or adamw")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise UserError(f"unknown device {self.device!r}: use {', '.join(DEVICES)} or cuda:N")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"unknown dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if not 0 < self.decay_frac <= 1:
+            raise UserError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
+        if self.resume and self.init_from:
+            raise UserError("--resume continues a run and --init_from starts a new one from weights: pass only one")
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in --out_dir and --overwrite replaces it: pass only one")
+
+
+INVOCATION_FIELDS = ("resume", "overwrite", "init_from")
+
+
+def saved_settings(cfg):
+    """The settings stored with a run: everything but the per-invocation flags."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in INVOCATION_FIELDS}
+
+
+def parse_value(raw):
+    """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, 'none' -> None, '{"type": "yarn"}' -> dict, else the string."""
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(raw)
+        except (ValueError, SyntaxError):
+            pass
+    return raw
+
+
+def parse_overrides(args):
+    """['--max_iters=10', '--resume'] -> {'max_iters': 10, 'resume': True}."""
+    out = {}
+    for arg in args:
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: settings look like --name=value")
+        key, sep, value = arg[2:].partition("=")
+        out[key] = parse_value(value) if sep else True
+    return out
+
+
+def coerce(cls, values):
+    """Check values against dataclass `cls`'s defaults: ints where ints belong, floats accept ints."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif default is not None and value is not None and type(value) is not type(default):
+            raise UserError(f"--{key} expects a {type(default).__name__}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def train_fields():
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def model_fields():
+    return {f.name for c in (KimiConfig, GPTConfig) for f in dataclasses.fields(c)} - train_fields()
+
+
+def load_train_config(target, args):
+    """`nanokimi train TARGET ARGS...` -> (TrainConfig, model-field overrides). TARGET is a preset name or a .toml
+    file ([model] table: model fields); ARGS are --name=value flags. With --resume, the saved run's settings are the
+    base and this command line's flags update them."""
+    base, model_overrides = {}, {}
+    path = Path(target)
+    if path.suffix == ".toml" or path.is_file():
+        if not path.is_file():
+            raise UserError(f"config file {path} not found: pass a configs/*.toml file or a preset name")
+        try:
+            base = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {path} is not valid TOML ({e})") from None
+        model_overrides = base.pop("model", {})
+    else:
+        base = {"preset": target, "out_dir": f"out/{target}"}
+    cli = parse_overrides(args)
+    unknown = sorted(cli.keys() - train_fields() - model_fields()) + sorted(base.keys() - train_fields())
+    if unknown:
+        raise UserError(f"unknown setting(s) {unknown}: see `nanokimi train --help` and configs/*.toml")
+    model_overrides |= {k: v for k, v in cli.items() if k in model_fields()}
+    cli_train = {k: v for k, v in cli.items() if k in train_fields()}
+    invocation = {k: base.pop(k) for k in INVOCATION_FIELDS if k in base} | {
+        k: cli_train.pop(k) for k in INVOCATION_FIELDS if k in cli_train}
+    if invocation.get("resume"):  # the saved run's settings, updated by what this command line sets again
+        out_dir = cli_train.get("out_dir", base.get("out_dir", TrainConfig.out_dir))
+        saved = checkpoint.Checkpoint(out_dir).train_config
+        if saved:
+            base = {k: v for k, v in saved.items() if k in train_fields() and k not in INVOCATION_FIELDS}
+        base["out_dir"] = out_dir
+    return TrainConfig(**coerce(TrainConfig, base | cli_train | invocation)), model_overrides
+
+
+@dataclass
+class RunPlan:
+    """What a run trains on: its data, the model's arch ("kimi" or "gpt") and config, and the checkpoint it starts
+    from (or None)."""
+    data: TokenData
+    arch: str
+    config: object
+    source: checkpoint.Checkpoint | None
+
+
+def plan_run(cfg, overrides):
+    """The data and model for TrainConfig `cfg` with model-field `overrides`: the model from the preset (its vocab
+    from the data), or from the checkpoint it resumes or finetunes (whose tokenizer must be the data's)."""
+    if not (cfg.resume or cfg.overwrite) and checkpoint.find(cfg.out_dir) is not None:
+        raise UserError(f"{cfg.out_dir} already holds a checkpoint: --resume continues it, --overwrite replaces it, "
+                        f"or pick another --out_dir")
+    source = checkpoint.Checkpoint(cfg.out_dir if cfg.resume else cfg.init_from) if (cfg.resume or cfg.init_from) \
+        else None
+    arch, base = find_preset(cfg.preset) if source is None else (source.arch, source.model_config)
+    data = TokenData(cfg.data, cfg.block_size)
+    if source is None:
+        config = make_config(arch, base, overrides | {"vocab_size": data.tokenizer.vocab_size})
+    else:
+        allowed = {"dropout"} if cfg.init_from else set()  # a finetune may change regularisation, nothing else
+        changed = sorted(k for k, v in overrides.items() if k not in allowed and base.get(k) != v)
+        if changed:
+            raise UserError(f"model settings {changed} cannot change when continuing from a checkpoint: drop them")
+        config = make_config(arch, base, overrides)
+        if tokenizer_fingerprint(source.path) != tokenizer_fingerprint(data.folder):
+            raise UserError(f"the tokenizer of checkpoint {source.path} differs from the one of data {data.folder}: "
+                            f"prepare the data with the checkpoint's tokenizer (nanokimi prepare ... "
+                            f"--tokenizer_from={source.path})")
+    if cfg.block_size > config.context_length:
+        raise UserError(f"block_size ({cfg.block_size}) exceeds the model's context ({config.context_length}): lower "
+                        f"--block_size or raise --{config.context_field}")
+    return RunPlan(data, arch, config, source)
