@@ -88,8 +88,25 @@ def write_json(path, obj):
 def save(out_dir, model, arch, model_config, train_config=None, tokenizer_dir=None, optimizer_state=None,
          trainer_state=None, name=NAME):
     """Write the checkpoint folder out_dir/name atomically (see the module docstring). train_config: the run's
-    settings as a dict."""
-    out_dir = Path(out_dir)
+    settings as a dict. Refuses non-finite weights; a failed write (disk full, read-only folder) is a UserError and
+    leaves the previous checkpoint and no temporary folder behind."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"the weights are not finite ({len(bad)} tensors, e.g. {bad[0]}), so they were not saved: the "
+                        f"last good checkpoint in {out_dir} is kept; lower --lr or raise --warmup_iters")
+    try:
+        return write_folder(Path(out_dir), model, arch, model_config, train_config, tokenizer_dir, optimizer_state,
+                            trainer_state, name)
+    except (OSError, safetensors.SafetensorError) as e:
+        shutil.rmtree(Path(out_dir) / f".{name}.tmp", ignore_errors=True)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise UserError(f"could not write the checkpoint in {out_dir} ({reason}): free some space or make the folder "
+                        f"writable; the previous checkpoint, if any, is kept") from None
+
+
+def write_folder(out_dir, model, arch, model_config, train_config, tokenizer_dir, optimizer_state, trainer_state,
+                 name):
+    """`save`'s writes: into .NAME.tmp, then swapped in by two renames."""
     out_dir.mkdir(parents=True, exist_ok=True)
     final, tmp, old = out_dir / name, out_dir / f".{name}.tmp", out_dir / f".{name}.old"
     if not final.exists() and old.exists():  # finish a swap a kill interrupted

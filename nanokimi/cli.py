@@ -36,8 +36,12 @@ def build_parser():
     p.add_argument("--tokenizer", default="char", help="char or bpe, for `text` (default char)")
     p.add_argument("--vocab_size", type=int, help="BPE vocabulary size (e.g. 4096)")
     p.add_argument("--tokenizer_from", help="reuse the tokenizer of a dataset folder or checkpoint (to finetune)")
+    p.add_argument("--drop_unknown", action="store_true",
+                   help="with --tokenizer_from: drop characters the reused char vocabulary lacks (else an error)")
 
-    p = sub.add_parser("train", help="train or finetune a model",
+    from .config import settings_help  # the settings list, generated from the config dataclasses
+    p = sub.add_parser("train", help="train or finetune a model", epilog=settings_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train from a preset name (e.g. shakespeare-char-cpu) or a configs/*.toml file. "
                                    "Any TrainConfig or model config field can be set as --name=value, e.g. "
                                    "--max_iters=2000 --lr=1e-3 --n_routed_experts=16. --resume continues the run in "
@@ -48,7 +52,7 @@ def build_parser():
     p = sub.add_parser("sample", help="generate text from a checkpoint",
                        description="Stream samples from a checkpoint (a run's out_dir or its checkpoint folder).")
     p.add_argument("checkpoint")
-    p.add_argument("--prompt", default="\n")
+    p.add_argument("--prompt", help="text to continue (default: a newline)")
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=200)
@@ -93,9 +97,10 @@ def main(argv=None):
             source = args.tokenizer_from
             if source and not (Path(source) / "meta.json").is_file():
                 source = resolve(source)  # a run's out_dir
-            meta = prepare(args.dataset, out, args.input, args.tokenizer, args.vocab_size, source)
+            meta = prepare(args.dataset, out, args.input, args.tokenizer, args.vocab_size, source, args.drop_unknown)
             print(f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
-                  f"{meta['tokenizer']} vocabulary of {meta['vocab_size']}")
+                  f"{meta['tokenizer']} vocabulary of {meta['vocab_size']}"
+                  + (f" ({meta['dropped']} unknown characters dropped)" if meta.get("dropped") else ""))
         elif args.command == "sample":
             from .sample import sample
             sample(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,

@@ -8,9 +8,13 @@ run nor read back from one. `block_size` is always the training window; a model'
 
 import ast
 import dataclasses
+import inspect
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from . import checkpoint
 from .baseline import GPTConfig
@@ -101,6 +105,18 @@ class TrainConfig:
             raise UserError("--resume continues the run in --out_dir and --overwrite replaces it: pass only one")
 
 
+def check_device(device):
+    """A device this machine has, or a UserError naming the one it lacks."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={device} but no CUDA GPU is visible: use --device=cpu")
+    if device.startswith("cuda:") and not (device[5:].isdigit() and int(device[5:]) < torch.cuda.device_count()):
+        raise UserError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps but Apple's MPS backend is not available here: use --device=cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")
+
+
 INVOCATION_FIELDS = ("resume", "overwrite", "init_from")
 
 
@@ -147,6 +163,19 @@ def coerce(cls, values):
             raise UserError(f"--{key} expects a {type(default).__name__}, got {value!r}")
         out[key] = value
     return out
+
+
+def settings_help():
+    """Every --name=value setting of `nanokimi train` with its default and the comment beside it in the source: the
+    help text cannot drift from the dataclasses."""
+    sections = []
+    for title, cls in (("training (TrainConfig)", TrainConfig), ("nanoKimi model (KimiConfig)", KimiConfig),
+                       ("nanoGPT baseline model (GPTConfig)", GPTConfig)):
+        comments = dict(re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+        lines = [(f"  --{f.name}={f.default}".ljust(35) + " " + comments.get(f.name, "")).rstrip()
+                 for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING]
+        sections.append(f"{title}:\n" + "\n".join(lines))
+    return "\n\n".join(sections)
 
 
 def train_fields():

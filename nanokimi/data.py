@@ -30,8 +30,11 @@ class CharTokenizer:
     def train(cls, text):
         return cls(sorted(set(text)))
 
+    def unknown(self, text):
+        return sorted(set(text) - self.stoi.keys())
+
     def encode(self, text):
-        unknown = sorted(set(text) - self.stoi.keys())
+        unknown = self.unknown(text)
         if unknown:
             raise UserError(f"characters {''.join(unknown)!r} are not in this model's {self.vocab_size}-character "
                             f"vocabulary: use only characters seen in its training data")
@@ -65,6 +68,9 @@ class BPETokenizer:
         tok.train([str(f) for f in text_files], trainer)
         return cls(tok)
 
+    def unknown(self, text):
+        return []  # byte-level: every string is encodable
+
     def encode(self, text):
         return self.tokenizer.encode(text).ids
 
@@ -96,6 +102,8 @@ def read_meta(folder):
 def load_tokenizer(folder):
     meta = read_meta(folder)
     if meta.get("tokenizer") == "char":
+        if not isinstance(meta.get("chars"), list) or not all(isinstance(c, str) for c in meta["chars"]):
+            raise UserError(f"{Path(folder) / 'meta.json'} has no valid \"chars\" list: prepare the data again")
         return CharTokenizer(meta["chars"])
     if meta.get("tokenizer") == "bpe":
         from tokenizers import Tokenizer
@@ -146,30 +154,42 @@ def download_shakespeare(dest):
 
 def write_dataset(text, tokenizer, out, tokenizer_dir=None, val_fraction=0.1):
     """Tokenize text, split the first 90% / last 10% as nanoGPT, and write train.bin, val.bin and the tokenizer
-    (copied from tokenizer_dir when the tokenizer came from there, so its files stay byte-identical)."""
+    (copied from tokenizer_dir when the tokenizer came from there, so its files stay byte-identical) into `out`.
+
+    Only those files are replaced, each by an atomic rename once all are written: whatever else `out` holds (the
+    input text, notes) stays, and a failed write leaves the previous dataset whole."""
     out = Path(out)
     ids = np.array(tokenizer.encode(text), dtype=np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.uint32)
     n_train = int(len(ids) * (1 - val_fraction))
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    ids[:n_train].tofile(tmp / "train.bin")
-    ids[n_train:].tofile(tmp / "val.bin")
-    if tokenizer_dir is not None:
-        copy_tokenizer(tokenizer_dir, tmp)
-    else:
-        tokenizer.save(tmp)
-    meta = read_meta(tmp) | {"dtype": ids.dtype.name, "train_tokens": n_train, "val_tokens": len(ids) - n_train}
-    write_json(tmp / "meta.json", meta)
-    shutil.rmtree(out, ignore_errors=True)  # replace a previous dataset only once the new one is complete
-    os.replace(tmp, out)
+    tmp = out / ".prepare.tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        ids[:n_train].tofile(tmp / "train.bin")
+        ids[n_train:].tofile(tmp / "val.bin")
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp)
+        else:
+            tokenizer.save(tmp)
+        meta = read_meta(tmp) | {"dtype": ids.dtype.name, "train_tokens": n_train, "val_tokens": len(ids) - n_train}
+        write_json(tmp / "meta.json", meta)
+        for name in set(TOKENIZER_FILES) - {p.name for p in tmp.iterdir()}:  # a previous tokenizer's file
+            (out / name).unlink(missing_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    except OSError as e:
+        raise UserError(f"could not write the dataset to {out} ({e.strerror or e}): free some space or pick a "
+                        f"writable --out") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 
-def prepare(dataset, out, input=None, tokenizer="char", vocab_size=None, tokenizer_dir=None):
+def prepare(dataset, out, input=None, tokenizer="char", vocab_size=None, tokenizer_dir=None, drop_unknown=False):
     """`dataset` is "shakespeare_char" (TinyShakespeare, char-level) or "text" (any UTF-8 file, char or BPE).
     With tokenizer_dir (a dataset or checkpoint folder), reuse that tokenizer instead of training one: the way to
-    finetune a model on new text."""
+    finetune a model on new text; drop_unknown drops the characters a char vocabulary lacks (else they are an
+    error)."""
     out = Path(out)
     if dataset not in ("shakespeare_char", "text"):
         raise UserError(f"unknown dataset {dataset!r}: use shakespeare_char or text")
@@ -182,7 +202,15 @@ def prepare(dataset, out, input=None, tokenizer="char", vocab_size=None, tokeniz
         raise UserError("prepare text needs --input=FILE (a UTF-8 text file)")
     text = read_text(input)
     if tokenizer_dir is not None:
-        return write_dataset(text, load_tokenizer(tokenizer_dir), out, tokenizer_dir)
+        reused = load_tokenizer(tokenizer_dir)
+        unknown = reused.unknown(text)
+        if unknown and not drop_unknown:
+            raise UserError(f"characters {''.join(unknown)!r} of {input} are not in the {reused.vocab_size}-character "
+                            f"vocabulary of {tokenizer_dir}: pass --drop_unknown to drop them from the text")
+        kept = "".join(c for c in text if c not in set(unknown))
+        if not kept:
+            raise UserError(f"no character of {input} is in the vocabulary of {tokenizer_dir}")
+        return write_dataset(kept, reused, out, tokenizer_dir) | {"dropped": len(text) - len(kept)}
     if dataset == "shakespeare_char" or tokenizer == "char":
         return write_dataset(text, CharTokenizer.train(text), out)
     if tokenizer == "bpe":

@@ -188,6 +188,10 @@ def save_hf(model, out_dir, tokenizer_dir=None):
 def export(checkpoint_path, out_dir):
     """`nanokimi export`: a trained nanoKimi checkpoint -> an HF folder with its tokenizer."""
     model, _, ckpt = checkpoint.load_model(checkpoint_path)
+    out = Path(out_dir).resolve()
+    if checkpoint.find(out) is not None or out.is_relative_to(ckpt.path.resolve()):
+        raise UserError(f"{out_dir} holds a nanoKimi checkpoint or is inside one: export to a new folder, e.g. "
+                        f"hf/{ckpt.path.resolve().parent.name}")
     if not isinstance(model, Kimi):
         raise UserError(f"{ckpt.path} holds the {ckpt.arch} baseline: only Kimi models export to DeepseekV3")
     return save_hf(model, out_dir, ckpt.path)

@@ -78,8 +78,20 @@ class KimiConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be {' or '.join(map(repr, ATTENTION))}, got {self.attention!r}")
-        if self.rope_scaling is not None and self.rope_scaling.get("type", self.rope_scaling.get("rope_type")) != "yarn":
-            raise ValueError(f"rope_scaling supports only YaRN ({{'type': 'yarn', ...}}), got {self.rope_scaling}")
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range", "routed_scaling_factor"):
+            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        if not self.aux_loss_alpha >= 0:
+            raise ValueError(f"aux_loss_alpha must be >= 0, got {self.aux_loss_alpha}")
+        rs = self.rope_scaling
+        if rs is not None:
+            yarn = '{"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, ...}'
+            if not isinstance(rs, dict) or rs.get("type", rs.get("rope_type")) != "yarn":
+                raise ValueError(f"rope_scaling supports only YaRN ({yarn}), got {rs!r}")
+            if not isinstance(rs.get("factor"), (int, float)) or rs["factor"] < 1 or not isinstance(
+                    rs.get("original_max_position_embeddings"), int) or rs["original_max_position_embeddings"] <= 0:
+                raise ValueError(f"YaRN rope_scaling needs factor >= 1 and original_max_position_embeddings > 0 "
+                                 f"(e.g. {yarn}), got {rs}")
 
     @property
     def qk_head_dim(self):

@@ -5,22 +5,33 @@ import sys
 import torch
 
 from .checkpoint import load_model
+from .config import check_device
+from .data import CharTokenizer
 from .errors import UserError
 
 
-def sample(path, prompt="\n", max_new_tokens=500, temperature=0.8, top_k=200, top_p=None, seed=1337,
+MIN_TEMPERATURE = 1e-3
+
+
+def sample(path, prompt=None, max_new_tokens=500, temperature=0.8, top_k=200, top_p=None, seed=1337,
            num_samples=1, use_cache=True, device="cpu", out=sys.stdout):
     """Print num_samples continuations of prompt, token by token; returns them as strings."""
-    if temperature < 0 or (top_k is not None and top_k <= 0) or (top_p is not None and not 0 < top_p <= 1):
-        raise UserError("need temperature >= 0, top_k > 0 and 0 < top_p <= 1")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= 1e4):
+        raise UserError(f"--temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and 1e4 (lower ones overflow "
+                        f"the probabilities), got {temperature}")
+    if (top_k is not None and top_k <= 0) or (top_p is not None and not 0 < top_p <= 1):
+        raise UserError("need top_k > 0 and 0 < top_p <= 1")
     if max_new_tokens < 0 or num_samples <= 0:
         raise UserError("need max_new_tokens >= 0 and num_samples > 0")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda but no CUDA GPU is visible: use --device=cpu")
+    check_device(device)
     model, tokenizer, ckpt = load_model(path, device)
     if tokenizer is None:
         raise UserError(f"checkpoint {ckpt.path} has no tokenizer (meta.json): copy one in from its dataset, or "
                         f"import the model from a folder that has tokenizer.json")
+    if prompt is None:  # as nanoGPT: start from a newline
+        prompt = "\n"
+        if isinstance(tokenizer, CharTokenizer) and tokenizer.unknown(prompt):
+            raise UserError("this model's vocabulary has no newline, the default prompt: pass --prompt=TEXT")
     ids = tokenizer.encode(prompt)
     if not ids:
         raise UserError("the prompt is empty: pass --prompt=TEXT with at least one token")

@@ -4,10 +4,12 @@ Every step's batches and dropout come from RNG seeds derived from (seed, rank, s
 uninterrupted run exactly from the weights, optimizer state and step number alone."""
 
 import contextlib
+import fcntl
 import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import checkpoint
-from .config import plan_run, saved_settings
+from .config import check_device, plan_run, saved_settings
 from .errors import UserError
 from .optim import configure_optimizer, unwrap
 from .presets import build_model
@@ -53,8 +55,7 @@ class Run:
         device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device=cuda but no CUDA GPU is visible: use --device=cpu")
+        check_device(device)
         if self.distributed:
             dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -94,11 +95,30 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def run_lock(out_dir):
+    """One training process per out_dir (a second would interleave checkpoints and metrics): an advisory lock on
+    out_dir/.lock, released when the process ends, however it ends."""
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        lock = open(Path(out_dir) / ".lock", "w")
+    except OSError as e:
+        raise UserError(f"cannot write in {out_dir} ({e.strerror}): pick a writable --out_dir") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another nanokimi run is training in {out_dir}: wait for it to end or pick another "
+                            f"--out_dir") from None
+        yield
+
+
 def train(cfg, overrides=None):
     """Train per `cfg` (TrainConfig) with model-field `overrides`; returns a summary dict (rank 0)."""
     run = Run(cfg)
     try:
-        return Trainer(cfg, dict(overrides or {}), run).fit()
+        with run_lock(cfg.out_dir) if run.master else contextlib.nullcontext():
+            return Trainer(cfg, dict(overrides or {}), run).fit()
     finally:
         run.close()
 
@@ -146,8 +166,12 @@ class Trainer:
     # ---- helpers ----------------------------------------------------------------------------------------------
     def log(self, record):
         if self.run.master:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise UserError(f"could not write {self.metrics_path} ({e.strerror}): free some space or make the "
+                                f"folder writable, then --resume") from None
 
     @torch.no_grad()
     def evaluate(self):
@@ -217,8 +241,7 @@ class Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
             kept = []
             if cfg.resume and self.metrics_path.exists():  # drop what the interrupted run logged past its checkpoint
-                kept = [line for line in self.metrics_path.read_text().splitlines()
-                        if json.loads(line).get("step", self.step + 1) <= self.step]
+                kept = [json.dumps(r) for r in read_records(self.metrics_path) if r.get("step", self.step + 1) <= self.step]
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
         params = self.model.num_params()
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
@@ -228,8 +251,11 @@ class Trainer:
                   f"{f', {run.world} processes' if run.distributed else ''}", flush=True)
         stop = StopRequest()
         seconds_bar = "{l_bar}{bar}| {n_fmt}/{total_fmt} s of training [{elapsed}<{remaining}{postfix}]"
+        # a bar on a terminal; in a log file (stderr redirected), plain lines at each log record instead
+        report = cfg.progress and run.master
+        show_bar, show_lines = report and sys.stderr.isatty(), report and not sys.stderr.isatty()
         bar = tqdm(total=math.ceil(cfg.max_time_s) or cfg.max_iters, initial=self.progress(), dynamic_ncols=True,
-                   disable=not (cfg.progress and run.master), unit="step",
+                   disable=not show_bar, unit="step",
                    bar_format=seconds_bar if cfg.max_time_s else None)
         last_eval, status = None, "finished"
         try:
@@ -255,6 +281,9 @@ class Trainer:
                     self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}",
                                     refresh=False)
+                    if show_lines:
+                        print(f"step {self.step}: loss {record['loss']:.4f}, lr {lr:.2e}, {record['tok_per_s']:.0f} "
+                              f"tokens/s, {self.elapsed:.1f} s", flush=True)
                 bar.update(self.progress() - bar.n)
                 if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0:
                     self.save()
@@ -305,12 +334,23 @@ class Trainer:
         return losses
 
 
+def read_records(metrics_path):
+    """The records of a metrics.jsonl; a line cut short by a crash mid-write is skipped."""
+    records = []
+    for line in Path(metrics_path).read_text(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
+
+
 def plot_losses(metrics_path, png_path):
     """Training loss (per log record) and train/val eval loss against steps, as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()]
+    records = read_records(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["train_loss"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -1,12 +1,15 @@
 """Checkpoints: atomic writes that survive a crash, and damaged or refused checkpoints reported in one line."""
 
+import errno
 import os
 
 import pytest
 import safetensors.torch
+import torch
 
 from nanokimi import checkpoint
-from tests.conftest import cli_error, train
+from nanokimi.train import run_lock as train_lock
+from tests.conftest import TINY, cli_error, run_cli, step_losses, train
 
 
 def test_checkpoint_survives_crash_mid_save(char_data, tmp_path, monkeypatch):
@@ -61,3 +64,56 @@ def test_checkpoint_problems_are_reported_and_nothing_lost(char_data, tmp_path, 
     assert "corrupt or truncated" in cli_error(capsys, "sample", out)
     (out / "checkpoint" / "config.json").write_text("{not json")
     assert "corrupt" in cli_error(capsys, "sample", out)
+
+
+def test_a_diverging_run_never_saves_non_finite_weights(char_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(char_data, out, "--max_iters=10")
+    err = cli_error(capsys, "train", "x", f"--out_dir={out}", "--resume", "--max_iters=200", "--lr=1e4", "--min_lr=0",
+                    "--grad_clip=0", "--warmup_iters=0", "--eval_interval=1", "--ckpt_interval=1")
+    assert "last good checkpoint" in err
+    assert checkpoint.Checkpoint(out).trainer_state()["step"] >= 10
+    weights = safetensors.torch.load_file(out / "checkpoint" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert run_cli("sample", out, "--max_new_tokens=5", "--prompt=A").returncode == 0
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_resumable(char_data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    train(char_data, out, "--max_iters=2")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert "No space left" in cli_error(capsys, "train", "x", f"--out_dir={out}", "--resume", "--max_iters=4")
+    assert not (out / ".checkpoint.tmp").exists() and checkpoint.Checkpoint(out).trainer_state()["step"] == 2
+    monkeypatch.undo()
+    train(char_data, out, "--resume", "--max_iters=4")
+    assert checkpoint.Checkpoint(out).trainer_state()["step"] == 4
+
+
+def test_resume_skips_a_metrics_line_cut_by_a_crash(char_data, tmp_path):
+    out = tmp_path / "run"
+    train(char_data, out, "--max_iters=2")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # killed mid-write
+    train(char_data, out, "--resume", "--max_iters=4")
+    assert sorted(step_losses(out)) == [1, 2, 3, 4]
+
+
+def test_one_run_per_out_dir(char_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    with train_lock(out):  # as if another process were training there
+        assert "another nanokimi run" in cli_error(capsys, "train", "shakespeare-char-cpu", f"--data={char_data}",
+                                                   f"--out_dir={out}", *TINY, "--max_iters=2")
+    train(char_data, out, "--max_iters=2")  # released with its holder
+
+
+def test_export_refuses_to_write_over_a_checkpoint(char_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(char_data, out, "--max_iters=2")
+    before = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
+    for target in (out, out / "checkpoint", out / "checkpoint" / "hf"):
+        assert "export to a new folder" in cli_error(capsys, "export", out, target)
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == before
+    assert run_cli("sample", out, "--max_new_tokens=3", "--prompt=A").returncode == 0

@@ -1,5 +1,7 @@
 """The command line's contract: bad input is a one-line error with exit code 2, never a traceback."""
 
+import json
+
 import pytest
 
 from nanokimi.cli import main
@@ -35,3 +37,56 @@ def test_bad_input_gives_one_line_error(case, char_data, tmp_path, capsys):
 def test_no_traceback_from_subprocess(tmp_path):
     result = run_cli("sample", tmp_path / "missing")
     assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--beta1=2", "--weight_decay=-1", "--initializer_range=-0.02", "--rope_scaling=foo",
+                                  '--rope_scaling={"type":"yarn"}', "--device=mps", "--device=cuda:0", "--device=foo",
+                                  "--grad_clip=-1", "--rms_norm_eps=-1", "--rope_theta=0", "--qk_clip_tau=-1",
+                                  "--n_positions=0"])
+def test_invalid_settings_are_named(flag, char_data, tmp_path, capsys):
+    name = flag[2:].split("=")[0]
+    preset = "gpt-shakespeare-char-cpu" if name == "n_positions" else "shakespeare-char-cpu"
+    err = cli_error(capsys, "train", preset, f"--data={char_data}", f"--out_dir={tmp_path / 'o'}", *TINY[-6:], flag)
+    assert name.split("_")[0] in err or "device" in err, err
+    assert not (tmp_path / "o" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("case", ["cuda", "mps", "foo", "tiny_temperature", "model_not_a_dict", "rope_scaling_str",
+                                  "meta_without_chars", "no_newline"])
+def test_sample_problems_are_one_line(case, char_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={out}", *TINY, "--max_iters=1"])
+    config = out / "checkpoint" / "config.json"
+    args = {"cuda": ["--device=cuda:0"], "mps": ["--device=mps"], "foo": ["--device=foo"],
+            "tiny_temperature": ["--temperature=1e-45"]}.get(case, [])
+    if case in ("model_not_a_dict", "rope_scaling_str"):
+        saved = json.loads(config.read_text())
+        saved["model"] = "abc" if case == "model_not_a_dict" else saved["model"] | {"rope_scaling": "yarn"}
+        config.write_text(json.dumps(saved))
+    if case == "meta_without_chars":
+        (out / "checkpoint" / "meta.json").write_text('{"tokenizer": "char", "vocab_size": 3}')
+    if case == "no_newline":  # a vocabulary without "\n": the default prompt is the problem, not the user's typing
+        meta = json.loads((out / "checkpoint" / "meta.json").read_text())
+        meta["chars"] = [c if c != "\n" else "~" for c in meta["chars"]]
+        (out / "checkpoint" / "meta.json").write_text(json.dumps(meta))
+    err = cli_error(capsys, "sample", out, "--max_new_tokens=3", *args)
+    expected = {"cuda": "CUDA", "mps": "MPS", "foo": "unknown device", "tiny_temperature": "temperature",
+                "model_not_a_dict": "not a nanoKimi checkpoint", "rope_scaling_str": "rope_scaling",
+                "meta_without_chars": "chars", "no_newline": "--prompt"}[case]
+    assert expected in err
+
+
+def test_train_help_lists_every_setting():
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    for setting in ("--max_iters=2000", "--qk_clip_tau=100.0", "--n_routed_experts=8", "--n_positions=256",
+                    "--overwrite=False"):
+        assert setting in result.stdout, setting
+    assert "peak learning rate" in result.stdout  # the comment beside the field
+
+
+def test_a_log_file_gets_plain_lines(char_data, tmp_path):
+    result = run_cli("train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={tmp_path / 'o'}", *TINY,
+                     "--max_iters=3", "--progress=true")
+    assert result.returncode == 0 and "\r" not in result.stdout + result.stderr
+    assert "step 3: loss" in result.stdout

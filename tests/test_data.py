@@ -1,7 +1,10 @@
 """Data preparation: char-level and BPE datasets, and what happens with bad input."""
 
+import errno
+
 import numpy as np
 
+import nanokimi.data
 from nanokimi.cli import main
 from nanokimi.data import load_tokenizer, read_meta
 from tests.conftest import cli_error
@@ -32,3 +35,35 @@ def test_prepare_offline_without_input_says_how(tmp_path, capsys, monkeypatch):
         raise OSError("no network")
     monkeypatch.setattr("urllib.request.urlopen", offline)
     assert "--input=PATH" in cli_error(capsys, "prepare", "shakespeare_char", f"--out={tmp_path / 'd'}")
+
+
+def test_prepare_keeps_everything_else_in_its_folder(tmp_path, shakespeare_text):
+    """nanoGPT's layout: the input text lives in the dataset folder; re-preparing keeps it and any other file."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "my.txt").write_text(shakespeare_text[:5000])
+    (corpus / "notes.txt").write_text("x")
+    (tmp_path / "sibling").mkdir()
+    for _ in range(2):
+        main(["prepare", "text", f"--input={corpus / 'my.txt'}", f"--out={corpus}"])
+    assert (corpus / "my.txt").read_text() == shakespeare_text[:5000] and (corpus / "notes.txt").read_text() == "x"
+    assert read_meta(corpus)["train_tokens"] == 4500 and not (corpus / ".prepare.tmp").exists()
+    main(["prepare", "text", f"--input={corpus / 'my.txt'}", f"--out={tmp_path}"])  # a parent folder: siblings stay
+    assert (tmp_path / "sibling").is_dir() and (corpus / "notes.txt").exists()
+    # a BPE dataset replaced by a char one in the same folder: no stale tokenizer.json changes its fingerprint
+    main(["prepare", "text", f"--input={corpus / 'my.txt'}", "--tokenizer=bpe", "--vocab_size=300", f"--out={corpus}"])
+    main(["prepare", "text", f"--input={corpus / 'my.txt'}", f"--out={corpus}"])
+    assert not (corpus / "tokenizer.json").exists() and read_meta(corpus)["tokenizer"] == "char"
+
+
+def test_prepare_onto_a_full_disk_leaves_the_old_dataset(tmp_path, shakespeare_text, capsys, monkeypatch):
+    src = tmp_path / "in.txt"
+    src.write_text(shakespeare_text[:5000])
+    main(["prepare", "text", f"--input={src}", f"--out={tmp_path / 'd'}"])
+    before = (tmp_path / "d" / "train.bin").read_bytes()
+
+    def full(*args, **kwargs):  # the disk fills up while the new files are written
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(nanokimi.data, "write_json", full)
+    assert "No space left" in cli_error(capsys, "prepare", "text", f"--input={src}", f"--out={tmp_path / 'd'}")
+    assert (tmp_path / "d" / "train.bin").read_bytes() == before and not (tmp_path / "d" / ".prepare.tmp").exists()

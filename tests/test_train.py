@@ -1,11 +1,13 @@
 """The training loop end to end: train, sample, resume, time budget, stop signals, finetune, compile."""
 
 import dataclasses
+import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import safetensors.torch
 
@@ -14,7 +16,7 @@ from nanokimi.cli import main
 from nanokimi.config import TrainConfig
 from nanokimi.data import load_tokenizer
 from nanokimi.train import learning_rate
-from tests.conftest import TINY, cli_error, metrics, run_cli, step_losses, train
+from tests.conftest import ROOT, TINY, cli_error, metrics, run_cli, step_losses, train
 
 
 @pytest.mark.slow
@@ -112,11 +114,15 @@ def test_finetune_from_checkpoint_on_new_text(char_data, tmp_path, shakespeare_t
     other = tmp_path / "other.txt"
     other.write_text(shakespeare_text[500_000:560_000])
     capsys.readouterr()
-    assert "not in this model" in cli_error(capsys, "prepare", "text", f"--input={other}", f"--tokenizer_from={pre}",
-                                            f"--out={tmp_path / 'ft_data'}")  # e.g. 'Z' never occurs in the pretraining text
+    assert "--drop_unknown" in cli_error(capsys, "prepare", "text", f"--input={other}", f"--tokenizer_from={pre}",
+                                         f"--out={tmp_path / 'ft_data'}")  # e.g. 'Z' never occurs in the pretraining text
+    main(["prepare", "text", f"--input={other}", f"--tokenizer_from={pre}", f"--out={tmp_path / 'ft_data'}",
+          "--drop_unknown"])
     vocab = set(load_tokenizer(pre / "checkpoint").chars)
-    other.write_text("".join(c for c in shakespeare_text[500_000:560_000] if c in vocab))
-    main(["prepare", "text", f"--input={other}", f"--tokenizer_from={pre}", f"--out={tmp_path / 'ft_data'}"])
+    kept = "".join(c for c in other.read_text() if c in vocab)
+    assert load_tokenizer(tmp_path / "ft_data").decode(
+        np.concatenate([np.fromfile(tmp_path / "ft_data" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+        .tolist()) == kept  # the text minus the unknown characters, in the checkpoint's vocabulary
     train(tmp_path / "ft_data", tmp_path / "ft", f"--init_from={pre}", "--max_iters=5", "--lr=1e-3")
     train(tmp_path / "ft_data", tmp_path / "scratch", "--max_iters=1")
     # the finetune starts from the trained weights: far below a fresh model's loss on the same batch
@@ -136,3 +142,29 @@ def test_compiled_run_checkpoint_loads_uncompiled(char_data, tmp_path):
     assert keys and not any(k.startswith("_orig_mod") for k in keys)
     result = run_cli("sample", out, "--prompt=KING", "--max_new_tokens=5")
     assert result.returncode == 0 and result.stdout.startswith("KING"), result.stderr
+
+
+@pytest.mark.slow
+def test_readme_finetuning_recipe_runs_as_written(tmp_path, shakespeare_text):
+    """The README's finetuning lines, run by bash from a copy of the repository layout (configs/, ../shared/data)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("```bash\n", readme.index("Finetuning example")) + 8:]
+    lines = block[:block.index("\n```")].splitlines()
+    assert len(lines) == 5
+    repo = tmp_path / "repo"
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "tinyshakespeare.txt").write_text(shakespeare_text)
+    repo.mkdir()
+    (repo / "configs").symlink_to(ROOT / "configs")
+    nanokimi = tmp_path / "bin" / "nanokimi"  # the console script, with this interpreter, whether installed or not
+    nanokimi.parent.mkdir()
+    nanokimi.write_text(f"#!/bin/sh\nexec {sys.executable} -m nanokimi \"$@\"\n")
+    nanokimi.chmod(0o755)
+    env = os.environ | {"PATH": f"{nanokimi.parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    for line in lines:
+        result = subprocess.run(["bash", "-c", line], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (line, result.stderr[-2000:])
+    assert "dropped" in subprocess.run(["bash", "-c", lines[3]], cwd=repo, env=env, capture_output=True,
+                                       text=True).stdout
+    finetuned = metrics(repo / "out" / "finetune")
+    assert finetuned[-1]["summary"]["status"] == "finished" and finetuned[-1]["summary"]["val_loss"] < 3.0
