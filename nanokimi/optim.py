@@ -1,9 +1,9 @@
 """MuonClip (Kimi-K2): Muon for hidden matrices, AdamW for the rest, and per-head QK-Clip after each step.
 
-Muon uses torch.optim.Muon with Moonlight/K2 RMS matching (`adjust_lr_fn="match_rms_adamw"`), so AdamW's lr and
-weight decay carry over unchanged. Routed experts are stored as [E, out, in] stacks, which torch.optim.Muon rejects
-(2-D only): `ExpertMuon` applies the same update with a Newton-Schulz iteration batched over experts, each expert
-orthogonalised on its own.
+Muon follows torch.optim.Muon with Moonlight/K2 RMS matching (`adjust_lr_fn="match_rms_adamw"`), so AdamW's lr and
+weight decay carry over unchanged. `Muon` here also takes the routed experts' [E, out, in] stacks (torch.optim.Muon
+is 2-D only) and batches the Newton-Schulz iteration over every matrix of the same shape, each orthogonalised on its
+own (tests check it against torch.optim.Muon matrix by matrix).
 """
 
 import math
@@ -29,9 +29,14 @@ def zeropower_via_newtonschulz(grad, steps=5, eps=1e-7):
     return (x.mT if transposed else x).reshape(grad.shape)
 
 
-class ExpertMuon(torch.optim.Optimizer):
-    """Muon for [E, out, in] expert stacks, update rule identical to torch.optim.Muon(adjust_lr_fn="match_rms_adamw")
-    applied to every expert matrix separately: Nesterov momentum, NS, lr * 0.2 * sqrt(max(out, in)), decoupled wd."""
+class Muon(torch.optim.Optimizer):
+    """Muon for hidden matrices, 2-D [out, in] and stacked 3-D expert [E, out, in] alike, with torch.optim.Muon's
+    update rule (adjust_lr_fn="match_rms_adamw") applied to every matrix on its own: Nesterov momentum, Newton-Schulz
+    in bf16, lr * 0.2 * sqrt(max(out, in)), decoupled weight decay.
+
+    Hand-written because torch.optim.Muon takes 2-D parameters only and orthogonalises them one at a time: here every
+    matrix of the same shape (q_b_proj of all layers, all experts of all layers, ...) goes through one batched
+    Newton-Schulz, so a step is a few large bf16 kernels instead of dozens of small ones."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -40,6 +45,7 @@ class ExpertMuon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
+            by_shape = {}  # (out, in) -> [(param, its update as [k, out, in])]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -49,13 +55,17 @@ class ExpertMuon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = zeropower_via_newtonschulz(update, group["ns_steps"])
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.type_as(p), alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape[-2:])))
+                by_shape.setdefault(tuple(p.shape[-2:]), []).append((p, update.reshape(-1, *p.shape[-2:])))
+            for (rows, cols), members in by_shape.items():
+                orthogonal = zeropower_via_newtonschulz(torch.cat([u for _, u in members]), group["ns_steps"])
+                scale = group["lr"] * 0.2 * math.sqrt(max(rows, cols))
+                for (p, _), o in zip(members, orthogonal.split([u.shape[0] for _, u in members])):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(o.view_as(p).type_as(p), alpha=-scale)
 
 
 class MuonClip:
-    """One optimizer object over several torch optimizers (Muon, ExpertMuon, AdamW), plus QK-Clip.
+    """One optimizer object over several torch optimizers (AdamW, Muon), plus QK-Clip.
 
     `param_groups` lists every group (set group["lr"] for schedules); state_dict/load_state_dict round-trip.
     `needs_max_logits` says whether training forwards should return their per-head max attention logits
@@ -131,21 +141,18 @@ def configure_optimizer(model, name="muonclip", lr=1e-3, weight_decay=0.1, betas
     model = unwrap(model)
     table = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     table |= {id(p) for p in getattr(model, "lm_head", torch.nn.Identity()).parameters()}
-    muon_2d, muon_3d, decay, no_decay = [], [], [], []
+    matrices, decay, no_decay = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
         if name == "adamw" or id(p) in table or p.ndim < 2:
             (decay if p.ndim >= 2 else no_decay).append(p)
         else:
-            (muon_2d if p.ndim == 2 else muon_3d).append(p)
+            matrices.append(p)
     optimizers = [torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                      {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas,
                                     fused=False)]
-    if muon_2d:
-        optimizers.append(torch.optim.Muon(muon_2d, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                           adjust_lr_fn="match_rms_adamw"))
-    if muon_3d:
-        optimizers.append(ExpertMuon(muon_3d, lr=lr, weight_decay=weight_decay, momentum=momentum))
+    if matrices:
+        optimizers.append(Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum))
     return MuonClip(optimizers, model.attention_layers(), qk_clip_tau if name == "muonclip" else None,
                     track_max_logit)
