@@ -1,7 +1,18 @@
 """nanoKimi: the Kimi-K2 architecture (MLA + DeepSeekMoE + MuonClip) at small scale."""
 
-from .hf import from_pretrained, save_pretrained
-from .model import Kimi, KimiConfig
-from .presets import PRESETS
-
 __all__ = ["Kimi", "KimiConfig", "PRESETS", "from_pretrained", "save_pretrained"]
+
+
+def __getattr__(name):
+    """The public names, imported on first use: `nanokimi.cli` starts without torch, so that `nanokimi --help` is
+    instant and a Ctrl-C while torch loads reaches the CLI's one-line handler instead of a traceback."""
+    if name in ("from_pretrained", "save_pretrained"):
+        from . import hf
+        return getattr(hf, name)
+    if name in ("Kimi", "KimiConfig"):
+        from . import model
+        return getattr(model, name)
+    if name == "PRESETS":
+        from .presets import PRESETS
+        return PRESETS
+    raise AttributeError(f"module 'nanokimi' has no attribute {name!r}")

@@ -81,8 +81,8 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    try:
+    try:  # building the parser imports torch: a Ctrl-C there is caught too
+        parser = build_parser()
         if argv and argv[0] == "bench":
             return bench_command(argv[1:])
         args, extra = parser.parse_known_args(argv)

@@ -169,7 +169,15 @@ def char_tokenizer_json(chars):
 def save_hf(model, out_dir, tokenizer_dir=None):
     """Write an HF DeepseekV3ForCausalLM folder: config.json, model.safetensors, and the tokenizer if given
     (tokenizer.json for BPE or char vocabularies, plus nanoKimi's meta.json so `import` gets it back exactly)."""
-    out_dir = Path(out_dir)
+    try:
+        return write_hf_folder(model, Path(out_dir), tokenizer_dir)
+    except (OSError, safetensors.SafetensorError) as e:
+        raise UserError(f"could not write {out_dir} ({getattr(e, 'strerror', None) or e}): free some space or pick "
+                        f"a writable folder") from None
+
+
+def write_hf_folder(model, out_dir, tokenizer_dir):
+    """`save_hf`'s writes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config = to_hf_config(model.config)
     safetensors.torch.save_file(to_hf_state_dict(model), out_dir / "model.safetensors", metadata={"format": "pt"})
