@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 
 from .data import copy_tokenizer, load_tokenizer
-from .errors import UserError
+from .errors import UserError, write_failure
 from .presets import ARCHS, build_model, make_config
 
 NAME, OLD = "checkpoint", ".checkpoint.old"
@@ -99,9 +99,8 @@ def save(out_dir, model, arch, model_config, train_config=None, tokenizer_dir=No
                             trainer_state, name)
     except (OSError, safetensors.SafetensorError) as e:
         shutil.rmtree(Path(out_dir) / f".{name}.tmp", ignore_errors=True)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise UserError(f"could not write the checkpoint in {out_dir} ({reason}): free some space or make the folder "
-                        f"writable; the previous checkpoint, if any, is kept") from None
+        raise UserError(f"could not write the checkpoint in {out_dir} ({write_failure(e)}): free some space or make "
+                        f"the folder writable; the previous checkpoint, if any, is kept") from None
 
 
 def write_folder(out_dir, model, arch, model_config, train_config, tokenizer_dir, optimizer_state, trainer_state,
@@ -113,7 +112,8 @@ def write_folder(out_dir, model, arch, model_config, train_config, tokenizer_dir
         os.replace(old, final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied_copies(model)}
+    copies = tied_copies(model)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in copies}
     safetensors.torch.save_file(state, tmp / "model.safetensors")
     write_json(tmp / "config.json", {"arch": arch, "model": dataclasses.asdict(model_config), "train": train_config})
     if optimizer_state is not None:

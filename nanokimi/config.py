@@ -203,18 +203,19 @@ def load_train_config(target, args):
     else:
         base = {"preset": target, "out_dir": f"out/{target}"}
     cli = parse_overrides(args)
-    unknown = sorted(cli.keys() - train_fields() - model_fields()) + sorted(base.keys() - train_fields())
+    train_names, model_names = train_fields(), model_fields()
+    unknown = sorted(cli.keys() - train_names - model_names) + sorted(base.keys() - train_names)
     if unknown:
         raise UserError(f"unknown setting(s) {unknown}: see `nanokimi train --help` and configs/*.toml")
-    model_overrides |= {k: v for k, v in cli.items() if k in model_fields()}
-    cli_train = {k: v for k, v in cli.items() if k in train_fields()}
+    model_overrides |= {k: v for k, v in cli.items() if k in model_names}
+    cli_train = {k: v for k, v in cli.items() if k in train_names}
     invocation = {k: base.pop(k) for k in INVOCATION_FIELDS if k in base} | {
         k: cli_train.pop(k) for k in INVOCATION_FIELDS if k in cli_train}
     if invocation.get("resume"):  # the saved run's settings, updated by what this command line sets again
         out_dir = cli_train.get("out_dir", base.get("out_dir", TrainConfig.out_dir))
         saved = checkpoint.Checkpoint(out_dir).train_config
         if saved:
-            base = {k: v for k, v in saved.items() if k in train_fields() and k not in INVOCATION_FIELDS}
+            base = {k: v for k, v in saved.items() if k in train_names and k not in INVOCATION_FIELDS}
         base["out_dir"] = out_dir
     return TrainConfig(**coerce(TrainConfig, base | cli_train | invocation)), model_overrides
 

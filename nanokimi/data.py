@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, write_failure
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TOKENIZER_FILES = ("meta.json", "tokenizer.json")
@@ -178,7 +178,7 @@ def write_dataset(text, tokenizer, out, tokenizer_dir=None, val_fraction=0.1):
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
     except OSError as e:
-        raise UserError(f"could not write the dataset to {out} ({e.strerror or e}): free some space or pick a "
+        raise UserError(f"could not write the dataset to {out} ({write_failure(e)}): free some space or pick a "
                         f"writable --out") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -207,7 +207,8 @@ def prepare(dataset, out, input=None, tokenizer="char", vocab_size=None, tokeniz
         if unknown and not drop_unknown:
             raise UserError(f"characters {''.join(unknown)!r} of {input} are not in the {reused.vocab_size}-character "
                             f"vocabulary of {tokenizer_dir}: pass --drop_unknown to drop them from the text")
-        kept = "".join(c for c in text if c not in set(unknown))
+        dropped = set(unknown)
+        kept = "".join(c for c in text if c not in dropped)
         if not kept:
             raise UserError(f"no character of {input} is in the vocabulary of {tokenizer_dir}")
         return write_dataset(kept, reused, out, tokenizer_dir) | {"dropped": len(text) - len(kept)}

@@ -16,7 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from . import checkpoint
 from .data import BPETokenizer, CharTokenizer, copy_tokenizer, load_tokenizer
-from .errors import UserError
+from .errors import UserError, write_failure
 from .model import Kimi, KimiConfig
 
 SAME_NAME_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -172,7 +172,7 @@ def save_hf(model, out_dir, tokenizer_dir=None):
     try:
         return write_hf_folder(model, Path(out_dir), tokenizer_dir)
     except (OSError, safetensors.SafetensorError) as e:
-        raise UserError(f"could not write {out_dir} ({getattr(e, 'strerror', None) or e}): free some space or pick "
+        raise UserError(f"could not write {out_dir} ({write_failure(e)}): free some space or pick "
                         f"a writable folder") from None
 
 

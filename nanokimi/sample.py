@@ -6,7 +6,6 @@ import torch
 
 from .checkpoint import load_model
 from .config import check_device
-from .data import CharTokenizer
 from .errors import UserError
 
 
@@ -30,7 +29,7 @@ def sample(path, prompt=None, max_new_tokens=500, temperature=0.8, top_k=200, to
                         f"import the model from a folder that has tokenizer.json")
     if prompt is None:  # as nanoGPT: start from a newline
         prompt = "\n"
-        if isinstance(tokenizer, CharTokenizer) and tokenizer.unknown(prompt):
+        if tokenizer.unknown(prompt):
             raise UserError("this model's vocabulary has no newline, the default prompt: pass --prompt=TEXT")
     ids = tokenizer.encode(prompt)
     if not ids:

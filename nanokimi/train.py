@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import check_device, plan_run, saved_settings
-from .errors import UserError
+from .errors import UserError, write_failure
 from .optim import configure_optimizer, unwrap
 from .presets import build_model
 
@@ -103,7 +103,7 @@ def run_lock(out_dir):
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         lock = open(Path(out_dir) / ".lock", "w")
     except OSError as e:
-        raise UserError(f"cannot write in {out_dir} ({e.strerror}): pick a writable --out_dir") from None
+        raise UserError(f"cannot write in {out_dir} ({write_failure(e)}): pick a writable --out_dir") from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -170,8 +170,8 @@ class Trainer:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
-                raise UserError(f"could not write {self.metrics_path} ({e.strerror}): free some space or make the "
-                                f"folder writable, then --resume") from None
+                raise UserError(f"could not write {self.metrics_path} ({write_failure(e)}): free some space or make "
+                                f"the folder writable, then --resume") from None
 
     @torch.no_grad()
     def evaluate(self):
@@ -193,8 +193,8 @@ class Trainer:
     def save(self):
         if not self.run.master:
             return
-        checkpoint.save(self.cfg.out_dir, self.model, self.arch, self.model_config, saved_settings(self.cfg), self.cfg.data,
-                        self.optimizer.state_dict(),
+        checkpoint.save(self.cfg.out_dir, self.model, self.arch, self.model_config, saved_settings(self.cfg),
+                        self.cfg.data, self.optimizer.state_dict(),
                         {"step": self.step, "best_val_loss": self.best_val, "elapsed": self.elapsed,
                          "evaluated_at": self.evaluated_at})
 
@@ -241,7 +241,8 @@ class Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
             kept = []
             if cfg.resume and self.metrics_path.exists():  # drop what the interrupted run logged past its checkpoint
-                kept = [json.dumps(r) for r in read_records(self.metrics_path) if r.get("step", self.step + 1) <= self.step]
+                kept = [json.dumps(r) for r in read_records(self.metrics_path)
+                        if r.get("step", self.step + 1) <= self.step]
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
         params = self.model.num_params()
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum

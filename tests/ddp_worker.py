@@ -1,5 +1,6 @@
-"""Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: trains with the real Trainer, then compares every
-rank's final weights and expert biases with rank 0's and writes the largest difference to OUT_DIR/ddp_check.json."""
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: trains with the real Trainer, then compares
+every rank's final weights and expert biases with rank 0's and writes the largest difference to
+OUT_DIR/ddp_check.json."""
 
 import json
 import sys

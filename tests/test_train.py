@@ -115,7 +115,7 @@ def test_finetune_from_checkpoint_on_new_text(char_data, tmp_path, shakespeare_t
     other.write_text(shakespeare_text[500_000:560_000])
     capsys.readouterr()
     assert "--drop_unknown" in cli_error(capsys, "prepare", "text", f"--input={other}", f"--tokenizer_from={pre}",
-                                         f"--out={tmp_path / 'ft_data'}")  # e.g. 'Z' never occurs in the pretraining text
+                                         f"--out={tmp_path / 'ft_data'}")  # e.g. 'Z' is not in the pretraining text
     main(["prepare", "text", f"--input={other}", f"--tokenizer_from={pre}", f"--out={tmp_path / 'ft_data'}",
           "--drop_unknown"])
     vocab = set(load_tokenizer(pre / "checkpoint").chars)
