@@ -117,3 +117,15 @@ def test_export_refuses_to_write_over_a_checkpoint(char_data, tmp_path, capsys):
         assert "export to a new folder" in cli_error(capsys, "export", out, target)
     assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == before
     assert run_cli("sample", out, "--max_new_tokens=3", "--prompt=A").returncode == 0
+
+
+def test_export_onto_a_full_disk_is_one_line(char_data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    train(char_data, out, "--max_iters=2")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert "No space left" in cli_error(capsys, "export", out, tmp_path / "hf")
+    monkeypatch.undo()
+    assert run_cli("sample", out, "--max_new_tokens=3", "--prompt=A").returncode == 0  # the source is untouched
