@@ -1,4 +1,4 @@
-"""`nanokimi` command line: prepare, train, sample, export, import, bench. Train settings come from a preset or
+"""`nanokimi` command line: prepare, train, sample, eval, export, import, bench. Train settings come from a preset or
 configs/*.toml and any `--field=value` on the command line, nanoGPT-style."""
 
 import argparse
@@ -62,6 +62,18 @@ def build_parser():
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (no MLA cache)")
     p.add_argument("--device", default="cpu")
 
+    p = sub.add_parser("eval", help="a checkpoint's loss, perplexity and bits per token/byte on fixed windows",
+                       description="Evaluate a checkpoint (nanoKimi, baseline or imported HF) on BATCHES x BATCH_SIZE "
+                                   "windows spread evenly over a split of a prepared dataset: the same tokens for "
+                                   "every model. Prints one JSON line.")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="a folder from `nanokimi prepare`, with the model's tokenizer")
+    p.add_argument("--block_size", type=int, help="window length (default: the training window, else the context)")
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--batch_size", type=int, default=12)
+    p.add_argument("--split", default="val", help="val or train")
+    p.add_argument("--device", default="cpu")
+
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face DeepseekV3ForCausalLM folder",
                        description="Export a Kimi checkpoint (folder or run out_dir) to OUT_DIR: config.json "
                                    "(deepseek_v3), model.safetensors with HF names, tokenizer.json.")
@@ -105,6 +117,9 @@ def main(argv=None):
             from .sample import sample
             sample(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                    args.seed, args.num_samples, not args.no_cache, args.device)
+        elif args.command == "eval":
+            from .evaluate import main as eval_main
+            eval_main(args)
         elif args.command == "export":
             from .hf import export
             print(f"wrote {export(args.checkpoint, args.out_dir)}")

@@ -43,6 +43,10 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
 
+    def token_bytes(self):
+        """UTF-8 bytes of each token id's text (for bits per byte)."""
+        return [len(c.encode()) for c in self.chars]
+
     def meta(self):
         return {"tokenizer": "char", "vocab_size": self.vocab_size, "chars": self.chars}
 
@@ -76,6 +80,10 @@ class BPETokenizer:
 
     def decode(self, ids):
         return self.tokenizer.decode(list(ids))
+
+    def token_bytes(self):
+        """Bytes of each token id's text: byte-level BPE spells every byte as one character of the token."""
+        return [len(self.tokenizer.id_to_token(i)) for i in range(self.vocab_size)]
 
     def meta(self):
         return {"tokenizer": "bpe", "vocab_size": self.vocab_size}
@@ -222,7 +230,7 @@ def prepare(dataset, out, input=None, tokenizer="char", vocab_size=None, tokeniz
 
 
 class TokenData:
-    """Train/val token memmaps of a prepared folder, and random [B, block_size] batches drawn from them."""
+    """Train/val token memmaps of a prepared folder, and [B, block_size] windows read from them."""
 
     def __init__(self, folder, block_size):
         self.folder = Path(folder)
@@ -243,8 +251,13 @@ class TokenData:
         self.block_size = block_size
 
     def batch(self, split, batch_size, generator):
+        """batch_size windows at random starts drawn from `generator`."""
+        starts = torch.randint(len(self.splits[split]) - self.block_size, (batch_size,), generator=generator)
+        return self.windows(split, starts.tolist())
+
+    def windows(self, split, starts):
+        """(inputs, next-token targets), [len(starts), block_size] each, of the windows starting at `starts`."""
         data = self.splits[split]
-        starts = torch.randint(len(data) - self.block_size, (batch_size,), generator=generator).tolist()
         x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in starts])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in starts])
         return x, y

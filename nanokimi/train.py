@@ -20,6 +20,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import check_device, plan_run, saved_settings
 from .errors import UserError, write_failure
+from .evaluate import evaluate
 from .optim import configure_optimizer, unwrap
 from .presets import build_model
 
@@ -173,22 +174,11 @@ class Trainer:
                 raise UserError(f"could not write {self.metrics_path} ({write_failure(e)}): free some space or make "
                                 f"the folder writable, then --resume") from None
 
-    @torch.no_grad()
     def evaluate(self):
-        """Mean loss over eval_iters batches per split, the same batches at every eval (fixed generator)."""
-        model = self.model
-        model.eval()
-        out = {}
-        for split_id, split in enumerate(("train", "val")):
-            gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, 0, 0, 2 + split_id))
-            losses = []
-            for _ in range(self.cfg.eval_iters):
-                x, y = (t.to(self.run.device) for t in self.data.batch(split, self.cfg.batch_size, gen))
-                with self.run.autocast():
-                    losses.append(model(x, y)[1].item())
-            out[split] = sum(losses) / len(losses)
-        model.train()
-        return out
+        """Mean loss per split on eval_iters x batch_size fixed windows: the same tokens at every eval."""
+        return {split: evaluate(self.model, self.data, split, self.cfg.eval_iters * self.cfg.batch_size,
+                                self.cfg.batch_size, self.run.device, self.run.autocast)["loss"]
+                for split in ("train", "val")}
 
     def save(self):
         if not self.run.master:

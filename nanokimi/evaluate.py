@@ -1,0 +1,72 @@
+"""Evaluation on fixed windows: the trainer's evals, `nanokimi eval CHECKPOINT` and the benchmarks' one evaluator.
+
+The windows are spread evenly over a split (no sampling), so any two models evaluated with the same split, window
+length and count see exactly the same tokens: that is what makes their losses comparable."""
+
+import contextlib
+import json
+import math
+
+import torch
+
+from .checkpoint import load_model
+from .config import check_device
+from .data import TokenData, tokenizer_fingerprint
+from .errors import UserError
+
+
+def window_starts(n_tokens, block_size, count):
+    """`count` window starts spread evenly over a split of n_tokens tokens (a window reads block_size + 1 tokens)."""
+    return torch.linspace(0, n_tokens - block_size - 1, count).round().long().tolist()
+
+
+@torch.no_grad()
+def evaluate(model, data, split, count, batch_size, device="cpu", autocast=contextlib.nullcontext):
+    """Mean next-token loss of `model` over `count` fixed windows of data.block_size tokens of `split`, with
+    perplexity, bits per token and bits per byte (the text's UTF-8 bytes: comparable across tokenizers)."""
+    was_training = model.training
+    model.eval()
+    starts = window_starts(len(data.splits[split]), data.block_size, count)
+    token_bytes = torch.tensor(data.tokenizer.token_bytes(), dtype=torch.float64)
+    nats, tokens, text_bytes = 0.0, 0, 0.0
+    for i in range(0, count, batch_size):
+        x, y = data.windows(split, starts[i:i + batch_size])
+        with autocast():
+            loss = model(x.to(device), y.to(device))[1]
+        nats += loss.item() * y.numel()
+        tokens += y.numel()
+        text_bytes += token_bytes[y].sum().item()
+    model.train(was_training)
+    loss = nats / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2),
+            "bits_per_byte": nats / math.log(2) / text_bytes, "tokens": tokens}
+
+
+def evaluate_checkpoint(path, data_dir, block_size=None, batches=200, batch_size=12, split="val", device="cpu"):
+    """`nanokimi eval`: a checkpoint's loss on `batches` x `batch_size` fixed windows of `split` of a prepared dataset,
+    `block_size` tokens each (default: the window the model was trained on, else its context)."""
+    if split not in ("train", "val"):
+        raise UserError(f"unknown split {split!r}: use val or train")
+    if batches <= 0 or batch_size <= 0:
+        raise UserError(f"need --batches > 0 and --batch_size > 0, got {batches} and {batch_size}")
+    check_device(device)
+    model, tokenizer, ckpt = load_model(path, device)
+    if block_size is None:
+        block_size = min((ckpt.train_config or {}).get("block_size", model.context_length), model.context_length)
+    if not 0 < block_size <= model.context_length:
+        raise UserError(f"--block_size={block_size} is not within this model's context (1..{model.context_length})")
+    data = TokenData(data_dir, block_size)
+    if tokenizer is not None and tokenizer_fingerprint(ckpt.path) != tokenizer_fingerprint(data.folder):
+        raise UserError(f"the tokenizer of checkpoint {ckpt.path} differs from the one of data {data.folder}: "
+                        f"evaluate on data prepared with it (nanokimi prepare ... --tokenizer_from={ckpt.path})")
+    if data.tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"data {data.folder} has a {data.tokenizer.vocab_size}-token vocabulary, more than this "
+                        f"model's {model.config.vocab_size}: evaluate on data prepared with the model's tokenizer")
+    result = evaluate(model, data, split, batches * batch_size, batch_size, device)
+    return {"checkpoint": str(ckpt.path), "data": str(data.folder), "split": split, "block_size": block_size,
+            "windows": batches * batch_size} | result
+
+
+def main(args):
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.block_size, args.batches, args.batch_size,
+                                         args.split, args.device)))
