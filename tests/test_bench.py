@@ -5,7 +5,10 @@ import re
 import pytest
 
 import nanokimi.train
+from nanokimi.bench.training import RECIPES, check_reproduced
 from nanokimi.cli import main
+from nanokimi.config import parse_value
+from nanokimi.errors import UserError
 
 
 def sections(report):
@@ -13,15 +16,19 @@ def sections(report):
     return dict(re.findall(r"<!-- bench:([\w-]+) -->\n(.*?)<!-- /bench:\1 -->", text, re.S))
 
 
-def test_moe_scaling_and_inference_sections(tmp_path):
+def test_speed_sections(tmp_path):
     report = tmp_path / "BENCH.md"
     main(["bench", f"--report={report}", "moe-scaling", "--experts", "4", "8", "--repeats=1", "--batch=2",
           "--seq=16"])
     main(["bench", f"--report={report}", "inference", "--contexts", "8", "16", "--new_tokens=4", "--repeats=1"])
     main(["bench", f"--report={report}", "moe-scaling", "--experts", "4", "16", "--repeats=1", "--batch=2",
           "--seq=16"])  # a rerun replaces its section
+    main(["bench", f"--report={report}", "step", "--shapes", "2x16", "3x8", "--repeats=1", "--rounds=2"])
     found = sections(report)
-    assert set(found) == {"moe-scaling", "inference"}
+    assert set(found) == {"moe-scaling", "inference", "step"}
+    for needle in ("| 2x16 | nanoKimi + MuonClip |", "| 3x8 | nanoGPT baseline + AdamW |", "of which Newton-Schulz",
+                   "routing and dispatch", "| 2x16 | 3x8 |", "Goal: nanoKimi + MuonClip <= 1.3x"):
+        assert needle in found["step"], needle
     assert "| 16 | 2 |" in found["moe-scaling"] and "Command: `nanokimi bench" in found["moe-scaling"]
     assert found["inference"].count("nanoKimi, MLA cache") == 2 and "KV-cache bytes" in found["inference"]
     assert found["inference"].count("nanoKimi-MHA ablation, KV cache") == 2 and "peak memory MiB" in found["inference"]
@@ -43,15 +50,53 @@ def test_optim_report(char_data, tmp_path):
 @pytest.mark.slow
 def test_compare_quick_report(char_data, tmp_path):
     report = tmp_path / "BENCH.md"
-    main(["bench", f"--report={report}", "compare", "--quick", f"--data={char_data}", f"--out={tmp_path / 'runs'}",
-          "--batch_size=4", "--block_size=32"])
-    body = sections(report)["compare"]
-    for needle in ("nanoGPT baseline", "MLA -> MHA", "MoE -> dense", "MuonClip -> AdamW", "MFU", "val perplexity",
-                   "time to baseline", "Machine:"):
+    main(["bench", f"--report={report}", "compare", "--quick", f"--data={char_data}", f"--out={tmp_path / 'runs'}"])
+    body = sections(report)["compare-cpu"]
+    for needle in ("nanoGPT recipe (baseline.py)", "time to the recipe's val loss", "NOT checked", "MFU",
+                   "val loss @ 64", "--n_embd=128", "Machine:"):
         assert needle in body, needle
-    rows = [line for line in body.splitlines() if line.startswith("| nanoKimi |")]
-    assert len(rows) == 4  # main table, ablations, throughput, accounting
-    assert (tmp_path / "assets" / "compare_val_loss.png").stat().st_size > 1000
+    assert len([line for line in body.splitlines() if line.startswith("| nanoKimi (")]) == 2  # 0.5x and 1x
+    assert (tmp_path / "assets" / "compare_cpu.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_sweep_report(char_data, tmp_path):
+    report = tmp_path / "BENCH.md"
+    main(["bench", f"--report={report}", "sweep", f"--data={char_data}", f"--out={tmp_path / 'runs'}",
+          "--budget_s=0.5", "--shapes", "4x32", "8x32", "--lrs", "2e-3", "--warmups", "2", "--eval_batches=1"])
+    body = sections(report)["sweep-cpu"]
+    for needle in ("| batch x block | 4x32", "| batch x block | 8x32", "| lr (min_lr = lr/10) | 0.002", "3 layers",
+                   "(best)", "Best: "):
+        assert needle in body, needle
+
+
+def flags(command):
+    """--name=value pairs of a command line, values parsed."""
+    return {k: parse_value(v) for k, v in re.findall(r"--(\w+)=(\S+)", command)}
+
+
+def test_cpu_recipe_is_nanogpts_own():
+    recipe = RECIPES["cpu"]
+    given = flags(recipe.command)  # nanoGPT README's CPU command ...
+    assert given == dict(device="cpu", compile=False, eval_iters=20, log_interval=1, block_size=64, batch_size=12,
+                         n_layer=4, n_head=4, n_embd=128, max_iters=2000, lr_decay_iters=2000, dropout=0.0)
+    # ... each flag as the trainer and baseline.py receive it (log_interval only sets how often nanoGPT prints)
+    for name, value in given.items():
+        if name != "log_interval":
+            assert (recipe.model | recipe.train)[name] == value, name
+    assert recipe.model["n_positions"] == given["block_size"]  # nanoGPT's model context is its block_size
+    # config/train_shakespeare_char.py and train.py's defaults; nanoGPT runs fp32 on a CPU
+    assert {k: recipe.train[k] for k in ("lr", "min_lr", "warmup_iters", "beta1", "beta2", "weight_decay",
+                                         "grad_clip", "eval_interval", "optimizer", "lr_schedule", "dtype")} == dict(
+        lr=1e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
+        eval_interval=250, optimizer="adamw", lr_schedule="cosine", dtype="float32")
+    assert recipe.published_val == 1.88 and RECIPES["gpu"].published_val == 1.4697
+
+
+def test_compare_refuses_a_baseline_that_does_not_reproduce_nanogpt():
+    check_reproduced(RECIPES["cpu"], 1.90)
+    with pytest.raises(UserError, match="did not reproduce"):
+        check_reproduced(RECIPES["cpu"], 2.10)
 
 
 def test_a_stopped_training_run_stops_the_benchmark(char_data, tmp_path, monkeypatch, capsys):
@@ -63,7 +108,6 @@ def test_a_stopped_training_run_stops_the_benchmark(char_data, tmp_path, monkeyp
     monkeypatch.setattr(nanokimi.train, "StopRequest", StopAtOnce)
     report = tmp_path / "BENCH.md"
     with pytest.raises(SystemExit) as exit_info:
-        main(["bench", f"--report={report}", "compare", "--quick", f"--data={char_data}", f"--out={tmp_path / 'runs'}",
-              "--batch_size=4", "--block_size=32"])
+        main(["bench", f"--report={report}", "compare", "--quick", f"--data={char_data}", f"--out={tmp_path / 'runs'}"])
     assert exit_info.value.code != 0 and "the benchmark was stopped" in capsys.readouterr().err
     assert not report.exists()

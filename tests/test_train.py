@@ -55,6 +55,15 @@ def test_resume_is_bitwise_identical(char_data, tmp_path):
     assert all(full[s] == split[s] for s in range(1, 13)), (full, split)  # bitwise: exact float equality
 
 
+def test_bf16_autocast_on_cpu_tracks_fp32(char_data, tmp_path):
+    train(char_data, tmp_path / "fp32", "--max_iters=30", "--dtype=float32")
+    train(char_data, tmp_path / "bf16", "--max_iters=30", "--dtype=bfloat16")
+    fp32, bf16 = step_losses(tmp_path / "fp32"), step_losses(tmp_path / "bf16")
+    assert fp32.keys() == bf16.keys() and fp32 != bf16  # the same steps, computed in another precision
+    assert max(abs(fp32[s] - bf16[s]) for s in fp32) < 0.05  # bf16 rounding, not another trajectory
+    assert bf16[30] < bf16[1] - 0.3
+
+
 def test_resume_after_overwrite_and_settings_are_not_saved(char_data, tmp_path):
     """What `make demo` does: a run started with --overwrite, then continued with --resume as it advises."""
     out = tmp_path / "run"

@@ -5,8 +5,17 @@ import argparse
 from pathlib import Path
 
 from . import __doc__ as overview
-from .speed import bench_inference, bench_moe_scaling, bench_qk_overhead
-from .training import bench_compare, bench_optim
+from .speed import bench_inference, bench_moe_scaling, bench_step
+from .training import RECIPES, bench_compare, bench_optim, bench_sweep
+
+
+def shape(text):
+    """'12x64' -> (12, 64)."""
+    try:
+        batch, block = (int(n) for n in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxBLOCK, e.g. 12x64") from None
+    return batch, block
 
 
 def parent(*options):
@@ -20,8 +29,7 @@ def parent(*options):
 def build_parser():
     model = parent(("--preset", dict(default="shakespeare-char-cpu", help="nanoKimi preset")))
     batch = parent(("--batch_size", dict(type=int, default=32)), ("--block_size", dict(type=int, default=128)))
-    training = parent(("--data", dict(default="data/shakespeare_char", help="a folder from `nanokimi prepare`")),
-                      ("--eval_iters", dict(type=int, default=10, help="batches per split and evaluation")))
+    data = parent(("--data", dict(default="data/shakespeare_char", help="a folder from `nanokimi prepare`")))
 
     parser = argparse.ArgumentParser(prog="nanokimi bench", description=overview,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +52,7 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(run=bench_inference)
 
-    p = sub.add_parser("optim", parents=[model, batch, training],
+    p = sub.add_parser("optim", parents=[model, batch, data],
                        help="AdamW vs Muon vs MuonClip, plus a high-LR stress run")
     p.add_argument("--out", default="out/bench-optim")
     p.add_argument("--steps", type=int, default=400)
@@ -52,28 +60,46 @@ def build_parser():
     p.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.6],
                    help="shorter Muon runs, as fractions of --steps")
     p.add_argument("--eval_interval", type=int, default=25)
+    p.add_argument("--eval_iters", type=int, default=10, help="batches per split and evaluation")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--stress_lr", type=float, default=0.03)
     p.add_argument("--stress_steps", type=int, default=200)
     p.add_argument("--tau", type=float, default=100.0)
     p.set_defaults(run=bench_optim)
 
-    p = sub.add_parser("qk-overhead", parents=[model, batch],
-                       help="training-step cost of MuonClip's max-logit recording and clipping")
+    p = sub.add_parser("step", parents=[model],
+                       help="ms per training step: nanoKimi (MuonClip, AdamW) vs the baseline, and its breakdown")
+    p.add_argument("--baseline", default="gpt-shakespeare-char-cpu")
+    p.add_argument("--shapes", type=shape, nargs="+", default=[(12, 64), (32, 128)], help="batch x block, e.g. 12x64")
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--rounds", type=int, default=6, help="interleaved measurements of each optimizer")
-    p.set_defaults(run=bench_qk_overhead)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved measurements of each contender")
+    p.set_defaults(run=bench_step)
 
-    p = sub.add_parser("compare", parents=[model, batch, training],
-                       help="nanoKimi vs the nanoGPT baseline at equal budget, ablations, throughput")
+    p = sub.add_parser("compare", parents=[data],
+                       help="nanoKimi's shipped config vs nanoGPT's own recipe: time to the recipe's val loss")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu",
+                   help="nanoGPT's CPU recipe (README) or its GPU one (config/train_shakespeare_char.py, needs CUDA)")
+    p.add_argument("--config", help="nanoKimi config to compare (default: the recipe's shipped configs/*.toml)")
     p.add_argument("--out", default="out/bench-compare")
-    p.add_argument("--budget_s", type=float, default=160.0,
-                   help="training seconds per run (160: the whole benchmark takes ~40 min on 2 CPU cores)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--evals", type=int, default=20, help="evaluations per run")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="tiny budget (a smoke test of the report, <= 3 min)")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.4, 0.5],
+                   help="nanoKimi runs of these fractions of the recipe's training time (1x is always run)")
+    p.add_argument("--eval_batches", type=int, default=200, help="x 12 fixed val windows score every run")
+    p.add_argument("--quick", action="store_true", help="a few steps each: a smoke test of the report")
     p.set_defaults(run=bench_compare)
+
+    p = sub.add_parser("sweep", parents=[data], help="the CPU config's batch shape, lr, warmup and dims")
+    p.add_argument("--config", default="configs/shakespeare_char_cpu.toml", help="the starting point")
+    p.add_argument("--out", default="out/bench-sweep")
+    p.add_argument("--budget_s", type=float, default=34.0,
+                   help="training seconds per run (34: 0.4x the nanoGPT CPU recipe's ~85 s on 2 cores)")
+    p.add_argument("--shapes", type=shape, nargs="+", default=[(4, 64), (6, 64), (8, 64), (12, 64), (16, 64),
+                                                               (32, 128)], help="batch x block, e.g. 12x64")
+    p.add_argument("--warmups", type=int, nargs="+", default=[10, 20, 50])
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 6e-3, 1.2e-2])
+    p.add_argument("--eval_batches", type=int, default=100, help="x 12 fixed val windows score every run")
+    p.add_argument("--seed", type=int, default=1337)
+    p.set_defaults(run=bench_sweep)
     return parser
 
 
@@ -82,5 +108,5 @@ def main(argv):
     args.command = " ".join(["nanokimi bench", *argv])  # stamped on the report section
     args.assets = Path(args.report).parent / "assets"  # plots sit beside the report, linked as assets/NAME.png
     if getattr(args, "quick", False):
-        args.budget_s, args.seeds, args.eval_iters, args.evals = 4.0, 1, 2, 2
+        args.seeds, args.fractions, args.eval_batches = 1, [0.5], 2
     args.run(args)

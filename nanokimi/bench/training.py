@@ -5,14 +5,15 @@ import json
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, load_model
-from ..config import TrainConfig
+from ..checkpoint import load_model
+from ..config import TrainConfig, load_train_config, saved_settings
 from ..errors import UserError
-from ..presets import PRESETS
+from ..evaluate import evaluate_checkpoint
 from ..train import train
 from .report import pyplot, save_figure, table, timings, write_section
 
@@ -122,152 +123,250 @@ def bench_optim(args):
 
 
 
-# nanoGPT's config/train_shakespeare_char.py (its warmup, 100 of 5000 steps, becomes WARMUP_FRACTION of each run)
-NANOGPT_HPARAMS = dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, beta2=0.99, lr_schedule="cosine", weight_decay=0.1,
-                       grad_clip=1.0)
-NANOKIMI_HPARAMS = dict(optimizer="muonclip", lr=4e-3, min_lr=4e-4, lr_schedule="wsd")  # lr: bench optim's best
-WARMUP_FRACTION = 0.05
-CALIBRATION_STEPS, CALIBRATION_WARMUP = 60, 20  # the first steps run slow (allocator, kernel set-up): not counted
+@dataclass(frozen=True)
+class Recipe:
+    """nanoGPT's published recipe for a device, run through baseline.py (nanoGPT's model) and the trainer exactly
+    as nanoGPT's own command sets it, the val loss nanoGPT's README reports for it, and the nanoKimi config
+    compared against it."""
+    command: str  # nanoGPT's command line
+    preset: str
+    model: dict
+    train: dict
+    published_val: float
+    nanokimi_config: str
 
 
-def matmul_peak_gflops(n=1024, repeats=50):
-    """This machine's fp32 matmul peak, measured now (the MFU denominator): the fastest of `repeats` matmuls, as a
-    median would dip with whatever else the shared machine runs meanwhile."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n ** 3 / min(timings(lambda: a @ b, repeats, warmup=5)) / 1e9
+# nanoGPT's config/train_shakespeare_char.py, with the README's CPU flags for "cpu"; train.py's defaults fill in
+# the rest (beta1 0.9, weight decay 0.1 on matrices, grad clip 1, bias False; fp32 on a CPU, bf16 + compile on GPU)
+NANOGPT_TRAIN = dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, lr_schedule="cosine", warmup_iters=100, beta1=0.9,
+                     beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250)
+RECIPES = {
+    "cpu": Recipe(
+        command="python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 "
+                "--log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 "
+                "--max_iters=2000 --lr_decay_iters=2000 --dropout=0.0",
+        preset="gpt-shakespeare-char-cpu", model=dict(n_positions=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+        train=NANOGPT_TRAIN | dict(batch_size=12, block_size=64, max_iters=2000, lr_decay_iters=2000, eval_iters=20,
+                                   device="cpu", dtype="float32", compile=False),
+        published_val=1.88, nanokimi_config="configs/shakespeare_char_cpu.toml"),
+    "gpu": Recipe(
+        command="python train.py config/train_shakespeare_char.py",
+        preset="gpt-shakespeare-char", model=dict(n_positions=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+        train=NANOGPT_TRAIN | dict(batch_size=64, block_size=256, max_iters=5000, lr_decay_iters=5000,
+                                   eval_iters=200, device="cuda", dtype="auto", compile=True),
+        published_val=1.4697, nanokimi_config="configs/shakespeare_char.toml"),
+}
+REPRODUCTION_TOLERANCE = 0.04  # the baseline's mean final val may sit this far from nanoGPT's published value
+
+
+def check_reproduced(recipe, val):
+    """The baseline must reproduce nanoGPT's published result before anything is compared with it."""
+    if abs(val - recipe.published_val) > REPRODUCTION_TOLERANCE:
+        raise UserError(f"the baseline did not reproduce nanoGPT's published recipe: val {val:.4f}, nanoGPT reports "
+                        f"{recipe.published_val} (tolerance {REPRODUCTION_TOLERANCE}); no comparison was written")
+
+
+def matmul_peak_gflops(device="cpu", dtype=torch.float32, n=1024, repeats=50):
+    """This machine's matmul peak in the run's precision, measured now (the MFU denominator): the fastest of
+    `repeats` matmuls, as a median would dip with whatever else the shared machine runs meanwhile."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+    def matmul():
+        a @ b
+        if a.is_cuda:
+            torch.cuda.synchronize()
+    return 2 * n ** 3 / min(timings(matmul, repeats, warmup=5)) / 1e9
+
+
+def nanokimi_settings(config_path):
+    """(TrainConfig fields, model overrides) of a shipped configs/*.toml, as `nanokimi train CONFIG` reads it."""
+    cfg, model = load_train_config(config_path, [])
+    return {k: v for k, v in saved_settings(cfg).items() if k not in ("out_dir", "progress")}, model
+
+
+def score(out_dir, data, block_size, batches):
+    """The one evaluator of the comparisons: val loss of a run's final checkpoint on fixed windows."""
+    return evaluate_checkpoint(out_dir, data, block_size, batches, EVAL_BATCH_SIZE)["loss"]
+
+
+EVAL_BATCH_SIZE = 12  # windows per evaluation batch: --eval_batches x 12 windows in all
 
 
 def bench_compare(args):
+    """nanoKimi's shipped config against nanoGPT's own recipe for the device: time to the recipe's val loss."""
     plt = pyplot()
     started = time.perf_counter()
-    peaks = []  # measured before every training run: one measurement can land on a busy moment of a shared machine
-    common = dict(data=args.data, batch_size=args.batch_size, block_size=args.block_size, log_interval=10,
-                  eval_iters=args.eval_iters, device=args.device)
-    contenders = {  # name: (preset, settings, model overrides) -- one component swapped per ablation
-        "nanoGPT baseline": ("gpt-shakespeare-char-cpu", NANOGPT_HPARAMS, {}),
-        "nanoKimi": (args.preset, NANOKIMI_HPARAMS, {}),
-    }
-    base = PRESETS[args.preset]
-    dense_width = base.moe_intermediate_size * (base.num_experts_per_tok + base.n_shared_experts)
-    ablations = {
-        "nanoKimi, MLA -> MHA (same head dims)": {"attention": "mha"},
-        "nanoKimi, MoE -> dense (equal active)": {"first_k_dense_replace": base.num_hidden_layers,
-                                                   "intermediate_size": dense_width},
-        "nanoKimi, MuonClip -> AdamW": {"optimizer": "adamw"},
-    }
+    recipe = RECIPES[args.recipe]
+    kimi_settings, kimi_model = nanokimi_settings(args.config or recipe.nanokimi_config)
+    base_train = recipe.train | dict(data=args.data)
+    if args.quick:  # a smoke test of the report: a few steps, no reproduction check
+        base_train |= dict(max_iters=20, lr_decay_iters=20, warmup_iters=2, eval_interval=10, eval_iters=1)
+    context = recipe.train["block_size"]
+    dtype = torch.float32 if recipe.train["dtype"] == "float32" else torch.bfloat16  # nanoGPT's GPU default: bf16
+    peaks = []
 
-    def run(name, seed, steps, extra=None, evals=args.evals, budget_s=0.0):
-        """A training run of `steps` steps, or with `budget_s`, of budget_s training seconds (its lr schedule fitted to
-        them) where `steps` is the expected step count, which sets the warmup and the eval spacing."""
-        preset, settings, overrides = contenders.get(name, contenders["nanoKimi"])
-        settings, overrides = dict(settings), dict(overrides)
-        for key, value in (extra or {}).items():
-            (settings if key in ("optimizer",) else overrides)[key] = value
-        # a timed run's max_iters is only a cap, far past the expected steps, so the clock ends it
-        settings = settings | dict(max_iters=10 * steps if budget_s else steps, max_time_s=budget_s, seed=seed,
-                                   eval_interval=max(1, steps // evals), warmup_iters=int(WARMUP_FRACTION * steps))
-        peaks.append(matmul_peak_gflops(512 if args.quick else 1024))
-        length = f"{budget_s:g}s" if budget_s else f"{steps}steps"
-        out = Path(args.out) / f"{name.replace(' ', '_').replace(',', '').replace('>', '')}-{length}-{seed}"
-        records = run_training(out, overrides, preset=preset, **common, **settings)
+    def evaluated(out, records, own_block):
+        evals = [r for r in records if "val_loss" in r]
+        return {"out": out, "evals": evals, "summary": records[-1]["summary"],
+                "val": score(out, args.data, context, args.eval_batches),
+                "val_own": score(out, args.data, own_block, args.eval_batches)}
+
+    def baseline(seed):
+        peaks.append(matmul_peak_gflops(recipe.train["device"], dtype))
+        out = Path(args.out) / f"nanogpt-recipe-{seed}"
+        return evaluated(out, run_training(out, recipe.model, preset=recipe.preset, **base_train, seed=seed), context)
+
+    def nanokimi(seed, budget_s):
+        peaks.append(matmul_peak_gflops(recipe.train["device"], dtype))
+        out = Path(args.out) / f"nanokimi-{budget_s:.0f}s-{seed}"
+        # the clock ends the run (max_iters is only a cap) and its lr schedule is fitted to the budget
+        settings = kimi_settings | dict(data=args.data, seed=seed, max_time_s=budget_s, max_iters=10 ** 6,
+                                        eval_interval=10 ** 6, eval_iters=1, device=recipe.train["device"])
+        records = run_training(out, kimi_model, **settings)
         if "diverged" in records[-1]:
-            raise UserError(f"{name} diverged: {records[-1]['diverged']}")
-        return {"out": out, "evals": [r for r in records if "val_loss" in r],
-                "logs": [r for r in records if "loss" in r], "summary": records[-1]["summary"]}
+            raise UserError(f"nanoKimi diverged: {records[-1]['diverged']}")
+        return evaluated(out, records, settings["block_size"])
 
-    def step_time(logs):  # seconds per step after the warm-up steps
-        first = next(r for r in logs if r["step"] >= CALIBRATION_WARMUP)
-        return (logs[-1]["time"] - first["time"]) / (logs[-1]["step"] - first["step"])
+    base_runs = [baseline(seed) for seed in range(args.seeds)]
+    target = statistics.mean(r["val"] for r in base_runs)
+    recipe_time = statistics.mean(r["summary"]["train_time_s"] for r in base_runs)
+    if args.quick:
+        print(f"quick run: the baseline's {target:.4f} is not checked against nanoGPT's {recipe.published_val}")
+    else:
+        check_reproduced(recipe, target)
+    fractions = sorted(set(args.fractions) | {1.0})
+    kimi_runs = {f: [nanokimi(seed, f * recipe_time) for seed in range(args.seeds)] for f in fractions}
+    mean_val = {f: statistics.mean(r["val"] for r in runs) for f, runs in kimi_runs.items()}
 
-    # every run trains for the budget's seconds exactly (`max_time_s`), so step counts follow the machine's speed; a
-    # short calibration run of each model (evaluated only at its end) says how many to expect
-    calibration = {n: step_time(run(n, 0, CALIBRATION_STEPS, evals=1)["logs"]) for n in contenders}
-    expected = {n: max(20, int(args.budget_s / t)) for n, t in calibration.items()}
-    planned = (args.seeds * 2 + len(ablations)) * args.budget_s + expected["nanoGPT baseline"] * calibration["nanoKimi"]
-    print(f"expected steps: {expected}; about {planned / 60:.0f} min of training to go, plus evals")
-    results = {n: [run(n, seed, expected[n], budget_s=args.budget_s) for seed in range(args.seeds)]
-               for n in contenders}
-    baseline_final = statistics.mean(r["evals"][-1]["val_loss"] for r in results["nanoGPT baseline"])
-    baseline_steps = round(statistics.mean(r["summary"]["step"] for r in results["nanoGPT baseline"]))
-    kimi_same_tokens = run("nanoKimi", 0, baseline_steps)
-    ablation_runs = {n: run(n, 0, expected["nanoKimi"], extra, budget_s=args.budget_s)
-                     for n, extra in ablations.items()}
-
-    def spread(values, fmt="{:.4f}", unit="", missing="not reached"):
-        """'mean (min..max)' over the seeds that have a value (None: reached no value), saying how many do."""
+    def spread(values, fmt="{:.4f}"):
         values = list(values)
-        found = [v for v in values if v is not None]
-        if not found:
-            return missing
-        text = fmt.format(found[0]) if len(found) == 1 else \
-            f"{fmt.format(statistics.mean(found))} ({fmt.format(min(found))}..{fmt.format(max(found))})"
-        return text + unit + (f" ({len(found)}/{len(values)} seeds)" if len(found) < len(values) else "")
+        if len(values) == 1:
+            return fmt.format(values[0])
+        return f"{fmt.format(statistics.mean(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
 
-    tokens_per_step = args.batch_size * args.block_size
-    rows = []
-    for n in contenders:
-        steps = [r["summary"]["step"] for r in results[n]]
-        rows.append([n, spread(steps, "{:.0f}"), f"{statistics.mean(steps) * tokens_per_step / 1e6:.2f}M",
-                     spread((r["summary"]["train_time_s"] for r in results[n]), "{:.0f}", " s"),
-                     spread(r["evals"][-1]["val_loss"] for r in results[n]),
-                     spread((first_reaching(r["evals"], baseline_final, "time") for r in results[n]), "{:.0f}", " s")])
-    same_tokens = kimi_same_tokens["evals"][-1]["val_loss"]
-    ablation_rows = [[n, r["summary"]["step"], f"{r['evals'][-1]['val_loss']:.4f}",
-                      f"{r['summary']['train_time_s']:.0f} s"]
-                     for n, r in [("nanoKimi", results["nanoKimi"][0])] + list(ablation_runs.items())]
+    # time to the target: the smallest budget whose mean final val reaches it, and a linear interpolation of the
+    # mean val between that budget and the one before it
+    reached = [f for f in fractions if mean_val[f] <= target]
+    if not reached:
+        time_to_target = f"not reached within {fractions[-1]:g}x (val {mean_val[fractions[-1]]:.4f})"
+    else:
+        f = reached[0]
+        below = [g for g in fractions if g < f]
+        estimate = f
+        if below:
+            g = below[-1]
+            estimate = g + (f - g) * (mean_val[g] - target) / (mean_val[g] - mean_val[f])
+        time_to_target = (f"<= {f:g}x ({f * recipe_time:.0f} s)"
+                          + (f", ~{estimate:.2f}x interpolated ({estimate * recipe_time:.0f} s)" if below else ""))
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for n in contenders:
-        for seed, r in enumerate(results[n]):
-            tokens = [e["step"] * tokens_per_step / 1e6 for e in r["evals"]]
-            style = dict(color="C0" if n == "nanoKimi" else "C1", alpha=1 if seed == 0 else 0.4,
-                         label=n if seed == 0 else None)
-            axes[0].plot([e["time"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], "o-", ms=3, **style)
-            axes[1].plot(tokens, [e["val_loss"] for e in r["evals"]], "o-", ms=3, **style)
-    axes[0].set(xlabel="training seconds", ylabel="val loss")
-    axes[1].set(xlabel="tokens (M)", ylabel="val loss")
-    for ax in axes:
-        ax.axhline(baseline_final, color="k", ls="--", lw=1)
-    save_figure(fig, f"shakespeare_char, {args.budget_s:.0f} s budget each, {args.seeds} seed(s)",
-                args.assets / "compare_val_loss.png")
+    tokens = {"nanoGPT recipe": recipe.train["batch_size"] * recipe.train["block_size"],
+              "nanoKimi": kimi_settings["batch_size"] * kimi_settings["block_size"] * kimi_settings["grad_accum"]}
+    rows = [["nanoGPT recipe (baseline.py)", "1x", spread((r["summary"]["train_time_s"] for r in base_runs), "{:.1f}"),
+             spread((r["summary"]["step"] for r in base_runs), "{:.0f}"), spread(r["val"] for r in base_runs),
+             spread(r["val_own"] for r in base_runs)]]
+    for f in fractions:
+        runs = kimi_runs[f]
+        rows.append([f"nanoKimi ({Path(args.config or recipe.nanokimi_config).name})", f"{f:g}x",
+                     spread((r["summary"]["train_time_s"] for r in runs), "{:.1f}"),
+                     spread((r["summary"]["step"] for r in runs), "{:.0f}"), spread(r["val"] for r in runs),
+                     spread(r["val_own"] for r in runs)])
 
     peak = max(peaks)
-    accounting, throughput = [], []
-    for n in contenders:
-        r = results[n][0]
-        model, _, _ = load_model(r["out"])
+    throughput = []
+    for name, run in (("nanoGPT recipe", base_runs[0]), ("nanoKimi", kimi_runs[1.0][0])):
+        model, _, _ = load_model(run["out"])
+        s = run["summary"]
+        tok_s = s["step"] * tokens[name] / s["train_time_s"]
+        block = recipe.train["block_size"] if name == "nanoGPT recipe" else kimi_settings["block_size"]
+        flops = model.flops_per_token(block)
         params = model.num_params()
-        size = (Checkpoint(r["out"]).path / "model.safetensors").stat().st_size
-        val = r["evals"][-1]["val_loss"]
-        accounting.append([n, f"{params['total'] / 1e6:.3f}M", f"{params['active'] / 1e6:.3f}M",
-                           f"{size / 2 ** 20:.2f} MiB", f"{val:.4f}", f"{math.exp(val):.3f}"])
-        tok_s = r["summary"]["step"] * tokens_per_step / r["summary"]["train_time_s"]
-        flops = model.flops_per_token(args.block_size)
-        throughput.append([n, f"{tok_s:.0f}", f"{flops / 1e6:.1f}M", f"{tok_s * flops / 1e9:.1f}",
-                           f"{100 * tok_s * flops / 1e9 / peak:.1f}%"])
+        throughput.append([name, f"{params['total'] / 1e6:.2f}M", f"{params['active'] / 1e6:.2f}M", tokens[name],
+                           f"{tok_s:.0f}", f"{flops / 1e6:.1f}M", f"{100 * tok_s * flops / 1e9 / peak:.1f}%"])
 
-    body = (f"Same data (shakespeare_char), same batch ({args.batch_size}x{args.block_size} tokens), same machine, "
-            f"one run. The baseline uses nanoGPT's shakespeare_char hyperparameters (AdamW lr 1e-3, beta2 0.99, "
-            f"cosine to 1e-4); nanoKimi uses MuonClip lr {NANOKIMI_HPARAMS['lr']:g} (the best Muon lr of `nanokimi "
-            f"bench optim`) with K2's WSD schedule; both warm up for {WARMUP_FRACTION:.0%} of their expected steps. "
-            f"Every run trains for {args.budget_s:.0f} s of training time (evals excluded; `--max_time_s`, which fits "
-            f"the lr schedule to the time), so its step count follows the machine's speed; {args.seeds} seed(s) "
-            f"(mean (min..max)); about {args.evals} evals per run (spaced by the step count a {CALIBRATION_STEPS}-step "
-            f"calibration run predicts) on {args.eval_iters} batches per split. "
-            f"The whole benchmark took {(time.perf_counter() - started) / 60:.0f} min of wall-clock.\n\n"
-            + table(["model", "steps", "tokens", "train time", "final val loss",
-                     f"time to baseline's final val ({baseline_final:.4f})"], rows)
-            + f"\n\nMatched tokens: nanoKimi trained for the baseline's {baseline_steps} steps (mean) reaches "
-              f"val loss {same_tokens:.4f} in {kimi_same_tokens['summary']['train_time_s']:.0f} s.\n\n"
-              f"![compare](assets/compare_val_loss.png)\n\n"
-              f"Ablations, one component swapped, seed 0, the same {args.budget_s:.0f} s each:\n\n"
-            + table(["model", "steps", "final val loss", "train time"], ablation_rows)
-            + f"\n\nTraining throughput (fp32), model FLOPs utilisation against this machine's fp32 matmul peak "
-              f"measured in this run: {peak:.0f} GFLOP/s (the best of {len(peaks)} measurements, one before each "
-              f"training run; the lowest was {min(peaks):.0f}).\n\n"
-            + table(["model", "tokens/s", "train FLOPs/token", "GFLOP/s", "MFU"], throughput)
-            + "\n\nModel accounting:\n\n"
-            + table(["model", "total params", "active params", "checkpoint", "val loss", "val perplexity"],
-                    accounting))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([0] + [f * recipe_time for f in fractions], [None] + [mean_val[f] for f in fractions], "o-",
+            label="nanoKimi, final val of a run of that length (mean of seeds)")
+    for r in base_runs:
+        ax.plot([e["time"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], "-", color="C1", alpha=0.5,
+                label="nanoGPT recipe, its own evals" if r is base_runs[0] else None)
+    ax.axhline(target, color="k", ls="--", lw=1, label=f"recipe's final val {target:.4f}")
+    ax.set(xlabel="training seconds", ylabel="val loss", ylim=(None, max(mean_val.values()) + 0.3))
+    save_figure(fig, f"nanoKimi vs nanoGPT's {args.recipe.upper()} recipe, shakespeare_char",
+                args.assets / f"compare_{args.recipe}.png")
+
+    kimi_desc = ", ".join(f"{k} {v}" for k, v in kimi_settings.items()
+                          if k in ("batch_size", "block_size", "optimizer", "lr", "min_lr", "lr_schedule",
+                                   "warmup_iters", "dtype"))
+    body = (f"nanoGPT's {args.recipe.upper()} recipe, as its README runs it (`{recipe.command}`), through "
+            f"baseline.py (nanoGPT's model) and the trainer: {args.seeds} seed(s), whose mean final val "
+            f"{target:.4f} is the target and "
+            + (f"was NOT checked against nanoGPT's published {recipe.published_val} (--quick). " if args.quick else
+               f"reproduces nanoGPT's published {recipe.published_val} (checked, tolerance {REPRODUCTION_TOLERANCE}). ")
+            + f"nanoKimi's shipped config "
+            f"(`{args.config or recipe.nanokimi_config}`: {kimi_desc}) trains for the given fraction of the recipe's "
+            f"mean training time ({recipe_time:.1f} s; `--max_time_s`, its lr schedule fitted to the time), "
+            f"{args.seeds} seed(s) each. Every final checkpoint is scored by one evaluator (`nanokimi eval`): the same "
+            f"{args.eval_batches * EVAL_BATCH_SIZE} windows spread evenly over val, at the recipe's context "
+            f"({context} tokens), and at each model's own training window. Mean (min..max) over seeds. The whole "
+            f"benchmark took {(time.perf_counter() - started) / 60:.0f} min.\n\n"
+            f"**nanoKimi's time to the recipe's val loss: {time_to_target}** of the recipe's "
+            f"{recipe_time:.1f} s.\n\n"
+            + table(["model", "training time", "seconds", "steps", f"val loss @ {context}",
+                     "val loss @ own window"], rows)
+            + f"\n\n![compare](assets/compare_{args.recipe}.png)\n\n"
+            + f"Throughput of the 1x runs (seed 0); MFU against this machine's {str(dtype)[6:]} matmul peak measured "
+              f"in this run, {peak:.0f} GFLOP/s (best of {len(peaks)} measurements, one before each run):\n\n"
+            + table(["model", "params", "active", "tokens/step", "tokens/s", "train FLOPs/token", "MFU"], throughput))
     print(body)
-    write_section(args.report, "compare", body, args.command)
+    write_section(args.report, f"compare-{args.recipe}", body, args.command)
+
+
+def bench_sweep(args):
+    """A documented sweep of the CPU config: one setting varied at a time from the current best (batch shape, then
+    warmup, then lr, then model dims), each run given the same training seconds and scored by the one evaluator at
+    the recipe's context; one seed per point (`bench compare` then measures the winner over seeds)."""
+    recipe = RECIPES["cpu"]
+    settings, model = nanokimi_settings(args.config)
+    settings |= dict(data=args.data, seed=args.seed, max_time_s=args.budget_s, max_iters=10 ** 6,
+                     eval_interval=10 ** 6, eval_iters=1)
+    context = recipe.train["block_size"]
+    best = (settings, model)
+    rows, results = [], {}
+
+    def trial(stage, label, train_changes, model_changes):
+        s, m = best[0] | train_changes, best[1] | model_changes
+        key = json.dumps([s, m], sort_keys=True)
+        if key not in results:
+            out = Path(args.out) / f"{len(results):02d}"
+            records = run_training(out, m, **s)
+            val = float("inf") if "diverged" in records[-1] else score(out, args.data, context, args.eval_batches)
+            results[key] = (val, records[-1].get("summary", {}).get("step", 0))
+        val, steps = results[key]
+        rows.append([stage, label, steps, "diverged" if math.isinf(val) else f"{val:.4f}"])
+        print(rows[-1], flush=True)
+        return val, (s, m)
+
+    stages = {
+        "batch x block": [(f"{b}x{t}", dict(batch_size=b, block_size=t), {}) for b, t in args.shapes],
+        "warmup steps": [(str(w), dict(warmup_iters=w), {}) for w in args.warmups],
+        "lr (min_lr = lr/10)": [(f"{lr:g}", dict(lr=lr, min_lr=lr / 10), {}) for lr in args.lrs],
+        "model": [(label, {}, changes) for label, changes in MODEL_VARIANTS.items()],
+    }
+    for stage, trials in stages.items():
+        outcomes = [trial(stage, *t) for t in trials]
+        best = min(outcomes, key=lambda o: o[0])[1]
+        rows[-len(trials) + [o[1] for o in outcomes].index(best)][1] += " (best)"
+    changed = {k: v for k, v in best[0].items() if settings.get(k) != v}
+    body = (f"Starting from `{args.config}`, each stage varies one setting and keeps the best; every run trains for "
+            f"{args.budget_s:g} s (`--max_time_s`, schedule fitted), seed {args.seed}, and is scored on the same "
+            f"{args.eval_batches * EVAL_BATCH_SIZE} val windows of {context} tokens (the nanoGPT CPU recipe's "
+            f"context). Single runs: differences under ~0.02 are within seed noise.\n\n"
+            + table(["stage", "setting", "steps", f"val loss @ {context}"], rows)
+            + f"\n\nBest: training settings {changed or 'unchanged'}, model overrides {best[1] or 'none'}.")
+    print(body)
+    write_section(args.report, "sweep-cpu", body, args.command)
+
+
+# model variants of the sweep's last stage: the preset, then narrower/shallower/fewer-expert versions of it
+MODEL_VARIANTS = {"as configured": {}, "3 layers": {"num_hidden_layers": 3},
+                  "4 routed experts": {"n_routed_experts": 4}}
