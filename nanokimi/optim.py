@@ -45,23 +45,26 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            # the elementwise parts as a few multi-tensor (foreach) kernels instead of several per parameter
+            torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+            updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             by_shape = {}  # (out, in) -> [(param, its update as [k, out, in])]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+            for p, update in zip(params, updates):
                 by_shape.setdefault(tuple(p.shape[-2:]), []).append((p, update.reshape(-1, *p.shape[-2:])))
             for (rows, cols), members in by_shape.items():
                 orthogonal = zeropower_via_newtonschulz(torch.cat([u for _, u in members]), group["ns_steps"])
-                scale = group["lr"] * 0.2 * math.sqrt(max(rows, cols))
-                for (p, _), o in zip(members, orthogonal.split([u.shape[0] for _, u in members])):
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(o.view_as(p).type_as(p), alpha=-scale)
+                pieces = orthogonal.to(members[0][0].dtype).split([u.shape[0] for _, u in members])
+                torch._foreach_add_([p for p, _ in members], [o.view_as(p) for (p, _), o in zip(members, pieces)],
+                                    alpha=-group["lr"] * 0.2 * math.sqrt(max(rows, cols)))
 
 
 class MuonClip:
