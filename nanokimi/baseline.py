@@ -115,6 +115,10 @@ class GPT(nn.Module):
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
+    def blocks(self):
+        """The transformer blocks: the units FSDP2 shards."""
+        return list(self.h)
+
     def num_params(self):
         total = sum(p.numel() for p in self.parameters())
         return {"total": total, "active": total, "embedding": self.wte.weight.numel()}

@@ -86,25 +86,27 @@ def write_json(path, obj):
 
 
 def save(out_dir, model, arch, model_config, train_config=None, tokenizer_dir=None, optimizer_state=None,
-         trainer_state=None, name=NAME):
+         trainer_state=None, name=NAME, weights=None):
     """Write the checkpoint folder out_dir/name atomically (see the module docstring). train_config: the run's
-    settings as a dict. Refuses non-finite weights; a failed write (disk full, read-only folder) is a UserError and
-    leaves the previous checkpoint and no temporary folder behind."""
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    settings as a dict; weights: the model's full state dict when `model` holds only shards of it (FSDP), else read
+    from `model`. Refuses non-finite weights; a failed write (disk full, read-only folder) is a UserError and leaves
+    the previous checkpoint and no temporary folder behind."""
+    weights = model.state_dict() if weights is None else weights
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise UserError(f"the weights are not finite ({len(bad)} tensors, e.g. {bad[0]}), so they were not saved: the "
                         f"last good checkpoint in {out_dir} is kept; lower --lr or raise --warmup_iters")
     try:
-        return write_folder(Path(out_dir), model, arch, model_config, train_config, tokenizer_dir, optimizer_state,
-                            trainer_state, name)
+        return write_folder(Path(out_dir), model, weights, arch, model_config, train_config, tokenizer_dir,
+                            optimizer_state, trainer_state, name)
     except (OSError, safetensors.SafetensorError) as e:
         shutil.rmtree(Path(out_dir) / f".{name}.tmp", ignore_errors=True)
         raise UserError(f"could not write the checkpoint in {out_dir} ({write_failure(e)}): free some space or make "
                         f"the folder writable; the previous checkpoint, if any, is kept") from None
 
 
-def write_folder(out_dir, model, arch, model_config, train_config, tokenizer_dir, optimizer_state, trainer_state,
-                 name):
+def write_folder(out_dir, model, weights, arch, model_config, train_config, tokenizer_dir, optimizer_state,
+                 trainer_state, name):
     """`save`'s writes: into .NAME.tmp, then swapped in by two renames."""
     out_dir.mkdir(parents=True, exist_ok=True)
     final, tmp, old = out_dir / name, out_dir / f".{name}.tmp", out_dir / f".{name}.old"
@@ -113,7 +115,7 @@ def write_folder(out_dir, model, arch, model_config, train_config, tokenizer_dir
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     copies = tied_copies(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in copies}
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k not in copies}
     safetensors.torch.save_file(state, tmp / "model.safetensors")
     write_json(tmp / "config.json", {"arch": arch, "model": dataclasses.asdict(model_config), "train": train_config})
     if optimizer_state is not None:

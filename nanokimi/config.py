@@ -2,7 +2,7 @@
 `--resume` the settings saved with the run; then the model config it trains (fresh from a preset, or continued or
 finetuned from a checkpoint), checked against the data.
 
-Per-invocation flags (`resume`, `overwrite`, `init_from`) say what this command does: they are never saved into a
+Per-invocation flags (`resume`, `overwrite`, `init_from`, `fsdp`) say what this command does: they are never saved into a
 run nor read back from one. `block_size` is always the training window; a model's context is its own setting
 (`max_position_embeddings` for Kimi, `n_positions` for the baseline)."""
 
@@ -73,6 +73,8 @@ class TrainConfig:
     resume: bool = False  # continue the run in out_dir
     overwrite: bool = False  # start afresh in an out_dir that holds a checkpoint (replaced at the first save)
     init_from: str = ""  # a checkpoint to finetune from (weights only; new optimizer and schedule)
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state over the processes
+    # (FSDP2) instead of replicating them (DDP); a run's checkpoints resume under either layout or one process
 
     def __post_init__(self):
         for name in ("batch_size", "block_size", "grad_accum", "eval_iters", "log_interval", "eval_interval"):
@@ -99,6 +101,8 @@ class TrainConfig:
             raise UserError(f"unknown dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
         if not 0 < self.decay_frac <= 1:
             raise UserError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
+        if self.fsdp and self.compile:
+            raise UserError("--fsdp with --compile is not supported: drop one of them")
         if self.resume and self.init_from:
             raise UserError("--resume continues a run and --init_from starts a new one from weights: pass only one")
         if self.resume and self.overwrite:
@@ -117,7 +121,7 @@ def check_device(device):
         raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")
 
 
-INVOCATION_FIELDS = ("resume", "overwrite", "init_from")
+INVOCATION_FIELDS = ("resume", "overwrite", "init_from", "fsdp")
 
 
 def saved_settings(cfg):

@@ -12,6 +12,7 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate
 
 from .generation import generate_tokens
 
@@ -197,9 +198,15 @@ class Attention(nn.Module):
 
     @staticmethod
     def scale_heads_(weight, nh, factors):
-        """Multiply head h's rows of `weight` [nh * rows_per_head, in] by factors[h] ([nh] or [nh, rows_per_head])."""
-        w = weight.view(nh, -1, weight.shape[-1])
-        w.mul_(factors.view(nh, -1, 1).to(w.dtype))
+        """Multiply head h's rows of `weight` [nh * rows_per_head, in] by factors[h] ([nh] or [nh, rows_per_head]).
+        Under FSDP2 `weight` is a DTensor sharded by rows: each rank scales the rows it holds."""
+        rows = factors.view(nh, -1).expand(nh, weight.shape[0] // nh).reshape(-1, 1).to(weight.dtype)  # [out, 1]
+        if isinstance(weight, DTensor):
+            mesh = weight.device_mesh
+            rows = DTensor.from_local(rows, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(
+                mesh, weight.placements).to_local()
+            weight = weight.to_local()
+        weight.mul_(rows)
 
 
 def decode_mask(T, end, device):
@@ -527,6 +534,10 @@ class Kimi(nn.Module):
 
     def moe_layers(self):
         return [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
+
+    def blocks(self):
+        """The transformer blocks: the units FSDP2 shards."""
+        return list(self.layers)
 
     def attention_layers(self):
         """The layers QK-Clip rescales (`qk_clip_`), in the order of forward's max logits."""

@@ -10,8 +10,22 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def local_part(tensor):
+    """This rank's shard of an FSDP2 (DTensor) tensor, or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def rows_held(param, full):
+    """The rows of `full` (a whole matrix shaped as `param`) that this rank holds of `param`, sharded or not."""
+    if not isinstance(param, DTensor):
+        return full
+    replicated = DTensor.from_local(full, param.device_mesh, [Replicate()] * param.device_mesh.ndim, run_check=False)
+    return replicated.redistribute(param.device_mesh, param.placements).to_local()
 
 
 def zeropower_via_newtonschulz(grad, steps=5, eps=1e-7):
@@ -48,22 +62,29 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
             for p in params:
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
-            # the elementwise parts as a few multi-tensor (foreach) kernels instead of several per parameter
+            # elementwise work on this rank's part (all of it without FSDP), as a few multi-tensor kernels
+            local = [local_part(p) for p in params]
+            grads = [local_part(p.grad) for p in params]
+            bufs = [local_part(self.state[p]["momentum_buffer"]) for p in params]
             torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
             updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            by_shape = {}  # (out, in) -> [(param, its update as [k, out, in])]
-            for p, update in zip(params, updates):
-                by_shape.setdefault(tuple(p.shape[-2:]), []).append((p, update.reshape(-1, *p.shape[-2:])))
+            torch._foreach_mul_(local, 1 - group["lr"] * group["weight_decay"])
+            by_shape = {}  # (out, in) -> [(param, its part, its update as [k, out, in])]
+            for p, part, update in zip(params, local, updates):
+                if isinstance(p, DTensor) and p.ndim == 2:  # FSDP: rows are sharded, Newton-Schulz needs them all
+                    update = DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape,
+                                                stride=p.stride()).full_tensor()
+                # (a 3-D expert stack is sharded along its experts: this rank's experts are whole matrices)
+                by_shape.setdefault(tuple(p.shape[-2:]), []).append((p, part, update.reshape(-1, *p.shape[-2:])))
             for (rows, cols), members in by_shape.items():
-                orthogonal = zeropower_via_newtonschulz(torch.cat([u for _, u in members]), group["ns_steps"])
-                pieces = orthogonal.to(members[0][0].dtype).split([u.shape[0] for _, u in members])
-                torch._foreach_add_([p for p, _ in members], [o.view_as(p) for (p, _), o in zip(members, pieces)],
+                orthogonal = zeropower_via_newtonschulz(torch.cat([u for *_, u in members]), group["ns_steps"])
+                pieces = orthogonal.to(members[0][1].dtype).split([u.shape[0] for *_, u in members])
+                pieces = [rows_held(p, o[0]) if p.ndim == 2 else o for (p, _, _), o in zip(members, pieces)]
+                torch._foreach_add_([part for _, part, _ in members],
+                                    [o.view_as(part) for (_, part, _), o in zip(members, pieces)],
                                     alpha=-group["lr"] * 0.2 * math.sqrt(max(rows, cols)))
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, sharding
 from .config import check_device, plan_run, saved_settings
 from .errors import UserError, write_failure
 from .evaluate import evaluate
@@ -119,7 +120,8 @@ def train(cfg, overrides=None):
     run = Run(cfg)
     try:
         with run_lock(cfg.out_dir) if run.master else contextlib.nullcontext():
-            return Trainer(cfg, dict(overrides or {}), run).fit()
+            summary = Trainer(cfg, dict(overrides or {}), run).fit()
+        return summary if run.master else None  # one summary per run, not one per process
     finally:
         run.close()
 
@@ -130,6 +132,9 @@ class Trainer:
         if cfg.grad_accum % run.world:
             raise UserError(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes "
                             f"({run.world})")
+        if cfg.fsdp and not run.distributed:
+            raise UserError("--fsdp shards the model over several processes: launch with `torchrun "
+                            "--nproc_per_node=N -m nanokimi train ... --fsdp`")
         self.micro_steps = cfg.grad_accum // run.world
         plan = plan_run(cfg, overrides)
         self.data, self.arch, self.model_config, source = plan.data, plan.arch, plan.config, plan.source
@@ -138,6 +143,8 @@ class Trainer:
         if source is not None:
             source.load_weights(model)
         self.model = model.to(run.device)
+        if cfg.fsdp:
+            sharding.shard_model(self.model, run.dtype)
         self.optimizer = configure_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay,
                                              (cfg.beta1, cfg.beta2), qk_clip_tau=cfg.qk_clip_tau,
                                              track_max_logit=cfg.log_max_logit)
@@ -149,7 +156,9 @@ class Trainer:
                 raise UserError(f"{source.path} was trained with --optimizer={saved}: resume with the same optimizer, "
                                 f"or start a new run from its weights with --init_from")
             try:
-                self.optimizer.load_state_dict(source.optimizer_state())
+                state = source.optimizer_state()
+                self.optimizer.load_state_dict(sharding.shard_optimizer_state(self.optimizer, state) if cfg.fsdp
+                                               else state)
             except (ValueError, KeyError, RuntimeError) as e:
                 raise UserError(f"optimizer state in {source.path} does not fit this model ({e}): use --init_from to "
                                 f"start a new run from its weights") from None
@@ -158,7 +167,7 @@ class Trainer:
             self.evaluated_at = state.get("evaluated_at")
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
         net = torch.compile(self.model) if cfg.compile else self.model
-        if run.distributed:
+        if run.distributed and not cfg.fsdp:
             # every rank updates the expert bias identically from all-reduced loads: no buffer broadcast needed
             net = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
         self.net = net
@@ -181,12 +190,16 @@ class Trainer:
                 for split in ("train", "val")}
 
     def save(self):
+        # under FSDP every rank takes part in gathering the full state, which rank 0 writes: one checkpoint format
+        weights = sharding.full_weights(self.model) if self.cfg.fsdp else None
+        optimizer_state = sharding.full_optimizer_state(self.optimizer) if self.cfg.fsdp else \
+            self.optimizer.state_dict()
         if not self.run.master:
             return
         checkpoint.save(self.cfg.out_dir, self.model, self.arch, self.model_config, saved_settings(self.cfg),
-                        self.cfg.data, self.optimizer.state_dict(),
+                        self.cfg.data, optimizer_state,
                         {"step": self.step, "best_val_loss": self.best_val, "elapsed": self.elapsed,
-                         "evaluated_at": self.evaluated_at})
+                         "evaluated_at": self.evaluated_at}, weights=weights)
 
     def train_step(self):
         """One optimizer step over micro_steps batches; returns the mean loss (a tensor)."""
@@ -202,7 +215,9 @@ class Trainer:
             torch.manual_seed(step_seed(cfg.seed, run.rank * self.micro_steps + micro, self.step, 1))  # dropout
             x, y = (t.to(run.device) for t in self.data.batch("train", cfg.batch_size, gen))
             sync = micro == self.micro_steps - 1 or not run.distributed
-            with contextlib.nullcontext() if sync else self.net.no_sync(), run.autocast():
+            if cfg.fsdp:  # reduce-scatter gradients only after the last micro-batch
+                self.net.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or cfg.fsdp else self.net.no_sync(), run.autocast():
                 _, loss, *recorded = self.net(x, y, record_max_logits=True) if record else self.net(x, y)
                 loss = loss / self.micro_steps  # DDP averages over ranks: the scale of one big batch
             if record:  # the step's max logit per head: the max over its micro-batches
@@ -217,6 +232,7 @@ class Trainer:
         for opt in self.optimizer.optimizers:
             self.scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # FSDP: one value
         self.max_logits = self.optimizer.step(self.scaler, max_logits)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
-"""Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: trains with the real Trainer, then compares
-every rank's final weights and expert biases with rank 0's and writes the largest difference to
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: trains with the real Trainer (DDP, or FSDP2
+with "fsdp": true), then compares every rank's final weights and expert biases with rank 0's and writes the largest difference to
 OUT_DIR/ddp_check.json."""
 
 import json
@@ -7,6 +7,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from nanokimi.config import TrainConfig
 from nanokimi.train import Run, Trainer
@@ -15,7 +16,8 @@ cfg, overrides = TrainConfig(**json.loads(sys.argv[1])), json.loads(sys.argv[2])
 run = Run(cfg)
 trainer = Trainer(cfg, overrides, run)
 trainer.fit()
-state = torch.cat([t.detach().float().flatten() for t in trainer.model.state_dict().values()])
+state = torch.cat([(t.full_tensor() if isinstance(t, DTensor) else t).detach().float().flatten()
+                   for t in trainer.model.state_dict().values()])  # FSDP: every rank gathers the whole
 gathered = [torch.zeros_like(state) for _ in range(run.world)]
 dist.all_gather(gathered, state)
 if run.master:

@@ -111,3 +111,14 @@ def test_a_stopped_training_run_stops_the_benchmark(char_data, tmp_path, monkeyp
         main(["bench", f"--report={report}", "compare", "--quick", f"--data={char_data}", f"--out={tmp_path / 'runs'}"])
     assert exit_info.value.code != 0 and "the benchmark was stopped" in capsys.readouterr().err
     assert not report.exists()
+
+
+@pytest.mark.slow
+def test_memory_report_fsdp_halves_the_state(tmp_path):
+    report = tmp_path / "BENCH.md"
+    main(["bench", f"--report={report}", "memory", "--preset=shakespeare-char-cpu", "--batch_size=2",
+          "--block_size=16", "--port=29572"])
+    body = sections(report)["memory"]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in body.splitlines() if " x2 |" in line}
+    ddp, fsdp = (float(rows[name][4]) for name in ("DDP x2", "FSDP x2"))
+    assert fsdp <= 0.55 * ddp and "| 1 process |" in body

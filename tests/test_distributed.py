@@ -1,13 +1,16 @@
-"""DDP under torchrun with 2 gloo processes (tests/ddp_worker.py): identical weights on every rank."""
+"""DDP and FSDP2 under torchrun with 2 gloo processes (tests/ddp_worker.py): identical weights on every rank (DDP),
+the same training as one process (FSDP), and checkpoints that move between layouts."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from nanokimi.cli import main
 from tests.conftest import ROOT, TINY_MODEL, TINY_TRAIN, metrics, step_losses, train
 
 pytestmark = pytest.mark.slow
@@ -45,3 +48,38 @@ def test_ddp_time_budget_keeps_ranks_in_step(char_data, tmp_path):
     check = run_ddp(cfg, TINY_MODEL, 29534)
     assert check["world"] == 2 and check["max_diff"] == 0.0
     assert metrics(tmp_path / "ddp")[-1]["summary"]["status"] == "finished"
+
+
+def max_logits(out_dir):
+    return {r["step"]: r["max_logit"] for r in metrics(out_dir) if "max_logit" in r}
+
+
+def test_fsdp_trains_as_one_process_and_checkpoints_move_between_layouts(char_data, tmp_path, capsys):
+    # tau low enough that QK-Clip rescales heads from the first steps on: the clip decisions are compared too
+    # (the schedule is planned for 24 steps, so that the runs resumed from step 20 to 24 follow the straight run's)
+    cfg = {"data": str(char_data), "max_iters": 20, "lr_decay_iters": 24, "qk_clip_tau": 0.05, **DDP_TRAIN}
+    flags = [f"--{k}={v}" for k, v in cfg.items() if k != "data"]
+    run_ddp(cfg | {"out_dir": str(tmp_path / "fsdp"), "fsdp": True}, TINY_MODEL, 29535)
+    train(char_data, tmp_path / "single", *flags)
+    fsdp, single = step_losses(tmp_path / "fsdp"), step_losses(tmp_path / "single")
+    assert fsdp.keys() == single.keys() and fsdp[20] == pytest.approx(single[20], rel=2e-3)
+    single_logits, fsdp_logits = max_logits(tmp_path / "single"), max_logits(tmp_path / "fsdp")
+    assert sum(v > cfg["qk_clip_tau"] for v in single_logits.values()) >= 5  # QK-Clip fired on these steps
+    assert all((fsdp_logits[s] > cfg["qk_clip_tau"]) == (v > cfg["qk_clip_tau"]) and
+               fsdp_logits[s] == pytest.approx(v, rel=5e-3) for s, v in single_logits.items())  # the same clips
+    # an FSDP checkpoint is the one format: it samples in one process and resumes there
+    capsys.readouterr()
+    main(["sample", str(tmp_path / "fsdp"), "--max_new_tokens=20"])
+    assert len(capsys.readouterr().out) > 20
+    for name in ("fsdp", "single"):
+        shutil.copytree(tmp_path / name, tmp_path / f"{name}-resumed")
+    train(char_data, tmp_path / "fsdp-resumed", "--resume", "--max_iters=24")
+    # ... and a single-process checkpoint resumes under FSDP, with its optimizer state cut into shards
+    run_ddp(cfg | {"out_dir": str(tmp_path / "single-resumed"), "fsdp": True, "resume": True, "max_iters": 24},
+            TINY_MODEL, 29536)
+    train(char_data, tmp_path / "straight", *flags, "--max_iters=24")
+    straight = step_losses(tmp_path / "straight")
+    for name in ("fsdp-resumed", "single-resumed"):
+        resumed = step_losses(tmp_path / name)
+        assert sorted(resumed) == list(range(1, 25))
+        assert all(resumed[s] == pytest.approx(straight[s], rel=2e-3) for s in range(21, 25)), name

@@ -4,6 +4,7 @@ command, machine, torch version and date) and its plots under assets/.
     moe-scaling   one MoE layer's fwd+bwd time as n_routed_experts grows at fixed top-k
     inference     decode tokens/s and peak memory (MLA cache, no cache, MHA ablation, nanoGPT baseline), KV bytes
     optim         AdamW vs Muon vs MuonClip on shakespeare_char, and a high-LR stress run (max logits)
+    memory        per-rank parameters, gradients and optimizer state: one process, DDP x2, FSDP2 x2
     step          ms per training step, nanoKimi (MuonClip, AdamW) vs the baseline, and nanoKimi's step part by part
     compare       nanoKimi's shipped config vs nanoGPT's own recipe (CPU or GPU): time to the recipe's val loss
     sweep         the CPU config's batch shape, lr, warmup and dims, each run at the same time budget

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from . import __doc__ as overview
+from .memory import bench_memory
 from .speed import bench_inference, bench_moe_scaling, bench_step
 from .training import RECIPES, bench_compare, bench_optim, bench_sweep
 
@@ -74,6 +75,13 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--rounds", type=int, default=5, help="interleaved measurements of each contender")
     p.set_defaults(run=bench_step)
+
+    p = sub.add_parser("memory", help="per-rank parameters, gradients and optimizer state: 1 process, DDP, FSDP")
+    p.add_argument("--preset", default="shakespeare-char", help="nanoKimi preset (29.5M parameters by default)")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--block_size", type=int, default=64)
+    p.add_argument("--port", type=int, default=29571, help="torchrun's rendezvous port")
+    p.set_defaults(run=bench_memory)
 
     p = sub.add_parser("compare", parents=[data],
                        help="nanoKimi's shipped config vs nanoGPT's own recipe: time to the recipe's val loss")

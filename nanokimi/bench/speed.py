@@ -118,11 +118,13 @@ def bench_inference(args):
 
 
 
-def training_step(model, opt, x, y, dtype=torch.float32):
+def training_step(model, opt, x, y, dtype=torch.float32, net=None):
     """One training step as the trainer runs it: forward (recording max logits when the optimizer asks; under
-    autocast to `dtype` unless fp32), backward, gradient clipping, optimizer step with QK-Clip, expert-bias update."""
+    autocast to `dtype` unless fp32) through `net` (a DDP wrapper, else the model), backward, gradient clipping,
+    optimizer step with QK-Clip, expert-bias update."""
+    net = net or model
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        _, loss, *max_logits = model(x, y, record_max_logits=True) if opt.needs_max_logits else model(x, y)
+        _, loss, *max_logits = net(x, y, record_max_logits=True) if opt.needs_max_logits else net(x, y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step(max_logits=max_logits[0] if max_logits else None)
