@@ -46,7 +46,7 @@ def build_parser():
                                    "Any TrainConfig or model config field can be set as --name=value, e.g. "
                                    "--max_iters=2000 --lr=1e-3 --n_routed_experts=16. --resume continues the run in "
                                    "--out_dir; --init_from=CKPT finetunes from a checkpoint's weights. Under "
-                                   "`torchrun --nproc_per_node=N -m nanokimi train ...` it runs DDP.")
+                                   "`torchrun --nproc_per_node=N -m nanokimi train ...` it runs DDP, with --fsdp FSDP2.")
     p.add_argument("config", help="preset name or path to a .toml config")
 
     p = sub.add_parser("sample", help="generate text from a checkpoint",

@@ -1,4 +1,5 @@
-"""The training loop: one process, or DDP under torchrun. Pretraining, exact resume and finetuning.
+"""The training loop: one process, or DDP or FSDP2 (`--fsdp`) under torchrun. Pretraining, exact resume and
+finetuning.
 
 Every step's batches and dropout come from RNG seeds derived from (seed, rank, step), so a resumed run replays the
 uninterrupted run exactly from the weights, optimizer state and step number alone."""
