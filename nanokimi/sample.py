@@ -13,8 +13,10 @@ MIN_TEMPERATURE = 1e-3
 
 
 def sample(path, prompt=None, max_new_tokens=500, temperature=0.8, top_k=200, top_p=None, seed=1337,
-           num_samples=1, use_cache=True, device="cpu", out=sys.stdout):
-    """Print num_samples continuations of prompt, token by token; returns them as strings."""
+           num_samples=1, use_cache=True, device="cpu", out=None):
+    """Print num_samples continuations of prompt, token by token, to `out` (the current sys.stdout by default);
+    returns them as strings."""
+    out = out or sys.stdout
     if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= 1e4):
         raise UserError(f"--temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and 1e4 (lower ones overflow "
                         f"the probabilities), got {temperature}")
