@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..model import Kimi
 from ..optim import configure_optimizer, local_part
 from ..presets import PRESETS, make_config
-from ..model import Kimi
+from ..sharding import shard_model
 from .report import table, write_section
 from .speed import training_step
 
@@ -34,7 +35,6 @@ def measure(preset, layout, batch_size, block_size, report):
     model = Kimi(make_config("kimi", PRESETS[preset], {"max_position_embeddings": block_size, "dropout": 0.0}))
     net = model
     if layout == "fsdp":
-        from ..sharding import shard_model
         shard_model(model, torch.float32)
     elif layout == "ddp":
         net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
@@ -70,13 +70,14 @@ def bench_memory(args):
                                   env=os.environ | {"OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // procs))})
             if done.returncode != 0:
                 raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
-            ranks = [json.loads((Path(f"{report}.{r}")).read_text()) for r in range(procs)]
+            ranks = [json.loads(Path(f"{report}.{r}").read_text()) for r in range(procs)]
             worst = max(ranks, key=lambda r: r["params"] + r["grads"] + r["optimizer"])
             state[name] = worst["params"] + worst["grads"] + worst["optimizer"]
             rows.append([name, *(f"{worst[k] / 2 ** 20:.1f}" for k in ("params", "grads", "optimizer")),
                          f"{state[name] / 2 ** 20:.1f}", f"{max(r['peak_rss'] for r in ranks) / 2 ** 20:.0f}"])
-    model = make_config("kimi", PRESETS[args.preset], {})
-    body = (f"`{args.preset}` ({sum(p.numel() for p in Kimi(model).parameters()) / 1e6:.1f}M parameters), fp32, "
+    with torch.device("meta"):  # counted, not allocated
+        params = sum(p.numel() for p in Kimi(make_config("kimi", PRESETS[args.preset], {})).parameters())
+    body = (f"`{args.preset}` ({params / 1e6:.1f}M parameters), fp32, "
             f"MuonClip, after one training step of {args.batch_size}x{args.block_size} tokens on CPU (gloo); "
             f"MiB held by the rank that holds the most. Peak RSS is the whole process (torch itself, activations, "
             f"communication buffers) for scale.\n\n"
