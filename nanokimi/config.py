@@ -18,7 +18,7 @@ import torch
 
 from . import checkpoint
 from .baseline import GPTConfig
-from .data import TokenData, tokenizer_fingerprint
+from .data import TokenData, check_same_tokenizer
 from .errors import UserError
 from .model import KimiConfig
 from .presets import find_preset, make_config
@@ -252,10 +252,7 @@ def plan_run(cfg, overrides):
         if changed:
             raise UserError(f"model settings {changed} cannot change when continuing from a checkpoint: drop them")
         config = make_config(arch, base, overrides)
-        if tokenizer_fingerprint(source.path) != tokenizer_fingerprint(data.folder):
-            raise UserError(f"the tokenizer of checkpoint {source.path} differs from the one of data {data.folder}: "
-                            f"prepare the data with the checkpoint's tokenizer (nanokimi prepare ... "
-                            f"--tokenizer_from={source.path})")
+        check_same_tokenizer(source.path, data.folder)
     if cfg.block_size > config.context_length:
         raise UserError(f"block_size ({cfg.block_size}) exceeds the model's context ({config.context_length}): lower "
                         f"--block_size or raise --{config.context_field}")

@@ -4,6 +4,7 @@ A prepared dataset is a folder: train.bin, val.bin (token ids), meta.json (token
 BPE, tokenizer.json (HF `tokenizers`). Checkpoints carry a copy of meta.json/tokenizer.json, so sampling needs no
 data folder."""
 
+import functools
 import hashlib
 import json
 import os
@@ -132,6 +133,14 @@ def tokenizer_fingerprint(folder):
     return digest.hexdigest()
 
 
+def check_same_tokenizer(checkpoint_dir, data_folder):
+    """A UserError unless a checkpoint and a dataset share one tokenizer (token ids mean the same text)."""
+    if tokenizer_fingerprint(checkpoint_dir) != tokenizer_fingerprint(data_folder):
+        raise UserError(f"the tokenizer of checkpoint {checkpoint_dir} differs from the one of data {data_folder}: "
+                        f"prepare the data with the checkpoint's tokenizer (nanokimi prepare ... "
+                        f"--tokenizer_from={checkpoint_dir})")
+
+
 def copy_tokenizer(src, dst):
     for name in TOKENIZER_FILES:
         if (Path(src) / name).is_file():
@@ -249,6 +258,11 @@ class TokenData:
                                 f"text or a smaller --block_size")
             self.splits[split] = np.memmap(path, dtype=self.meta["dtype"], mode="r")
         self.block_size = block_size
+
+    @functools.cached_property
+    def token_bytes(self):
+        """UTF-8 bytes of each token id's text, as a tensor (for bits per byte)."""
+        return torch.tensor(self.tokenizer.token_bytes(), dtype=torch.float64)
 
     def batch(self, split, batch_size, generator):
         """batch_size windows at random starts drawn from `generator`."""

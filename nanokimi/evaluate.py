@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import load_model
 from .config import check_device
-from .data import TokenData, tokenizer_fingerprint
+from .data import TokenData, check_same_tokenizer
 from .errors import UserError
 
 
@@ -27,7 +27,6 @@ def evaluate(model, data, split, count, batch_size, device="cpu", autocast=conte
     was_training = model.training
     model.eval()
     starts = window_starts(len(data.splits[split]), data.block_size, count)
-    token_bytes = torch.tensor(data.tokenizer.token_bytes(), dtype=torch.float64)
     nats, tokens, text_bytes = 0.0, 0, 0.0
     for i in range(0, count, batch_size):
         x, y = data.windows(split, starts[i:i + batch_size])
@@ -35,7 +34,7 @@ def evaluate(model, data, split, count, batch_size, device="cpu", autocast=conte
             loss = model(x.to(device), y.to(device))[1]
         nats += loss.item() * y.numel()
         tokens += y.numel()
-        text_bytes += token_bytes[y].sum().item()
+        text_bytes += data.token_bytes[y].sum().item()
     model.train(was_training)
     loss = nats / tokens
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2),
@@ -56,9 +55,8 @@ def evaluate_checkpoint(path, data_dir, block_size=None, batches=200, batch_size
     if not 0 < block_size <= model.context_length:
         raise UserError(f"--block_size={block_size} is not within this model's context (1..{model.context_length})")
     data = TokenData(data_dir, block_size)
-    if tokenizer is not None and tokenizer_fingerprint(ckpt.path) != tokenizer_fingerprint(data.folder):
-        raise UserError(f"the tokenizer of checkpoint {ckpt.path} differs from the one of data {data.folder}: "
-                        f"evaluate on data prepared with it (nanokimi prepare ... --tokenizer_from={ckpt.path})")
+    if tokenizer is not None:  # an imported HF model may come without one
+        check_same_tokenizer(ckpt.path, data.folder)
     if data.tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"data {data.folder} has a {data.tokenizer.vocab_size}-token vocabulary, more than this "
                         f"model's {model.config.vocab_size}: evaluate on data prepared with the model's tokenizer")

@@ -12,7 +12,7 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .generation import generate_tokens
 
@@ -201,10 +201,8 @@ class Attention(nn.Module):
         """Multiply head h's rows of `weight` [nh * rows_per_head, in] by factors[h] ([nh] or [nh, rows_per_head]).
         Under FSDP2 `weight` is a DTensor sharded by rows: each rank scales the rows it holds."""
         rows = factors.view(nh, -1).expand(nh, weight.shape[0] // nh).reshape(-1, 1).to(weight.dtype)  # [out, 1]
-        if isinstance(weight, DTensor):
-            mesh = weight.device_mesh
-            rows = DTensor.from_local(rows, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(
-                mesh, weight.placements).to_local()
+        if isinstance(weight, DTensor):  # every rank has all factors: each cuts its rows' own (no communication)
+            rows = distribute_tensor(rows, weight.device_mesh, weight.placements, src_data_rank=None).to_local()
             weight = weight.to_local()
         weight.mul_(rows)
 

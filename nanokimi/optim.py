@@ -10,7 +10,7 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -21,11 +21,11 @@ def local_part(tensor):
 
 
 def rows_held(param, full):
-    """The rows of `full` (a whole matrix shaped as `param`) that this rank holds of `param`, sharded or not."""
+    """The rows of `full` (a whole matrix shaped as `param`) that this rank holds of `param`, sharded or not: every
+    rank has `full`, so each cuts its own shard (src_data_rank=None: no communication)."""
     if not isinstance(param, DTensor):
         return full
-    replicated = DTensor.from_local(full, param.device_mesh, [Replicate()] * param.device_mesh.ndim, run_check=False)
-    return replicated.redistribute(param.device_mesh, param.placements).to_local()
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
 def zeropower_via_newtonschulz(grad, steps=5, eps=1e-7):

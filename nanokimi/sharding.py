@@ -54,5 +54,6 @@ def shard_optimizer_state(optimizer, state):
             if isinstance(p, DTensor):
                 for key, value in values.items():
                     if torch.is_tensor(value) and value.shape == p.shape:
-                        values[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+                        values[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements,
+                                                        src_data_rank=None)  # every rank read the same state
     return state

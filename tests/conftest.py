@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import subprocess
@@ -52,6 +53,11 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def disk_full(*args, **kwargs):
+    """Monkeypatched over a write function: the disk fills up during the write."""
+    raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def metrics(out_dir):

@@ -1,6 +1,5 @@
 """Checkpoints: atomic writes that survive a crash, and damaged or refused checkpoints reported in one line."""
 
-import errno
 import os
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 from nanokimi import checkpoint
 from nanokimi.train import run_lock as train_lock
-from tests.conftest import TINY, cli_error, run_cli, step_losses, train
+from tests.conftest import TINY, cli_error, disk_full, run_cli, step_losses, train
 
 
 def test_checkpoint_survives_crash_mid_save(char_data, tmp_path, monkeypatch):
@@ -82,9 +81,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_resumable(char_data, tmp_path
     out = tmp_path / "run"
     train(char_data, out, "--max_iters=2")
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     assert "No space left" in cli_error(capsys, "train", "x", f"--out_dir={out}", "--resume", "--max_iters=4")
     assert not (out / ".checkpoint.tmp").exists() and checkpoint.Checkpoint(out).trainer_state()["step"] == 2
     monkeypatch.undo()
@@ -123,9 +120,7 @@ def test_export_onto_a_full_disk_is_one_line(char_data, tmp_path, capsys, monkey
     out = tmp_path / "run"
     train(char_data, out, "--max_iters=2")
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     assert "No space left" in cli_error(capsys, "export", out, tmp_path / "hf")
     monkeypatch.undo()
     assert run_cli("sample", out, "--max_new_tokens=3", "--prompt=A").returncode == 0  # the source is untouched

@@ -1,13 +1,11 @@
 """Data preparation: char-level and BPE datasets, and what happens with bad input."""
 
-import errno
-
 import numpy as np
 
 import nanokimi.data
 from nanokimi.cli import main
 from nanokimi.data import load_tokenizer, read_meta
-from tests.conftest import cli_error
+from tests.conftest import cli_error, disk_full
 
 
 def test_prepare_shakespeare_char(char_data, shakespeare_text):
@@ -62,8 +60,6 @@ def test_prepare_onto_a_full_disk_leaves_the_old_dataset(tmp_path, shakespeare_t
     main(["prepare", "text", f"--input={src}", f"--out={tmp_path / 'd'}"])
     before = (tmp_path / "d" / "train.bin").read_bytes()
 
-    def full(*args, **kwargs):  # the disk fills up while the new files are written
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(nanokimi.data, "write_json", full)
+    monkeypatch.setattr(nanokimi.data, "write_json", disk_full)
     assert "No space left" in cli_error(capsys, "prepare", "text", f"--input={src}", f"--out={tmp_path / 'd'}")
     assert (tmp_path / "d" / "train.bin").read_bytes() == before and not (tmp_path / "d" / ".prepare.tmp").exists()

@@ -184,12 +184,12 @@ def nanokimi_settings(config_path):
     return {k: v for k, v in saved_settings(cfg).items() if k not in ("out_dir", "progress")}, model
 
 
+EVAL_BATCH_SIZE = 12  # windows per evaluation batch: --eval_batches x 12 windows in all
+
+
 def score(out_dir, data, block_size, batches):
     """The one evaluator of the comparisons: val loss of a run's final checkpoint on fixed windows."""
     return evaluate_checkpoint(out_dir, data, block_size, batches, EVAL_BATCH_SIZE)["loss"]
-
-
-EVAL_BATCH_SIZE = 12  # windows per evaluation batch: --eval_batches x 12 windows in all
 
 
 def bench_compare(args):
@@ -207,9 +207,9 @@ def bench_compare(args):
 
     def evaluated(out, records, own_block):
         evals = [r for r in records if "val_loss" in r]
-        return {"out": out, "evals": evals, "summary": records[-1]["summary"],
-                "val": score(out, args.data, context, args.eval_batches),
-                "val_own": score(out, args.data, own_block, args.eval_batches)}
+        val = score(out, args.data, context, args.eval_batches)
+        return {"out": out, "evals": evals, "summary": records[-1]["summary"], "val": val,
+                "val_own": val if own_block == context else score(out, args.data, own_block, args.eval_batches)}
 
     def baseline(seed):
         peaks.append(matmul_peak_gflops(recipe.train["device"], dtype))
