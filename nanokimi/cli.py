@@ -1,5 +1,5 @@
-"""`nanokimi` command line: prepare, train, sample, eval, export, import, bench. Train settings come from a preset or
-configs/*.toml and any `--field=value` on the command line, nanoGPT-style."""
+"""`nanokimi` command line: prepare, train, torchrun, sample, eval, export, import, bench. Train settings come from a
+preset or configs/*.toml and any `--field=value` on the command line, nanoGPT-style."""
 
 import argparse
 import json
@@ -16,6 +16,30 @@ def train_command(target, extra):
     summary = train(cfg, model_overrides)
     if summary:
         print(json.dumps(summary))
+
+
+def torchrun_command(argv):
+    """`nanokimi torchrun [torchrun options] train ...` = `torchrun [options] -m nanokimi train ...`, run through
+    torchrun's own entry point, with its two ways of ending as one line instead of a traceback: a Ctrl-C/SIGTERM
+    (the workers save a checkpoint first) and a failed worker (whose own one-line error is printed above)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+    if "train" not in argv:
+        raise UserError("usage: nanokimi torchrun [torchrun's options, e.g. --nproc_per_node=2] train CONFIG "
+                        "[--settings]")
+    split = argv.index("train")
+    try:
+        torchrun_main([*argv[:split], "-m", "nanokimi", *argv[split:]])
+    except SignalException as e:
+        print(f"interrupted ({e.sigval.name}): the workers saved the run's checkpoint; continue with --resume",
+              file=sys.stderr)
+        sys.exit(128 + e.sigval)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"error: worker rank {rank} failed with exit code {failure.exitcode} (its message is above)",
+              file=sys.stderr)
+        sys.exit(failure.exitcode if failure.exitcode > 0 else 1)
 
 
 def bench_command(args):
@@ -46,7 +70,7 @@ def build_parser():
                                    "Any TrainConfig or model config field can be set as --name=value, e.g. "
                                    "--max_iters=2000 --lr=1e-3 --n_routed_experts=16. --resume continues the run in "
                                    "--out_dir; --init_from=CKPT finetunes from a checkpoint's weights. Under "
-                                   "`torchrun --nproc_per_node=N -m nanokimi train ...` it runs DDP, with --fsdp FSDP2.")
+                                   "`nanokimi torchrun --nproc_per_node=N train ...` it runs DDP, with --fsdp FSDP2.")
     p.add_argument("config", help="preset name or path to a .toml config")
 
     p = sub.add_parser("sample", help="generate text from a checkpoint",
@@ -86,6 +110,8 @@ def build_parser():
     p.add_argument("hf_dir")
     p.add_argument("out_ckpt")
 
+    sub.add_parser("torchrun", add_help=False,
+                   help="torchrun [options] train ...: DDP/FSDP over processes; Ctrl-C saves and ends in one line")
     sub.add_parser("bench", help="benchmarks (moe-scaling, optim, compare, ...); `nanokimi bench --help`",
                    add_help=False)
     return parser
@@ -97,6 +123,8 @@ def main(argv=None):
         parser = build_parser()
         if argv and argv[0] == "bench":
             return bench_command(argv[1:])
+        if argv and argv[0] == "torchrun":
+            return torchrun_command(argv[1:])
         args, extra = parser.parse_known_args(argv)
         if args.command == "train":
             return train_command(args.config, extra)

@@ -6,6 +6,7 @@ uninterrupted run exactly from the weights, optimizer state and step number alon
 
 import contextlib
 import fcntl
+import inspect
 import json
 import math
 import os
@@ -169,8 +170,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
         net = torch.compile(self.model) if cfg.compile else self.model
         if run.distributed and not cfg.fsdp:
-            # every rank updates the expert bias identically from all-reduced loads: no buffer broadcast needed
-            net = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+            # every rank updates the expert bias identically from all-reduced loads, and counts its own tokens per
+            # expert: no buffer sync at forward (torch >= 2.13 names it forward_sync_buffers, deprecating the old name)
+            ddp = torch.nn.parallel.DistributedDataParallel
+            no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                       else "broadcast_buffers")
+            net = ddp(net, **{no_sync: False})
         self.net = net
         self.metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
 
@@ -302,7 +307,8 @@ class Trainer:
                 last_eval = self.eval_and_checkpoint(bar)
             else:
                 self.save()
-                bar.write(f"stopped at step {self.step}: checkpoint saved in {out_dir}; continue with --resume")
+                if run.master:
+                    bar.write(f"stopped at step {self.step}: checkpoint saved in {out_dir}; continue with --resume")
         finally:
             bar.close()
             stop.restore()

@@ -4,14 +4,17 @@ the same training as one process (FSDP), and checkpoints that move between layou
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from nanokimi.cli import main
-from tests.conftest import ROOT, TINY_MODEL, TINY_TRAIN, metrics, step_losses, train
+from nanokimi import checkpoint
+from tests.conftest import ROOT, TINY, TINY_MODEL, TINY_TRAIN, metrics, step_losses, train
 
 pytestmark = pytest.mark.slow
 
@@ -83,3 +86,30 @@ def test_fsdp_trains_as_one_process_and_checkpoints_move_between_layouts(char_da
         resumed = step_losses(tmp_path / name)
         assert sorted(resumed) == list(range(1, 25))
         assert all(resumed[s] == pytest.approx(straight[s], rel=2e-3) for s in range(21, 25)), name
+
+
+def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
+    """`nanokimi torchrun ... train`: a Ctrl-C (SIGINT to the terminal's whole process group) saves the run and ends
+    with one line and exit 130; a worker's error ends with the worker's line and torchrun's, no traceback."""
+    out = tmp_path / "run"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nanokimi", "torchrun", "--nproc_per_node=2", "--master_port=29537",
+                             "train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={out}", *TINY,
+                             "--grad_accum=2", "--max_iters=100000", "--eval_interval=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (
+            (out / "metrics.jsonl").exists() and len(step_losses(out)) >= 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted (SIGINT): the workers saved")
+    assert checkpoint.Checkpoint(out).trainer_state()["step"] >= 3 and "continue with --resume" in stdout
+    failed = subprocess.run([sys.executable, "-m", "nanokimi", "torchrun", "--nproc_per_node=2", "--master_port=29538",
+                             "train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={tmp_path / 'odd'}",
+                             "--grad_accum=3"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+    assert "grad_accum (3) must be divisible by the number of processes (2)" in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1].startswith("error: worker rank")
