@@ -133,6 +133,9 @@ class GPT(nn.Module):
     def context_length(self):
         return self.config.context_length
 
+    # nanoGPT's configure_optimizers: fused AdamW on CUDA only (on CPU, torch's default per-parameter loop)
+    fused_adamw_devices = ("cuda",)
+
     def attention_layers(self):
         return []  # nanoGPT trains with AdamW: no QK-Clip
 

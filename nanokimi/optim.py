@@ -173,9 +173,10 @@ def configure_optimizer(model, name="muonclip", lr=1e-3, weight_decay=0.1, betas
             (decay if p.ndim >= 2 else no_decay).append(p)
         else:
             matrices.append(p)
+    fused = next(model.parameters()).device.type in model.fused_adamw_devices
     optimizers = [torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                      {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas,
-                                    fused=False)]
+                                    fused=fused)]
     if matrices:
         optimizers.append(Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum))
     return MuonClip(optimizers, model.attention_layers(), qk_clip_tau if name == "muonclip" else None,

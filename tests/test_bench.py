@@ -3,17 +3,29 @@
 import re
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import nanokimi.train
+from nanokimi.bench.speed import newton_schulz_flops
 from nanokimi.bench.training import RECIPES, check_reproduced
 from nanokimi.cli import main
 from nanokimi.config import parse_value
 from nanokimi.errors import UserError
+from nanokimi.optim import zeropower_via_newtonschulz
 
 
 def sections(report):
     text = report.read_text()
     return dict(re.findall(r"<!-- bench:([\w-]+) -->\n(.*?)<!-- /bench:\1 -->", text, re.S))
+
+
+@pytest.mark.parametrize("shape", [(4, 48, 96), (3, 96, 48), (2, 32, 32)])
+def test_newton_schulz_floor_counts_the_iterations_flops(shape):
+    """The step benchmark's floor uses the FLOPs torch's own counter sees in Muon's Newton-Schulz (wide and tall)."""
+    with FlopCounterMode(display=False) as counter:
+        zeropower_via_newtonschulz(torch.randn(*shape))
+    assert newton_schulz_flops([shape[1:]] * shape[0]) == counter.get_total_flops()
 
 
 def test_speed_sections(tmp_path):
@@ -27,7 +39,8 @@ def test_speed_sections(tmp_path):
     found = sections(report)
     assert set(found) == {"moe-scaling", "inference", "step"}
     for needle in ("| 2x16 | nanoKimi + MuonClip |", "| 3x8 | nanoGPT baseline + AdamW |", "of which Newton-Schulz",
-                   "routing and dispatch", "| 2x16 | 3x8 |", "Goal: nanoKimi + MuonClip <= 1.3x"):
+                   "routing and dispatch", "| 2x16 | 3x8 |", "Goal: nanoKimi + MuonClip <= 1.3x",
+                   "bf16 matmul peak (its floor)", "Newton-Schulz's floor alone is"):
         assert needle in found["step"], needle
     assert "| 16 | 2 |" in found["moe-scaling"] and "Command: `nanokimi bench" in found["moe-scaling"]
     assert found["inference"].count("nanoKimi, MLA cache") == 2 and "KV-cache bytes" in found["inference"]

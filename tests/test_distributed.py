@@ -68,8 +68,10 @@ def test_fsdp_trains_as_one_process_and_checkpoints_move_between_layouts(char_da
     assert fsdp.keys() == single.keys() and fsdp[20] == pytest.approx(single[20], rel=2e-3)
     single_logits, fsdp_logits = max_logits(tmp_path / "single"), max_logits(tmp_path / "fsdp")
     assert sum(v > cfg["qk_clip_tau"] for v in single_logits.values()) >= 5  # QK-Clip fired on these steps
+    # the same clips; the runs part by float summation order, and a gap grows with steps as training amplifies it:
+    # at step 20 the max logits differ by up to 2.3e-3 (per-parameter AdamW) or 6.0e-3 (fused AdamW) relative
     assert all((fsdp_logits[s] > cfg["qk_clip_tau"]) == (v > cfg["qk_clip_tau"]) and
-               fsdp_logits[s] == pytest.approx(v, rel=5e-3) for s, v in single_logits.items())  # the same clips
+               fsdp_logits[s] == pytest.approx(v, rel=1e-2) for s, v in single_logits.items())
     # an FSDP checkpoint is the one format: it samples in one process and resumes there
     capsys.readouterr()
     main(["sample", str(tmp_path / "fsdp"), "--max_new_tokens=20"])

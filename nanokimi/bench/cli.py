@@ -74,6 +74,7 @@ def build_parser():
     p.add_argument("--shapes", type=shape, nargs="+", default=[(12, 64), (32, 128)], help="batch x block, e.g. 12x64")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--rounds", type=int, default=5, help="interleaved measurements of each contender")
+    p.add_argument("--compile", action="store_true", help="add nanoKimi + MuonClip under torch.compile")
     p.set_defaults(run=bench_step)
 
     p = sub.add_parser("memory", help="per-rank parameters, gradients and optimizer state: 1 process, DDP, FSDP")

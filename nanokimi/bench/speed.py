@@ -120,9 +120,9 @@ def bench_inference(args):
 
 def training_step(model, opt, x, y, dtype=torch.float32, net=None):
     """One training step as the trainer runs it: forward (recording max logits when the optimizer asks; under
-    autocast to `dtype` unless fp32) through `net` (a DDP wrapper, else the model), backward, gradient clipping,
+    autocast to `dtype` unless fp32) through `net` (a DDP or torch.compile wrapper, else the model), backward, gradient clipping,
     optimizer step with QK-Clip, expert-bias update."""
-    net = net or model
+    net = model if net is None else net
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         _, loss, *max_logits = net(x, y, record_max_logits=True) if opt.needs_max_logits else net(x, y)
     loss.backward()
@@ -149,6 +149,21 @@ def forward_seconds(groups, run):
     return spent
 
 
+NS_FLOOR = "  Newton-Schulz's FLOPs at this CPU's bf16 matmul peak (its floor)"
+
+
+def newton_schulz_flops(shapes, steps=5):
+    """FLOPs of the quintic Newton-Schulz on matrices of these (rows, cols): per iteration, with m <= n the short and
+    long side, X X^T (2 m^2 n), A A (2 m^3), B X (2 m^2 n)."""
+    return sum(steps * (4 * m * m * n + 2 * m ** 3) for m, n in (sorted(shape) for shape in shapes))
+
+
+def bf16_matmul_peak(repeats):
+    """FLOP/s of this machine's best bf16 batched matmul on Muon-sized matrices (72 of 128 x 128), best of repeats."""
+    a = torch.randn(72, 128, 128, dtype=torch.bfloat16)
+    return 2 * 72 * 128 ** 3 / min(timings(lambda: a @ a, max(repeats, 10)))
+
+
 def step_breakdown(model, opt, x, y, repeats):
     """Median ms of the parts of nanoKimi's MuonClip step."""
     def median_ms(fn):
@@ -166,6 +181,7 @@ def step_breakdown(model, opt, x, y, repeats):
         by_shape.setdefault(tuple(p.shape[-2:]), []).append(p.grad.reshape(-1, *p.shape[-2:]))
     stacks = [torch.cat(grads) for grads in by_shape.values()]
     newton_schulz = median_ms(lambda: [zeropower_via_newtonschulz(g) for g in stacks])
+    floor = newton_schulz_flops([g.shape[-2:] for g in stacks for _ in range(len(g))]) / bf16_matmul_peak(repeats)
     opt.zero_grad()
     moes = model.moe_layers()
     groups = {"attention": model.attention_layers(), "moe": moes, "experts": [m.experts for m in moes],
@@ -176,7 +192,8 @@ def step_breakdown(model, opt, x, y, repeats):
             "  of which MoE routing and dispatch": part["moe"] - part["experts"] - part["shared"],
             "  of which routed-expert GEMMs": part["experts"], "  of which shared experts": part["shared"],
             "  of which max-logit recording (QK-Clip)": forward - unrecorded, "backward": backward,
-            "optimizer step (Muon + AdamW + QK-Clip)": optimizer, "  of which Newton-Schulz": newton_schulz}
+            "optimizer step (Muon + AdamW + QK-Clip)": optimizer, "  of which Newton-Schulz": newton_schulz,
+            NS_FLOOR: floor * 1e3}
 
 
 def bench_step(args):
@@ -185,25 +202,33 @@ def bench_step(args):
     longest = max(t for _, t in args.shapes)
     kimi_config = make_config("kimi", PRESETS[args.preset], {"max_position_embeddings": longest, "dropout": 0.0})
     gpt_config = make_config("gpt", BASELINE_PRESETS[args.baseline], {"n_positions": longest, "dropout": 0.0})
-    builds = {"nanoKimi + MuonClip": (Kimi, kimi_config, "muonclip", torch.float32),
-              "nanoKimi + MuonClip, bf16 autocast": (Kimi, kimi_config, "muonclip", torch.bfloat16),
-              "nanoKimi + AdamW": (Kimi, kimi_config, "adamw", torch.float32),
-              "nanoGPT baseline + AdamW": (GPT, gpt_config, "adamw", torch.float32)}
-    rows, breakdown_rows, ratios = [], {}, {}
+    builds = {"nanoKimi + MuonClip": (Kimi, kimi_config, "muonclip", torch.float32, False),
+              "nanoKimi + MuonClip, bf16 autocast": (Kimi, kimi_config, "muonclip", torch.bfloat16, False),
+              "nanoKimi + AdamW": (Kimi, kimi_config, "adamw", torch.float32, False),
+              "nanoGPT baseline + AdamW": (GPT, gpt_config, "adamw", torch.float32, False)}
+    if args.compile:
+        builds["nanoKimi + MuonClip, torch.compile"] = (Kimi, kimi_config, "muonclip", torch.float32, True)
+    rows, breakdown_rows, ratios, compile_s, baseline_ms = [], {}, {}, {}, {}
     for batch, block in args.shapes:
         x = torch.randint(0, kimi_config.vocab_size, (batch, block + 1))
         inputs, targets = x[:, :-1], x[:, 1:]
         contenders = {}
-        for name, (cls, config, optimizer, dtype) in builds.items():
+        for name, (cls, config, optimizer, dtype, compiled) in builds.items():
             torch.manual_seed(0)
             model = cls(config).train()
-            contenders[name] = (model, configure_optimizer(model, optimizer, lr=1e-3), dtype)
+            contenders[name] = (model, configure_optimizer(model, optimizer, lr=1e-3), dtype,
+                                torch.compile(model) if compiled else None)
+            if compiled:  # the first step compiles (timed apart; a warm cache in later runs makes it shorter)
+                model, opt, dtype, net = contenders[name]
+                compile_s[batch, block] = timings(lambda: training_step(model, opt, inputs, targets, dtype, net), 1,
+                                                  warmup=0)[0]
         medians = {name: [] for name in contenders}
         for _ in range(args.rounds):  # interleaved: the shared machine's drift hits every contender alike
-            for name, (model, opt, dtype) in contenders.items():
+            for name, (model, opt, dtype, net) in contenders.items():
                 medians[name].append(statistics.median(
-                    timings(lambda: training_step(model, opt, inputs, targets, dtype), args.repeats)))
+                    timings(lambda: training_step(model, opt, inputs, targets, dtype, net), args.repeats)))
         base = statistics.median(medians["nanoGPT baseline + AdamW"])
+        baseline_ms[batch, block] = base * 1e3
         for name, values in medians.items():
             ms = statistics.median(values)
             rows.append([f"{batch}x{block}", name, f"{ms * 1e3:.1f} ({min(values) * 1e3:.1f}..{max(values) * 1e3:.1f})",
@@ -222,7 +247,11 @@ def bench_step(args):
             + table(["part"] + [f"{b}x{t}" for b, t in breakdown_rows],
                     [[p.replace("  ", "&nbsp;&nbsp;")] + [f"{bd[p]:.1f}" for bd in breakdown_rows.values()]
                      for p in parts])
+            + ("\n\ntorch.compile's first step, which compiles (a warm cache from an earlier run shortens it), took "
+               + ", ".join(f"{s:.1f} s at {b}x{t}" for (b, t), s in compile_s.items()) + "." if compile_s else "")
             + "\n\nGoal: nanoKimi + MuonClip <= 1.3x the baseline's step; measured "
-            + ", ".join(f"{r:.2f}x at {b}x{t}" for (b, t), r in ratios.items()) + ".")
+            + ", ".join(f"{r:.2f}x at {b}x{t}" for (b, t), r in ratios.items()) + ". Newton-Schulz's floor alone is "
+            + ", ".join(f"{bd[NS_FLOOR] / baseline_ms[shape]:.0%} at {shape[0]}x{shape[1]}"
+                        for shape, bd in breakdown_rows.items()) + " of the baseline's whole step.")
     print(body)
     write_section(args.report, "step", body, args.command)
