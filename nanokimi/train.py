@@ -375,7 +375,8 @@ def plot_losses(metrics_path, png_path):
         ax.plot(steps, tr, "o-", label="train (eval)")
         ax.plot(steps, va, "o-", label="val")
     ax.set(xlabel="step", ylabel="loss", title=Path(metrics_path).parent.name)
-    ax.legend()
+    if train or evals:  # a run stopped before its first log record has nothing to label
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
