@@ -112,28 +112,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return RMSNormFunction.apply(x.float(), self.weight.float(), self.eps).type_as(x)
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """F.rms_norm (torch's fused kernel) forward, with a backward of five whole-tensor ops. Hand-written because torch
-    has no fused RMSNorm backward on CPU: autograd differentiates F.rms_norm's decomposition (~12 small kernels), about
-    twice this backward's time, and in nanoKimi's CPU step (17 norms) that is ~10% of fwd+bwd at 32x128 tokens."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-    @staticmethod
-    def backward(ctx, grad):  # y = w * x_hat, x_hat = x * r, r = (mean(x^2) + eps)^-1/2
-        x, weight = ctx.saved_tensors
-        r = torch.rsqrt(x.square().mean(-1, keepdim=True) + ctx.eps)
-        x_hat, grad_x_hat = x * r, grad * weight
-        # dL/dx = r * (g - x_hat * mean(g * x_hat)), g = dL/dx_hat; dL/dw = sum over tokens of grad * x_hat
-        grad_x = torch.addcmul(grad_x_hat, x_hat, (grad_x_hat * x_hat).mean(-1, keepdim=True), value=-1).mul_(r)
-        return grad_x, (grad * x_hat).flatten(0, -2).sum(0), None
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
 def yarn_mscale(scale, mscale=1.0):
@@ -174,11 +153,9 @@ def rope_frequencies(config):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs (2i, 2i+1) as DeepSeek does (HF rope_interleave=True): each pair is one complex
-    number, multiplied by cos + i sin (as DeepSeek-V3's apply_rotary_emb; one kernel each way, half the time of
-    rotating the halves separately). x: [..., T, d_r], cos/sin: [T, d_r/2]."""
-    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).type_as(x)
+    """Rotate interleaved pairs (2i, 2i+1) as DeepSeek does (HF rope_interleave=True). x: [..., T, d_r]."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -467,7 +444,7 @@ class MoE(nn.Module):
             aux_loss = self.sequence_balance_loss(scores.view(B, T, E), indices.view(B, T, K))
         order = indices.flatten().argsort(stable=True)  # token-slots sorted by expert
         token_of_slot = order // K
-        # index_select, not flat[...]: the same rows, and its backward is index_add_ (2x faster on CPU than indexing's)
+        # index_select, not flat[...]: the same rows; its backward (index_add_) is faster on CPU than indexing's
         y = self.experts(flat.index_select(0, token_of_slot), counts.cumsum(0).to(torch.int32))
         y = y.float() * weights.flatten()[order].unsqueeze(-1)
         out = torch.zeros_like(flat, dtype=torch.float32).index_add_(0, token_of_slot, y).type_as(x)
