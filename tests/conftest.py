@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,14 @@ def metrics(out_dir):
 
 def step_losses(out_dir):
     return {r["step"]: r["loss"] for r in metrics(out_dir) if "loss" in r}
+
+
+def wait_for_steps(proc, out_dir, steps, timeout=120):
+    """Wait until the training process `proc` has logged `steps` steps in out_dir (or ended, or timed out)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not (
+            (Path(out_dir) / "metrics.jsonl").exists() and len(step_losses(out_dir)) >= steps):
+        time.sleep(0.2)
 
 
 def cli_error(capsys, *argv):

@@ -7,14 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from nanokimi.cli import main
 from nanokimi import checkpoint
-from tests.conftest import ROOT, TINY, TINY_MODEL, TINY_TRAIN, metrics, step_losses, train
+from tests.conftest import ROOT, TINY, TINY_MODEL, TINY_TRAIN, metrics, step_losses, train, wait_for_steps
 
 pytestmark = pytest.mark.slow
 
@@ -100,10 +99,7 @@ def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
                              "--grad_accum=2", "--max_iters=100000", "--eval_interval=100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (
-            (out / "metrics.jsonl").exists() and len(step_losses(out)) >= 3):
-        time.sleep(0.2)
+    wait_for_steps(proc, out, 3)
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from nanokimi.cli import main
 from nanokimi.config import TrainConfig
 from nanokimi.data import load_tokenizer
 from nanokimi.train import learning_rate
-from tests.conftest import ROOT, TINY, cli_error, metrics, run_cli, step_losses, train
+from tests.conftest import ROOT, TINY, cli_error, metrics, run_cli, step_losses, train, wait_for_steps
 
 
 @pytest.mark.slow
@@ -107,9 +106,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(char_data, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "nanokimi", "train", "shakespeare-char-cpu", f"--data={char_data}",
                              f"--out_dir={out}", *TINY, "--max_iters=100000", "--eval_interval=100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(step_losses(out)) >= 3):
-        time.sleep(0.2)
+    wait_for_steps(proc, out, 3)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr

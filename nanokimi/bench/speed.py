@@ -120,8 +120,8 @@ def bench_inference(args):
 
 def training_step(model, opt, x, y, dtype=torch.float32, net=None):
     """One training step as the trainer runs it: forward (recording max logits when the optimizer asks; under
-    autocast to `dtype` unless fp32) through `net` (a DDP or torch.compile wrapper, else the model), backward, gradient clipping,
-    optimizer step with QK-Clip, expert-bias update."""
+    autocast to `dtype` unless fp32) through `net` (a DDP or torch.compile wrapper, else the model), backward,
+    gradient clipping, optimizer step with QK-Clip, expert-bias update."""
     net = model if net is None else net
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         _, loss, *max_logits = net(x, y, record_max_logits=True) if opt.needs_max_logits else net(x, y)
@@ -216,10 +216,9 @@ def bench_step(args):
         for name, (cls, config, optimizer, dtype, compiled) in builds.items():
             torch.manual_seed(0)
             model = cls(config).train()
-            contenders[name] = (model, configure_optimizer(model, optimizer, lr=1e-3), dtype,
-                                torch.compile(model) if compiled else None)
+            opt, net = configure_optimizer(model, optimizer, lr=1e-3), torch.compile(model) if compiled else None
+            contenders[name] = (model, opt, dtype, net)
             if compiled:  # the first step compiles (timed apart; a warm cache in later runs makes it shorter)
-                model, opt, dtype, net = contenders[name]
                 compile_s[batch, block] = timings(lambda: training_step(model, opt, inputs, targets, dtype, net), 1,
                                                   warmup=0)[0]
         medians = {name: [] for name in contenders}
