@@ -406,14 +406,47 @@ class Experts(nn.Module):
         return mm(F.silu(mm(x, self.gate_proj)) * mm(x, self.up_proj), self.down_proj)
 
 
-@torch.compiler.disable  # torch._grouped_mm's meta kernel accepts only bf16 (eager CPU takes fp32): run it eagerly
 def grouped_matmul(a, b, offsets):
-    """Rows a[offsets[e-1]:offsets[e]] @ b[e] for every expert e."""
-    if grouped_mm_available() and a.device.type in ("cpu", "cuda"):
-        return torch._grouped_mm(a, b, offs=offsets)
+    """Rows a[offsets[e-1]:offsets[e]] @ b[e] for every expert e: a [N, in], b [E, in, out] -> [N, out]."""
+    if grouped_mm_available() and a.device.type in ("cpu", "cuda"):  # eager: torch's own op, a little faster
+        return grouped_mm(a, b, offsets) if torch.compiler.is_compiling() else torch._grouped_mm(a, b, offs=offsets)
     # torch._grouped_mm missing on this build/device: one matmul per expert's contiguous slice (not per token)
     starts = [0] + offsets[:-1].tolist()
     return torch.cat([a[s:e] @ b[i] for i, (s, e) in enumerate(zip(starts, offsets.tolist()))])
+
+
+# torch._grouped_mm wrapped as ops of our own, with their own shape functions and backward, only so that
+# torch.compile traces the MoE as one graph: torch's shape function for it accepts bf16 alone (its CUDA kernel's
+# rule) while eager CPU runs fp32 too, so compile had to break the graph at every expert GEMM.
+@torch.library.custom_op("nanokimi::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offsets)
+
+
+@grouped_mm.register_fake
+def _(a, b, offsets):
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+@torch.library.custom_op("nanokimi::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """a [N, in], grad [N, out] -> [E, in, out]: a[slice e]^T @ grad[slice e] for every expert e."""
+    return torch._grouped_mm(a.t(), grad, offs=offsets)
+
+
+@grouped_mm_weight_grad.register_fake
+def _(a, grad, offsets):
+    return a.new_empty(offsets.shape[0], a.shape[1], grad.shape[1])
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offsets = ctx.saved_tensors
+    grad = grad.contiguous()  # the kernel takes real strides only (a gradient may come expanded, e.g. from a sum)
+    return grouped_mm(grad, b.transpose(-2, -1), offsets), grouped_mm_weight_grad(a, grad, offsets), None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward,
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
 class MoE(nn.Module):
@@ -437,12 +470,14 @@ class MoE(nn.Module):
         E, K = self.config.n_routed_experts, self.config.num_experts_per_tok
         flat = x.reshape(-1, H)
         weights, indices, scores = self.gate(flat)  # [N, K], [N, K], [N, E]
-        counts = torch.bincount(indices.flatten(), minlength=E)
+        slots = indices.flatten()  # [N * K] the expert of each token-slot
+        # tokens per expert: bincount, written so its shape is [E] whatever the data (torch.compile traces it)
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, slots, torch.ones_like(slots))
         aux_loss = None
         if self.training:
             self.tokens_per_expert += counts
             aux_loss = self.sequence_balance_loss(scores.view(B, T, E), indices.view(B, T, K))
-        order = indices.flatten().argsort(stable=True)  # token-slots sorted by expert
+        order = slots.argsort(stable=True)  # token-slots sorted by expert
         token_of_slot = order // K
         # index_select, not flat[...]: the same rows; its backward (index_add_) is faster on CPU than indexing's
         y = self.experts(flat.index_select(0, token_of_slot), counts.cumsum(0).to(torch.int32))

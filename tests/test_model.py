@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from nanokimi import PRESETS, Kimi
 from nanokimi.baseline import GPT, GPTConfig
-from nanokimi.model import MoE
+from nanokimi.model import MoE, grouped_mm
 from tests.conftest import tiny_config
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
@@ -92,6 +92,38 @@ def test_moe_matches_per_token_reference():
     moe.gate.e_score_correction_bias.normal_(0, 0.05)
     x = torch.randn(3, 10, 32)
     torch.testing.assert_close(moe(x)[0], reference_moe(moe, x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no grouped GEMM")
+def test_grouped_mm_op_matches_torch_grouped_mm_and_its_gradients():
+    """Our compile-traceable wrapper: the same output and gradients as torch's op, an expert with no tokens included."""
+    a, b = torch.randn(10, 8, requires_grad=True), torch.randn(3, 8, 4, requires_grad=True)
+    offsets = torch.tensor([4, 4, 10], dtype=torch.int32)  # expert 1 gets no rows
+    grad = torch.randn(10, 4)
+    expected = torch._grouped_mm(a, b, offs=offsets)
+    expected_grads = torch.autograd.grad(expected, (a, b), grad)
+    out = grouped_mm(a, b, offsets)
+    grads = torch.autograd.grad(out, (a, b), grad.expand(10, 4))
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grads, expected_grads)
+    assert grads[1][1].abs().max() == 0
+
+
+@pytest.mark.slow
+def test_compiles_as_one_graph_with_the_eager_results():
+    """The whole training forward (MLA, routing, grouped expert GEMMs, max-logit recording) traces without a graph
+    break, and the compiled model gives eager's loss, max logits and gradients."""
+    model = Kimi(tiny_config())
+    idx, targets = torch.randint(0, 50, (2, 2, 24)).unbind()
+    traced = torch._dynamo.explain(model)(idx, targets, record_max_logits=True)
+    assert traced.graph_break_count == 0, [r.reason.splitlines()[0] for r in traced.break_reasons]
+    results = []
+    for net in (model, torch.compile(model)):
+        _, loss, max_logits = net(idx, targets, record_max_logits=True)
+        loss.backward()
+        results.append((loss, max_logits, {n: p.grad for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-4)
 
 
 def test_bias_changes_selection_not_weights():
