@@ -12,10 +12,22 @@ How the work and communication are split (see also optim.Muon):
 - QK-Clip: the per-head max logits are all-reduced (as under DDP) and each rank rescales the q/k rows it holds;
 - the aux-loss-free expert bias is a buffer, not sharded: every rank updates it from all-reduced loads."""
 
+import inspect
+
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def data_parallel(net):
+    """DDP, the replicated layout. Every rank updates the expert bias identically from all-reduced loads and counts
+    its own tokens per expert, so no buffer is synced at forward (torch >= 2.13 names that forward_sync_buffers,
+    deprecating the old name)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
+        "broadcast_buffers"
+    return ddp(net, **{no_sync: False})
 
 
 def shard_model(model, dtype):

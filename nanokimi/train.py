@@ -6,7 +6,6 @@ uninterrupted run exactly from the weights, optimizer state and step number alon
 
 import contextlib
 import fcntl
-import inspect
 import json
 import math
 import os
@@ -170,12 +169,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
         net = torch.compile(self.model) if cfg.compile else self.model
         if run.distributed and not cfg.fsdp:
-            # every rank updates the expert bias identically from all-reduced loads, and counts its own tokens per
-            # expert: no buffer sync at forward (torch >= 2.13 names it forward_sync_buffers, deprecating the old name)
-            ddp = torch.nn.parallel.DistributedDataParallel
-            no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                       else "broadcast_buffers")
-            net = ddp(net, **{no_sync: False})
+            net = sharding.data_parallel(net)
         self.net = net
         self.metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
 

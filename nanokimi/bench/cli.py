@@ -43,6 +43,7 @@ def build_parser():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved measurements of each layer")
     p.set_defaults(run=bench_moe_scaling)
 
     p = sub.add_parser("inference", parents=[model],
@@ -82,6 +83,7 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--block_size", type=int, default=64)
     p.add_argument("--port", type=int, default=29571, help="torchrun's rendezvous port")
+    p.add_argument("--timeout_s", type=float, default=600, help="limit on each layout's run")
     p.set_defaults(run=bench_memory)
 
     p = sub.add_parser("compare", parents=[data],

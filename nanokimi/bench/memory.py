@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..model import Kimi
 from ..optim import configure_optimizer, local_part
 from ..presets import PRESETS, make_config
-from ..sharding import shard_model
+from ..sharding import data_parallel, shard_model
 from .report import table, write_section
 from .speed import training_step
 
@@ -37,7 +37,7 @@ def measure(preset, layout, batch_size, block_size, report):
     if layout == "fsdp":
         shard_model(model, torch.float32)
     elif layout == "ddp":
-        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        net = data_parallel(model)
     opt = configure_optimizer(model, "muonclip", lr=1e-3)
     x = torch.randint(0, model.config.vocab_size, (batch_size, block_size + 1))
     grads = {}
@@ -66,8 +66,11 @@ def bench_memory(args):
                        str(args.batch_size), str(args.block_size), str(report)] if procs > 1 else \
                 [sys.executable, "-m", "nanokimi.bench.memory", args.preset, layout, str(args.batch_size),
                  str(args.block_size), str(report)]
-            done = subprocess.run(command, capture_output=True, text=True,
-                                  env=os.environ | {"OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // procs))})
+            try:  # bounded: a DDP worker hung once in ~20 runs here (cause not found); it must not hang CI
+                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s, env=os.environ
+                                      | {"OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // procs))})
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{name} did not finish within {args.timeout_s} s: rerun the benchmark") from None
             if done.returncode != 0:
                 raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
             ranks = [json.loads(Path(f"{report}.{r}").read_text()) for r in range(procs)]

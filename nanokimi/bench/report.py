@@ -2,6 +2,7 @@
 
 import datetime
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -47,6 +48,23 @@ def timings(fn, repeats, warmup=2):
         fn()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def interleaved_medians(contenders, rounds, repeats):
+    """{name: [median seconds of `repeats` calls, one per round]} for {name: fn}, measured in interleaved rounds: the
+    shared machine's drift hits every contender alike."""
+    for fn in contenders.values():  # warm every contender up before the first round
+        timings(fn, 0)
+    medians = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            medians[name].append(statistics.median(timings(fn, repeats, warmup=0)))
+    return medians
+
+
+def spread_ms(values):
+    """'median (min..max)' in ms of per-round seconds."""
+    return f"{statistics.median(values) * 1e3:.1f} ({min(values) * 1e3:.1f}..{max(values) * 1e3:.1f})"
 
 
 def table(header, rows):

@@ -3,6 +3,7 @@ step of nanoKimi against the baseline, part by part."""
 
 import statistics
 import time
+from functools import partial
 
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
@@ -11,35 +12,38 @@ from ..baseline import GPT
 from ..model import ATTENTION, Kimi, MoE
 from ..optim import configure_optimizer, zeropower_via_newtonschulz
 from ..presets import BASELINE_PRESETS, PRESETS, make_config
-from .report import table, timings, write_section
+from .report import interleaved_medians, spread_ms, table, timings, write_section
 
 
 def bench_moe_scaling(args):
     base = PRESETS[args.preset]
-    rows, times = [], {}
     x = torch.randn(args.batch, args.seq, base.hidden_size)
+    steps, params = {}, {}
     for experts in args.experts:
         config = make_config("kimi", base, {"n_routed_experts": experts, "num_experts_per_tok": args.top_k})
         torch.manual_seed(0)
         moe = MoE(config)
         for p in moe.parameters():
             torch.nn.init.normal_(p, std=0.02)
-        inputs = x.clone().requires_grad_()
-
-        def step():
-            moe(inputs)[0].square().mean().backward()
-        times[experts] = statistics.median(timings(step, args.repeats))
-        params = sum(p.numel() for p in moe.parameters())
-        rows.append([experts, args.top_k, f"{params / 1e6:.2f}M", f"{times[experts] * 1e3:.1f}",
-                     f"{times[experts] / times[args.experts[0]]:.2f}x"])
+        params[experts] = sum(p.numel() for p in moe.parameters())
+        steps[experts] = partial(moe_step, moe, x.clone().requires_grad_())
+    rounds = interleaved_medians(steps, args.rounds, args.repeats)
+    first = statistics.median(rounds[args.experts[0]])
+    ratio = {e: statistics.median(r) / first for e, r in rounds.items()}
+    rows = [[e, args.top_k, f"{params[e] / 1e6:.2f}M", spread_ms(r), f"{ratio[e]:.2f}x"] for e, r in rounds.items()]
     body = (f"One MoE layer of `{args.preset}` (hidden {base.hidden_size}, expert width {base.moe_intermediate_size}, "
-            f"1 shared expert), {args.batch * args.seq} tokens, forward+backward, median of {args.repeats}.\n\n"
+            f"1 shared expert), {args.batch * args.seq} tokens, forward+backward: each layer's median of "
+            f"{args.repeats} steps, measured in {args.rounds} interleaved rounds; the table gives the median "
+            f"(min..max) of the rounds.\n\n"
             + table(["routed experts", "top-k", "layer params", "fwd+bwd ms", "vs first"], rows)
             + f"\n\nGoal: <= 1.5x at {args.experts[-1]} experts vs {args.experts[0]}: "
-              f"measured {times[args.experts[-1]] / times[args.experts[0]]:.2f}x.")
+              f"measured {ratio[args.experts[-1]]:.2f}x.")
     print(body)
     write_section(args.report, "moe-scaling", body, args.command)
 
+
+def moe_step(moe, inputs):
+    moe(inputs)[0].square().mean().backward()
 
 
 def kv_bytes_per_token_layer(config, dtype=torch.bfloat16):
@@ -221,17 +225,14 @@ def bench_step(args):
             if compiled:  # the first step compiles (timed apart; a warm cache in later runs makes it shorter)
                 compile_s[batch, block] = timings(lambda: training_step(model, opt, inputs, targets, dtype, net), 1,
                                                   warmup=0)[0]
-        medians = {name: [] for name in contenders}
-        for _ in range(args.rounds):  # interleaved: the shared machine's drift hits every contender alike
-            for name, (model, opt, dtype, net) in contenders.items():
-                medians[name].append(statistics.median(
-                    timings(lambda: training_step(model, opt, inputs, targets, dtype, net), args.repeats)))
+        medians = interleaved_medians({name: partial(training_step, model, opt, inputs, targets, dtype, net)
+                                       for name, (model, opt, dtype, net) in contenders.items()},
+                                      args.rounds, args.repeats)
         base = statistics.median(medians["nanoGPT baseline + AdamW"])
         baseline_ms[batch, block] = base * 1e3
         for name, values in medians.items():
             ms = statistics.median(values)
-            rows.append([f"{batch}x{block}", name, f"{ms * 1e3:.1f} ({min(values) * 1e3:.1f}..{max(values) * 1e3:.1f})",
-                         f"{batch * block / ms:.0f}", f"{ms / base:.2f}x"])
+            rows.append([f"{batch}x{block}", name, spread_ms(values), f"{batch * block / ms:.0f}", f"{ms / base:.2f}x"])
         ratios[batch, block] = statistics.median(medians["nanoKimi + MuonClip"]) / base
         breakdown_rows[batch, block] = step_breakdown(*contenders["nanoKimi + MuonClip"][:2], inputs, targets,
                                                       args.repeats)
