@@ -101,8 +101,6 @@ class TrainConfig:
             raise UserError(f"unknown dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
         if not 0 < self.decay_frac <= 1:
             raise UserError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
-        if self.fsdp and self.compile:
-            raise UserError("--fsdp with --compile is not supported: drop one of them")
         if self.resume and self.init_from:
             raise UserError("--resume continues a run and --init_from starts a new one from weights: pass only one")
         if self.resume and self.overwrite:

@@ -89,6 +89,17 @@ def test_fsdp_trains_as_one_process_and_checkpoints_move_between_layouts(char_da
         assert all(resumed[s] == pytest.approx(straight[s], rel=2e-3) for s in range(21, 25)), name
 
 
+def test_fsdp_under_compile_trains_as_eager_fsdp(char_data, tmp_path):
+    """--fsdp --compile: torch.compile over FSDP2's sharded blocks gives the eager FSDP run's losses."""
+    cfg = {"data": str(char_data), "max_iters": 4, "fsdp": True, **DDP_TRAIN}
+    run_ddp(cfg | {"out_dir": str(tmp_path / "eager")}, TINY_MODEL, 29537)
+    check = run_ddp(cfg | {"out_dir": str(tmp_path / "compiled"), "compile": True}, TINY_MODEL, 29538)
+    assert check["world"] == 2 and check["max_diff"] == 0.0
+    eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
+    assert compiled.keys() == eager.keys() == {1, 2, 3, 4}
+    assert all(compiled[s] == pytest.approx(eager[s], rel=1e-4) for s in eager)
+
+
 def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
     """`nanokimi torchrun ... train`: a Ctrl-C (SIGINT to the terminal's whole process group) saves the run and ends
     with one line and exit 130; a worker's error ends with the worker's line and torchrun's, no traceback."""
