@@ -223,4 +223,3 @@ def test_baseline_has_same_interface():
         assert m.context_length == m.config.context_length and m.flops_per_token(8) > 6 * m.num_params()["active"] / 2
         assert isinstance(m.update_expert_bias(), list) and isinstance(m.attention_layers(), list)
     assert model.attention_layers() == [] and len(kimi.attention_layers()) == 2
-
