@@ -56,6 +56,8 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW
     grad_clip: float = 1.0  # max gradient norm (0 disables)
     qk_clip_tau: float = 100.0  # MuonClip: heads whose max attention logit exceeds tau are rescaled to it
+    muon_dtype: str = "auto"  # Newton-Schulz precision: auto (bf16 or fp32, whichever this machine runs faster,
+    # measured at start-up) | float32 | bfloat16
     bias_update_gamma: float = 1e-3  # aux-loss-free balancing step (0 freezes the expert bias)
     # evaluation, logging, checkpoints
     eval_interval: int = 250  # steps between evaluations (each also writes a checkpoint)
@@ -67,7 +69,9 @@ class TrainConfig:
     # run
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 elsewhere) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (CUDA: bf16 where supported, else fp16 + GradScaler; fp32 elsewhere: CPU bf16
+    # autocast is 7x slower without bf16 instructions and measured slower at the CPU run's shapes even with them,
+    # see BENCHMARKS step) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the model
     # per invocation, never saved with the run
     resume: bool = False  # continue the run in out_dir
@@ -97,6 +101,8 @@ class TrainConfig:
             raise UserError(f"unknown optimizer {self.optimizer!r}: use muonclip, muon or adamw")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise UserError(f"unknown device {self.device!r}: use {', '.join(DEVICES)} or cuda:N")
+        if self.muon_dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"unknown muon_dtype {self.muon_dtype!r}: use auto, float32 or bfloat16")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"unknown dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
         if not 0 < self.decay_frac <= 1:

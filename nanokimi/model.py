@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .generation import generate_tokens
+from .hardware import expert_gemm_path
 
 
 @dataclass
@@ -381,10 +382,6 @@ class Gate(nn.Module):
         return weights * c.routed_scaling_factor, indices, scores
 
 
-def grouped_mm_available():
-    return hasattr(torch, "_grouped_mm")
-
-
 class Experts(nn.Module):
     """E routed SwiGLU experts stored as stacks [E, out, in], run on expert-sorted tokens with one grouped GEMM per
     projection, so the cost depends on tokens x K, not on E."""
@@ -406,11 +403,14 @@ class Experts(nn.Module):
         return mm(F.silu(mm(x, self.gate_proj)) * mm(x, self.up_proj), self.down_proj)
 
 
-def grouped_matmul(a, b, offsets):
-    """Rows a[offsets[e-1]:offsets[e]] @ b[e] for every expert e: a [N, in], b [E, in, out] -> [N, out]."""
-    if grouped_mm_available() and a.device.type in ("cpu", "cuda"):  # eager: torch's own op, a little faster
+def grouped_matmul(a, b, offsets, path=None):
+    """Rows a[offsets[e-1]:offsets[e]] @ b[e] for every expert e: a [N, in], b [E, in, out] -> [N, out]. `path`:
+    "grouped" (torch._grouped_mm) or "loop"; by default the one hardware.expert_gemm_path picks for this device,
+    dtype and these widths."""
+    path = path or expert_gemm_path(a.device, a.dtype, (b.shape[-2], b.shape[-1]))
+    if path == "grouped":  # eager: torch's own op, a little faster than our wrapper
         return grouped_mm(a, b, offsets) if torch.compiler.is_compiling() else torch._grouped_mm(a, b, offs=offsets)
-    # torch._grouped_mm missing on this build/device: one matmul per expert's contiguous slice (not per token)
+    # one matmul per expert's contiguous slice (not per token)
     starts = [0] + offsets[:-1].tolist()
     return torch.cat([a[s:e] @ b[i] for i, (s, e) in enumerate(zip(starts, offsets.tolist()))])
 

@@ -6,11 +6,14 @@ is 2-D only) and batches the Newton-Schulz iteration over every matrix of the sa
 own (tests check it against torch.optim.Muon matrix by matrix).
 """
 
+import functools
 import math
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from .hardware import fastest
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -28,11 +31,12 @@ def rows_held(param, full):
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
-def zeropower_via_newtonschulz(grad, steps=5, eps=1e-7):
+def zeropower_via_newtonschulz(grad, steps=5, eps=1e-7, dtype=torch.bfloat16):
     """Approximate U V^T of each trailing [m, n] matrix (singular values land in about 0.5..1.5), batched over
-    leading dims. Same quintic iteration, in bf16, as torch.optim.Muon, which accepts 2-D tensors only."""
+    leading dims. Same quintic iteration as torch.optim.Muon (which accepts 2-D tensors only), in `dtype`: torch's
+    bf16, or fp32 where this machine does fp32 matmuls faster (`newton_schulz_dtype`)."""
     a, b, c = NS_COEFFICIENTS
-    x = grad.bfloat16().flatten(0, -3) if grad.ndim > 2 else grad.bfloat16().unsqueeze(0)  # [batch, m, n]
+    x = grad.to(dtype).flatten(0, -3) if grad.ndim > 2 else grad.to(dtype).unsqueeze(0)  # [batch, m, n]
     transposed = grad.size(-2) > grad.size(-1)
     if transposed:
         x = x.mT
@@ -43,18 +47,69 @@ def zeropower_via_newtonschulz(grad, steps=5, eps=1e-7):
     return (x.mT if transposed else x).reshape(grad.shape)
 
 
+NS_PROBE_BATCH = 16  # matrices per shape timed by newton_schulz_dtype: the big expert stack's speed, in ~ms
+
+
+def newton_schulz_dtype(shapes, device, choice="auto"):
+    """(dtype, {dtype: seconds} or None): Newton-Schulz's precision. `choice` "float32" or "bfloat16" forces it;
+    "auto" times one iteration on up to NS_PROBE_BATCH matrices of each of `shapes` ({(rows, cols): count}, the
+    matrices Muon orthogonalises) in bf16 and fp32 and takes bf16 only where it is clearly faster (fp32 is the more
+    precise). Once per process, device and shapes. Under torch.distributed every rank takes rank 0's choice, so the
+    ranks' numerics stay identical."""
+    if choice not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"unknown muon_dtype {choice!r}: use auto, float32 or bfloat16")
+    if choice != "auto":
+        return getattr(torch, choice), None
+    dtype, timings = measure_newton_schulz_dtype(tuple(sorted(shapes.items())), str(device))
+    if dist.is_available() and dist.is_initialized():
+        code = torch.tensor([dtype == torch.bfloat16], dtype=torch.int32,
+                            device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(code, src=0)
+        dtype = torch.bfloat16 if code.item() else torch.float32
+    return dtype, timings
+
+
+@functools.lru_cache(maxsize=None)
+def measure_newton_schulz_dtype(shapes, device):
+    stacks = [torch.randn(min(count, NS_PROBE_BATCH), rows, cols, device=device) for (rows, cols), count in shapes]
+
+    def one_iteration(dtype):
+        for stack in stacks:
+            zeropower_via_newtonschulz(stack, steps=1, dtype=dtype)
+    return fastest((torch.float32, torch.bfloat16), one_iteration, device)
+
+
+def muon_shapes(params):
+    """{(rows, cols): number of matrices} of Muon parameters (an [E, out, in] stack counts E matrices of out x in)."""
+    shapes = {}
+    for p in params:
+        shapes[tuple(p.shape[-2:])] = shapes.get(tuple(p.shape[-2:]), 0) + (p.shape[0] if p.ndim == 3 else 1)
+    return shapes
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for hidden matrices, 2-D [out, in] and stacked 3-D expert [E, out, in] alike, with torch.optim.Muon's
     update rule (adjust_lr_fn="match_rms_adamw") applied to every matrix on its own: Nesterov momentum, Newton-Schulz
-    in bf16, lr * 0.2 * sqrt(max(out, in)), decoupled weight decay.
+    (in `ns_dtype`: bf16 as torch, or fp32), lr * 0.2 * sqrt(max(out, in)), decoupled weight decay.
 
     Hand-written because torch.optim.Muon takes 2-D parameters only and orthogonalises them one at a time: here every
     matrix of the same shape (q_b_proj of all layers, all experts of all layers, ...) goes through one batched
-    Newton-Schulz, so a step is a few large bf16 kernels instead of dozens of small ones."""
+    Newton-Schulz, so a step is a few large kernels instead of dozens of small ones. `ns_dtype` is an attribute, not
+    a group setting: a machine's choice, not saved with the optimizer state (a run resumed elsewhere re-chooses)."""
 
-    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5):
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
+                 ns_dtype=torch.bfloat16, ns_timings=None):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype
+        self.ns_timings = ns_timings  # {dtype: seconds} when ns_dtype was measured, None when forced
+
+    def precision(self):
+        """What Newton-Schulz runs in and why: "Newton-Schulz float32 (measured: float32 1.2 ms, bfloat16 8.3 ms)", or
+        "(as set)" when forced by --muon_dtype or kept from the run a --resume continues."""
+        why = ("measured: " + ", ".join(f"{str(d)[6:]} {t * 1e3:.1f} ms" for d, t in self.ns_timings.items())
+               if self.ns_timings else "as set")
+        return f"Newton-Schulz {str(self.ns_dtype)[6:]} ({why})"
 
     @torch.no_grad()
     def step(self):
@@ -80,7 +135,8 @@ class Muon(torch.optim.Optimizer):
                 # (a 3-D expert stack is sharded along its experts: this rank's experts are whole matrices)
                 by_shape.setdefault(tuple(p.shape[-2:]), []).append((p, part, update.reshape(-1, *p.shape[-2:])))
             for (rows, cols), members in by_shape.items():
-                orthogonal = zeropower_via_newtonschulz(torch.cat([u for *_, u in members]), group["ns_steps"])
+                orthogonal = zeropower_via_newtonschulz(torch.cat([u for *_, u in members]), group["ns_steps"],
+                                                        dtype=self.ns_dtype)
                 pieces = orthogonal.to(members[0][1].dtype).split([u.shape[0] for *_, u in members])
                 pieces = [rows_held(p, o[0]) if p.ndim == 2 else o for (p, _, _), o in zip(members, pieces)]
                 torch._foreach_add_([part for _, part, _ in members],
@@ -152,8 +208,10 @@ def unwrap(model):
 
 
 def configure_optimizer(model, name="muonclip", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), momentum=0.95,
-                        qk_clip_tau=100.0, track_max_logit=False):
+                        qk_clip_tau=100.0, track_max_logit=False, muon_dtype="auto"):
     """Split the model's parameters and build the optimizer `name` in {"muonclip", "muon", "adamw"}.
+    `muon_dtype`: Newton-Schulz's precision, "auto" (measured on this machine: `newton_schulz_dtype`), "float32" or
+    "bfloat16".
 
     Muon: every hidden matrix (attention projections, dense FFN, shared experts, each routed expert separately) and
     the router gate: like torchtitan's K2 recipe, since the gate is a hidden [E, H] matrix too and Moonlight found
@@ -178,6 +236,8 @@ def configure_optimizer(model, name="muonclip", lr=1e-3, weight_decay=0.1, betas
                                      {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas,
                                     fused=fused)]
     if matrices:
-        optimizers.append(Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum))
+        ns_dtype, timings = newton_schulz_dtype(muon_shapes(matrices), matrices[0].device, muon_dtype)
+        optimizers.append(Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, ns_dtype=ns_dtype,
+                               ns_timings=timings))
     return MuonClip(optimizers, model.attention_layers(), qk_clip_tau if name == "muonclip" else None,
                     track_max_logit)

@@ -23,7 +23,8 @@ from . import checkpoint, sharding
 from .config import check_device, plan_run, saved_settings
 from .errors import UserError, write_failure
 from .evaluate import evaluate
-from .optim import configure_optimizer, unwrap
+from .hardware import describe, expert_gemm_path
+from .optim import Muon, configure_optimizer, unwrap
 from .presets import build_model
 
 
@@ -146,9 +147,12 @@ class Trainer:
         self.model = model.to(run.device)
         if cfg.fsdp:
             sharding.shard_model(self.model, run.dtype)
+        muon_dtype = cfg.muon_dtype
+        if cfg.resume and muon_dtype == "auto":  # keep the precision the run chose, so that it replays bitwise
+            muon_dtype = source.trainer_state().get("muon_dtype", "auto")
         self.optimizer = configure_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay,
                                              (cfg.beta1, cfg.beta2), qk_clip_tau=cfg.qk_clip_tau,
-                                             track_max_logit=cfg.log_max_logit)
+                                             track_max_logit=cfg.log_max_logit, muon_dtype=muon_dtype)
         self.step, self.best_val, self.elapsed, self.evaluated_at = 0, float("inf"), 0.0, None
         self.max_logits = None  # [layers, heads] of the last step, when the optimizer asks for them
         if cfg.resume:
@@ -199,7 +203,12 @@ class Trainer:
         checkpoint.save(self.cfg.out_dir, self.model, self.arch, self.model_config, saved_settings(self.cfg),
                         self.cfg.data, optimizer_state,
                         {"step": self.step, "best_val_loss": self.best_val, "elapsed": self.elapsed,
-                         "evaluated_at": self.evaluated_at}, weights=weights)
+                         "evaluated_at": self.evaluated_at, "muon_dtype": self.muon_dtype()}, weights=weights)
+
+    def muon_dtype(self):
+        """The precision Muon's Newton-Schulz runs in ("float32"/"bfloat16"), or "auto" without Muon."""
+        muon = [opt for opt in self.optimizer.optimizers if isinstance(opt, Muon)]
+        return str(muon[0].ns_dtype)[6:] if muon else "auto"
 
     def train_step(self):
         """One optimizer step over micro_steps batches; returns the mean loss (a tensor)."""
@@ -255,7 +264,7 @@ class Trainer:
         if run.master:
             print(f"{self.arch} {cfg.preset}: {params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M "
                   f"active), {tokens_per_step} tokens/step, {cfg.optimizer}, {run.device} {str(run.dtype)[6:]}"
-                  f"{f', {run.world} processes' if run.distributed else ''}", flush=True)
+                  f"{f', {run.world} processes' if run.distributed else ''}; {self.precisions()}", flush=True)
         stop = StopRequest()
         seconds_bar = "{l_bar}{bar}| {n_fmt}/{total_fmt} s of training [{elapsed}<{remaining}{postfix}]"
         # a bar on a terminal; in a log file (stderr redirected), plain lines at each log record instead
@@ -314,6 +323,16 @@ class Trainer:
             self.log({"summary": summary})
             plot_losses(self.metrics_path, out_dir / "loss.png")
         return summary
+
+    def precisions(self):
+        """The hardware and each machine-dependent choice this run made, e.g. "CPU AVX512 + bf16, 2 threads; expert
+        GEMM grouped; Newton-Schulz bfloat16 (measured: ...)"."""
+        parts = [describe(self.run.device)]
+        if self.arch == "kimi":
+            widths = (self.model_config.hidden_size, self.model_config.moe_intermediate_size)
+            parts.append(f"expert GEMM {expert_gemm_path(self.run.device, self.run.dtype, widths)}")
+        parts += [opt.precision() for opt in self.optimizer.optimizers if isinstance(opt, Muon)]
+        return "; ".join(parts)
 
     def done(self):
         return self.step >= self.cfg.max_iters or 0 < self.cfg.max_time_s <= self.elapsed

@@ -7,7 +7,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import nanokimi.train
+from nanokimi.bench.report import hardware_kind, machine
 from nanokimi.bench.speed import newton_schulz_flops
+from nanokimi.hardware import cpu_kind
 from nanokimi.bench.training import RECIPES, check_reproduced
 from nanokimi.cli import main
 from nanokimi.config import parse_value
@@ -37,11 +39,14 @@ def test_speed_sections(tmp_path):
           "--seq=16"])  # a rerun replaces its section
     main(["bench", f"--report={report}", "step", "--shapes", "2x16", "3x8", "--repeats=1", "--rounds=2"])
     found = sections(report)
-    assert set(found) == {"moe-scaling", "inference", "step"}
+    step = f"step-{hardware_kind()}"  # one section per CPU kind, named in its stamp
+    assert set(found) == {"moe-scaling", "inference", step}
     for needle in ("| 2x16 | nanoKimi + MuonClip |", "| 3x8 | nanoGPT baseline + AdamW |", "of which Newton-Schulz",
                    "routing and dispatch", "| 2x16 | 3x8 |", "Goal: nanoKimi + MuonClip <= 1.3x",
-                   "bf16 matmul peak (its floor)", "Newton-Schulz's floor alone is"):
-        assert needle in found["step"], needle
+                   "matmul peak in its dtype (its floor)", "Newton-Schulz's floor alone is",
+                   "| 2x16 | nanoKimi + MuonClip, Newton-Schulz ", "the precision the trainer measures at start-up",
+                   f"CPU {cpu_kind()}, {torch.get_num_threads()} threads"):
+        assert needle in found[step], needle
     assert "| 16 | 2 |" in found["moe-scaling"] and "Command: `nanokimi bench" in found["moe-scaling"]
     assert found["inference"].count("nanoKimi, MLA cache") == 2 and "KV-cache bytes" in found["inference"]
     assert found["inference"].count("nanoKimi-MHA ablation, KV cache") == 2 and "peak memory MiB" in found["inference"]
@@ -64,12 +69,12 @@ def test_optim_report(char_data, tmp_path):
 def test_compare_quick_report(char_data, tmp_path):
     report = tmp_path / "BENCH.md"
     main(["bench", f"--report={report}", "compare", "--quick", f"--data={char_data}", f"--out={tmp_path / 'runs'}"])
-    body = sections(report)["compare-cpu"]
+    body = sections(report)[f"compare-cpu-{hardware_kind()}"]
     for needle in ("nanoGPT recipe (baseline.py)", "time to the recipe's val loss", "NOT checked", "MFU",
-                   "val loss @ 64", "--n_embd=128", "Machine:"):
+                   "val loss @ 64", "--n_embd=128", f"Machine: {machine()}", "nanoKimi's Newton-Schulz ran in "):
         assert needle in body, needle
     assert len([line for line in body.splitlines() if line.startswith("| nanoKimi (")]) == 2  # 0.5x and 1x
-    assert (tmp_path / "assets" / "compare_cpu.png").stat().st_size > 1000
+    assert (tmp_path / "assets" / f"compare_cpu_{hardware_kind()}.png").stat().st_size > 1000
 
 
 @pytest.mark.slow

@@ -8,8 +8,12 @@ from pathlib import Path
 
 import torch
 
+from ..hardware import cpu_kind, describe
+
 
 def machine():
+    """The CPU's model name, its kind (torch's capability and bf16/AMX instructions) and threads, the GPU's name and
+    compute capability, torch and Python."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -18,8 +22,15 @@ def machine():
                 break
     except OSError:
         pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+    return (f"{cpu}: {describe('cuda' if torch.cuda.is_available() else 'cpu')}; torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def hardware_kind(device="cpu"):
+    """A section-name suffix for figures that hold on one kind of hardware only: "avx512-bf16", "avx2", "sm90"."""
+    if torch.device(device).type == "cuda":
+        return "sm{}{}".format(*torch.cuda.get_device_capability(device))
+    return cpu_kind().lower().replace(" + ", "-")
 
 
 def write_section(report, name, body, command):

@@ -12,7 +12,7 @@ from ..baseline import GPT
 from ..model import ATTENTION, Kimi, MoE
 from ..optim import configure_optimizer, zeropower_via_newtonschulz
 from ..presets import BASELINE_PRESETS, PRESETS, make_config
-from .report import interleaved_medians, spread_ms, table, timings, write_section
+from .report import hardware_kind, interleaved_medians, spread_ms, table, timings, write_section
 
 
 def bench_moe_scaling(args):
@@ -153,7 +153,7 @@ def forward_seconds(groups, run):
     return spent
 
 
-NS_FLOOR = "  Newton-Schulz's FLOPs at this CPU's bf16 matmul peak (its floor)"
+NS_FLOOR = "  Newton-Schulz's FLOPs at this machine's matmul peak in its dtype (its floor)"
 
 
 def newton_schulz_flops(shapes, steps=5):
@@ -162,9 +162,10 @@ def newton_schulz_flops(shapes, steps=5):
     return sum(steps * (4 * m * m * n + 2 * m ** 3) for m, n in (sorted(shape) for shape in shapes))
 
 
-def bf16_matmul_peak(repeats):
-    """FLOP/s of this machine's best bf16 batched matmul on Muon-sized matrices (72 of 128 x 128), best of repeats."""
-    a = torch.randn(72, 128, 128, dtype=torch.bfloat16)
+def batched_matmul_peak(repeats, dtype):
+    """FLOP/s of this machine's best batched matmul in `dtype` on Muon-sized matrices (72 of 128 x 128), best of
+    repeats."""
+    a = torch.randn(72, 128, 128, dtype=dtype)
     return 2 * 72 * 128 ** 3 / min(timings(lambda: a @ a, max(repeats, 10)))
 
 
@@ -184,8 +185,10 @@ def step_breakdown(model, opt, x, y, repeats):
     for p in opt.optimizers[-1].param_groups[0]["params"]:
         by_shape.setdefault(tuple(p.shape[-2:]), []).append(p.grad.reshape(-1, *p.shape[-2:]))
     stacks = [torch.cat(grads) for grads in by_shape.values()]
-    newton_schulz = median_ms(lambda: [zeropower_via_newtonschulz(g) for g in stacks])
-    floor = newton_schulz_flops([g.shape[-2:] for g in stacks for _ in range(len(g))]) / bf16_matmul_peak(repeats)
+    ns_dtype = opt.optimizers[-1].ns_dtype
+    newton_schulz = median_ms(lambda: [zeropower_via_newtonschulz(g, dtype=ns_dtype) for g in stacks])
+    floor = (newton_schulz_flops([g.shape[-2:] for g in stacks for _ in range(len(g))])
+             / batched_matmul_peak(repeats, ns_dtype))
     opt.zero_grad()
     moes = model.moe_layers()
     groups = {"attention": model.attention_layers(), "moe": moes, "experts": [m.experts for m in moes],
@@ -206,21 +209,27 @@ def bench_step(args):
     longest = max(t for _, t in args.shapes)
     kimi_config = make_config("kimi", PRESETS[args.preset], {"max_position_embeddings": longest, "dropout": 0.0})
     gpt_config = make_config("gpt", BASELINE_PRESETS[args.baseline], {"n_positions": longest, "dropout": 0.0})
-    builds = {"nanoKimi + MuonClip": (Kimi, kimi_config, "muonclip", torch.float32, False),
-              "nanoKimi + MuonClip, bf16 autocast": (Kimi, kimi_config, "muonclip", torch.bfloat16, False),
-              "nanoKimi + AdamW": (Kimi, kimi_config, "adamw", torch.float32, False),
-              "nanoGPT baseline + AdamW": (GPT, gpt_config, "adamw", torch.float32, False)}
+    # Newton-Schulz's precision as the trainer chooses it (measured), and the other one forced, to show the choice
+    chosen = configure_optimizer(Kimi(kimi_config), "muonclip").optimizers[-1]
+    other = "bfloat16" if chosen.ns_dtype == torch.float32 else "float32"
+    builds = {"nanoKimi + MuonClip": (Kimi, kimi_config, "muonclip", torch.float32, False, "auto"),
+              f"nanoKimi + MuonClip, Newton-Schulz {other}": (Kimi, kimi_config, "muonclip", torch.float32, False,
+                                                              other),
+              "nanoKimi + MuonClip, bf16 autocast": (Kimi, kimi_config, "muonclip", torch.bfloat16, False, "auto"),
+              "nanoKimi + AdamW": (Kimi, kimi_config, "adamw", torch.float32, False, "auto"),
+              "nanoGPT baseline + AdamW": (GPT, gpt_config, "adamw", torch.float32, False, "auto")}
     if args.compile:
-        builds["nanoKimi + MuonClip, torch.compile"] = (Kimi, kimi_config, "muonclip", torch.float32, True)
+        builds["nanoKimi + MuonClip, torch.compile"] = (Kimi, kimi_config, "muonclip", torch.float32, True, "auto")
     rows, breakdown_rows, ratios, compile_s, baseline_ms = [], {}, {}, {}, {}
     for batch, block in args.shapes:
         x = torch.randint(0, kimi_config.vocab_size, (batch, block + 1))
         inputs, targets = x[:, :-1], x[:, 1:]
         contenders = {}
-        for name, (cls, config, optimizer, dtype, compiled) in builds.items():
+        for name, (cls, config, optimizer, dtype, compiled, muon_dtype) in builds.items():
             torch.manual_seed(0)
             model = cls(config).train()
-            opt, net = configure_optimizer(model, optimizer, lr=1e-3), torch.compile(model) if compiled else None
+            opt = configure_optimizer(model, optimizer, lr=1e-3, muon_dtype=muon_dtype)
+            net = torch.compile(model) if compiled else None
             contenders[name] = (model, opt, dtype, net)
             if compiled:  # the first step compiles (timed apart; a warm cache in later runs makes it shorter)
                 compile_s[batch, block] = timings(lambda: training_step(model, opt, inputs, targets, dtype, net), 1,
@@ -240,7 +249,8 @@ def bench_step(args):
     body = (f"One full training step (forward, backward, gradient clipping, optimizer, expert-bias update) on random "
             f"tokens, fp32 unless marked: `{args.preset}` and `{args.baseline}`, dropout 0. Each contender's median of "
             f"{args.repeats} steps, measured in {args.rounds} interleaved rounds; the table gives the median "
-            f"(min..max) of the rounds.\n\n"
+            f"(min..max) of the rounds. Unless marked, nanoKimi's Newton-Schulz runs in the precision the trainer "
+            f"measures at start-up on this machine: {chosen.precision()[len('Newton-Schulz '):]}.\n\n"
             + table(["batch x block", "model + optimizer", "ms per step", "tokens/s", "vs baseline"], rows)
             + "\n\nWhere nanoKimi's MuonClip step goes (ms, medians of separate timings of each part, so they do "
               "not add up exactly to the step):\n\n"
@@ -254,4 +264,4 @@ def bench_step(args):
             + ", ".join(f"{bd[NS_FLOOR] / baseline_ms[shape]:.0%} at {shape[0]}x{shape[1]}"
                         for shape, bd in breakdown_rows.items()) + " of the baseline's whole step.")
     print(body)
-    write_section(args.report, "step", body, args.command)
+    write_section(args.report, f"step-{hardware_kind()}", body, args.command)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model
+from ..checkpoint import Checkpoint, load_model
 from ..config import TrainConfig, load_train_config, saved_settings
 from ..errors import UserError
 from ..evaluate import evaluate_checkpoint
 from ..train import train
-from .report import pyplot, save_figure, table, timings, write_section
+from .report import hardware_kind, pyplot, save_figure, table, timings, write_section
 
 
 def run_training(out_dir, overrides=None, **settings):
@@ -291,8 +291,11 @@ def bench_compare(args):
                 label="nanoGPT recipe, its own evals" if r is base_runs[0] else None)
     ax.axhline(target, color="k", ls="--", lw=1, label=f"recipe's final val {target:.4f}")
     ax.set(xlabel="training seconds", ylabel="val loss", ylim=(None, max(mean_val.values()) + 0.3))
-    save_figure(fig, f"nanoKimi vs nanoGPT's {args.recipe.upper()} recipe, shakespeare_char",
-                args.assets / f"compare_{args.recipe}.png")
+    kind = hardware_kind(recipe.train["device"])
+    save_figure(fig, f"nanoKimi vs nanoGPT's {args.recipe.upper()} recipe, shakespeare_char ({kind})",
+                args.assets / f"compare_{args.recipe}_{kind}.png")
+    ns_dtypes = sorted({Checkpoint(r["out"]).trainer_state().get("muon_dtype", "?")
+                        for runs in kimi_runs.values() for r in runs})
 
     kimi_desc = ", ".join(f"{k} {v}" for k, v in kimi_settings.items()
                           if k in ("batch_size", "block_size", "optimizer", "lr", "min_lr", "lr_schedule",
@@ -313,12 +316,13 @@ def bench_compare(args):
             f"{recipe_time:.1f} s.\n\n"
             + table(["model", "training time", "seconds", "steps", f"val loss @ {context}",
                      "val loss @ own window"], rows)
-            + f"\n\n![compare](assets/compare_{args.recipe}.png)\n\n"
+            + f"\n\n![compare](assets/compare_{args.recipe}_{kind}.png)\n\n"
+            + f"nanoKimi's Newton-Schulz ran in {' and '.join(ns_dtypes)} (measured at each run's start; trainer.json). "
             + f"Throughput of the 1x runs (seed 0); MFU against this machine's {str(dtype)[6:]} matmul peak measured "
               f"in this run, {peak:.0f} GFLOP/s (best of {len(peaks)} measurements, one before each run):\n\n"
             + table(["model", "params", "active", "tokens/step", "tokens/s", "train FLOPs/token", "MFU"], throughput))
     print(body)
-    write_section(args.report, f"compare-{args.recipe}", body, args.command)
+    write_section(args.report, f"compare-{args.recipe}-{hardware_kind(recipe.train['device'])}", body, args.command)
 
 
 def bench_sweep(args):

@@ -1,0 +1,78 @@
+"""The machine a run is on, and the choices that depend on it. Each choice is made by measuring this machine
+(`fastest`) or by a documented capability check (`expert_gemm_path`), never by assuming the developer's CPU:
+a bf16 matmul is ~2x faster than fp32 on a CPU with AVX-512 bf16 instructions and ~7x slower on one with AVX2 only.
+
+Imports nothing else of nanoKimi: the model and the optimizer both ask it."""
+
+import functools
+import time
+
+import torch
+
+
+def cpu_kind():
+    """torch's CPU capability (DEFAULT, AVX2, AVX512, ...) and the bf16/AMX matrix instructions it has, e.g.
+    "AVX512 + bf16" (AVX-512 with native bf16 dot products) or "AVX2" (bf16 only by emulation)."""
+    extras = [name for name, has in (("bf16", torch.cpu._is_avx512_bf16_supported),
+                                     ("AMX", torch.cpu._is_amx_tile_supported)) if has()]
+    return " + ".join([torch.backends.cpu.get_cpu_capability(), *extras])
+
+
+def describe(device):
+    """One line naming the hardware behind `device`: the CPU kind and threads, and the GPU's name and compute
+    capability when it is one."""
+    line = f"CPU {cpu_kind()}, {torch.get_num_threads()} threads"
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        line += f"; GPU {torch.cuda.get_device_name(device)} (sm{major}{minor})"
+    return line
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fastest(candidates, run, device, rounds=3, margin=0.9):
+    """(the candidate c whose run(c) is fastest on this machine, {c: best seconds}). Measured in interleaved rounds
+    after one warm-up call each, so drift hits every candidate alike. The first candidate is the default (e.g. the
+    more precise one): another wins only when it takes under `margin` of the default's time, so near-equal timings
+    do not flip the choice from one process to the next."""
+    for c in candidates:
+        run(c)  # the first call pays for allocation and kernel selection
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(rounds):
+        for c in candidates:
+            synchronize(device)
+            t0 = time.perf_counter()
+            run(c)
+            synchronize(device)
+            best[c] = min(best[c], time.perf_counter() - t0)
+    default = candidates[0]
+    winner = min(best, key=best.get)
+    return (winner if best[winner] < margin * best[default] else default), best
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def expert_gemm_path(device, dtype, widths):
+    """How the routed experts' GEMMs run: "grouped" (torch._grouped_mm, one call per projection) or "loop" (one
+    matmul per expert's slice of tokens, with a host sync for the slice bounds; works everywhere).
+
+    A capability check, from torch's documented limits: torch._grouped_mm needs every row 16-byte aligned (each
+    width in `widths` times the element size) on every device; on CUDA its kernel needs bf16 and compute capability
+    >= 8.0 (its fast kernel sm90; older GPUs and fp16 would crash or fall back to torch's own per-expert loop, so
+    the loop here is the known-good path). On CPU torch loops over the experts in C++, faster than ours."""
+    device = torch.device(device)
+    if not hasattr(torch, "_grouped_mm") or device.type not in ("cpu", "cuda"):
+        return "loop"
+    if any(w * dtype.itemsize % 16 for w in widths):
+        return "loop"
+    index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0
+    if device.type == "cuda" and (dtype != torch.bfloat16 or cuda_capability(index) < (8, 0)):
+        return "loop"
+    return "grouped"
