@@ -13,7 +13,7 @@ install:
 
 demo: install
 	$(PYTHON) -m nanokimi prepare shakespeare_char $(if $(SHAKESPEARE),--input=$(SHAKESPEARE)) --out=data/shakespeare_char
-	$(PYTHON) -m nanokimi train configs/shakespeare_char_cpu.toml --overwrite
+	$(PYTHON) -m nanokimi train shakespeare-char-cpu --overwrite
 	$(PYTHON) -m nanokimi sample out/shakespeare-char-cpu --max_new_tokens=500
 
 test: install

@@ -21,11 +21,13 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .data import copy_tokenizer, load_tokenizer
+from .data import TOKENIZER_FILES, copy_tokenizer, load_tokenizer
 from .errors import UserError, write_failure
 from .presets import ARCHS, build_model, make_config
 
 NAME, OLD = "checkpoint", ".checkpoint.old"
+FILES = {"model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json", "trainer.json",
+         *TOKENIZER_FILES}  # what a checkpoint folder holds
 
 
 def find(path):
@@ -109,6 +111,9 @@ def write_folder(out_dir, model, weights, arch, model_config, train_config, toke
                  trainer_state, name):
     """`save`'s writes: into .NAME.tmp, then swapped in by two renames."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / name).is_symlink():  # followed, not replaced: the swap happens beside the folder it points to
+        target = (out_dir / name).resolve()
+        out_dir, name = target.parent, target.name
     final, tmp, old = out_dir / name, out_dir / f".{name}.tmp", out_dir / f".{name}.old"
     if not final.exists() and old.exists():  # finish a swap a kill interrupted
         os.replace(old, final)

@@ -1,8 +1,9 @@
-"""`nanokimi` command line: prepare, train, torchrun, sample, eval, export, import, bench. Train settings come from a
-preset or configs/*.toml and any `--field=value` on the command line, nanoGPT-style."""
+"""`nanokimi` command line: prepare, train, torchrun, sample, eval, plot, export, import, bench. Train settings come from
+a named run, a TOML file or a model preset, and any `--field=value` on the command line, nanoGPT-style."""
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -11,9 +12,15 @@ from .errors import UserError
 
 def train_command(target, extra):
     from .config import load_train_config
-    from .train import train
+    from .train import lost_peer, train
     cfg, model_overrides = load_train_config(target, extra)
-    summary = train(cfg, model_overrides)
+    try:
+        summary = train(cfg, model_overrides)
+    except (RuntimeError, ConnectionError) as e:
+        if not lost_peer(e):
+            raise
+        raise UserError(f"this worker lost its connection to another one ({str(e).strip().splitlines()[0][:120]}); "
+                        f"the run's last checkpoint is kept: continue with --resume") from None
     if summary:
         print(json.dumps(summary))
 
@@ -36,6 +43,15 @@ def torchrun_command(argv):
               file=sys.stderr)
         sys.exit(128 + e.sigval)
     except ChildFailedError as e:
+        # a worker killed by a signal (the OOM killer, kill -9) is the cause, whatever the others then printed;
+        # SIGTERM is torchrun's own way of ending the rest (a worker given SIGTERM by the user saves and exits 0)
+        killed = sorted(rank for rank, failure in e.failures.items() if failure.exitcode not in range(
+            -signal.SIGTERM, 256))
+        if killed:
+            failure = e.failures[killed[0]]
+            print(f"error: worker rank {killed[0]} was killed by {failure.signal_name()} and the others stopped "
+                  f"with it; the run's last checkpoint is kept: continue with --resume", file=sys.stderr)
+            sys.exit(128 - failure.exitcode)
         rank, failure = e.get_first_failure()
         print(f"error: worker rank {rank} failed with exit code {failure.exitcode} (its message is above)",
               file=sys.stderr)
@@ -63,15 +79,16 @@ def build_parser():
     p.add_argument("--drop_unknown", action="store_true",
                    help="with --tokenizer_from: drop characters the reused char vocabulary lacks (else an error)")
 
-    from .config import settings_help  # the settings list, generated from the config dataclasses
-    p = sub.add_parser("train", help="train or finetune a model", epilog=settings_help(),
+    from .config import runs_help, settings_help  # the lists, generated from the runs and the config dataclasses
+    p = sub.add_parser("train", help="train or finetune a model", epilog=runs_help() + "\n\n" + settings_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train from a preset name (e.g. shakespeare-char-cpu) or a configs/*.toml file. "
+                       description="Train a named run (e.g. shakespeare-char-cpu, the tuned CPU run), a .toml file of "
+                                   "your own (TrainConfig fields, [model] table) or a model preset. "
                                    "Any TrainConfig or model config field can be set as --name=value, e.g. "
                                    "--max_iters=2000 --lr=1e-3 --n_routed_experts=16. --resume continues the run in "
                                    "--out_dir; --init_from=CKPT finetunes from a checkpoint's weights. Under "
                                    "`nanokimi torchrun --nproc_per_node=N train ...` it runs DDP, with --fsdp FSDP2.")
-    p.add_argument("config", help="preset name or path to a .toml config")
+    p.add_argument("config", help="named run, .toml file or model preset")
 
     p = sub.add_parser("sample", help="generate text from a checkpoint",
                        description="Stream samples from a checkpoint (a run's out_dir or its checkpoint folder).")
@@ -97,6 +114,12 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=12)
     p.add_argument("--split", default="val", help="val or train")
     p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("plot", help="redraw a run's pictures from its metrics.jsonl",
+                       description="Redraw RUN/loss.png, RUN/experts.png (each MoE layer's share of routed tokens "
+                                   "per expert over the steps) and RUN/max_logit.png (the largest attention logit "
+                                   "against QK-Clip's tau) from RUN/metrics.jsonl, e.g. while the run trains.")
+    p.add_argument("run", help="a training run's --out_dir")
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face DeepseekV3ForCausalLM folder",
                        description="Export a Kimi checkpoint (folder or run out_dir) to OUT_DIR: config.json "
@@ -148,6 +171,13 @@ def main(argv=None):
         elif args.command == "eval":
             from .evaluate import main as eval_main
             eval_main(args)
+        elif args.command == "plot":
+            from .checkpoint import Checkpoint, find
+            from .plots import plot_run
+            settings = (Checkpoint(args.run).train_config or {}) if find(args.run) is not None else {}
+            tau = settings.get("qk_clip_tau") if settings.get("optimizer") == "muonclip" else None
+            for path in plot_run(args.run, tau):
+                print(f"wrote {path}")
         elif args.command == "export":
             from .hf import export
             print(f"wrote {export(args.checkpoint, args.out_dir)}")

@@ -1,4 +1,5 @@
-"""One place assembles a training run's configuration: a preset name or configs/*.toml, `--name=value` flags, and on
+"""One place assembles a training run's configuration: a named run (the package's runs/*.toml: the tuned CPU run, the
+GPU run, the finetune), a TOML file of your own, or a model preset with TrainConfig's defaults; `--name=value` flags; on
 `--resume` the settings saved with the run; then the model config it trains (fresh from a preset, or continued or
 finetuned from a checkpoint), checked against the data.
 
@@ -8,6 +9,7 @@ run nor read back from one. `block_size` is always the training window; a model'
 
 import ast
 import dataclasses
+import importlib.resources
 import inspect
 import json
 import re
@@ -21,7 +23,7 @@ from .baseline import GPTConfig
 from .data import TokenData, check_same_tokenizer
 from .errors import UserError
 from .model import KimiConfig
-from .presets import find_preset, make_config
+from .presets import BASELINE_PRESETS, PRESETS, find_preset, make_config
 
 try:
     import tomllib
@@ -70,7 +72,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (CUDA: bf16 where supported, else fp16 + GradScaler; fp32 elsewhere: CPU bf16
-    # autocast is 7x slower without bf16 instructions and measured slower at the CPU run's shapes even with them,
+    # autocast is 7x slower without bf16 instructions and measured no faster at the CPU run's shapes even with them,
     # see BENCHMARKS step) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the model
     # per invocation, never saved with the run
@@ -194,15 +196,35 @@ def model_fields():
     return {f.name for c in (KimiConfig, GPTConfig) for f in dataclasses.fields(c)} - train_fields()
 
 
+RUNS = importlib.resources.files("nanokimi") / "runs"  # the shipped runs, one TOML each, installed with the package
+
+
+def named_runs():
+    """{name: what it is for (its TOML's first comment line)} of the shipped runs."""
+    return {f.name.removesuffix(".toml"): f.read_text().splitlines()[0].lstrip("# ")
+            for f in sorted(RUNS.iterdir(), key=lambda f: f.name) if f.name.endswith(".toml")}
+
+
+def runs_help():
+    """The named runs and the bare model presets, for `nanokimi train --help`."""
+    runs = "\n".join(f"  {name:<27} {purpose}" for name, purpose in named_runs().items())
+    bare = [p for p in [*PRESETS, *BASELINE_PRESETS] if p not in named_runs()]
+    return (f"named runs (a run's settings and model; from any folder):\n{runs}\n\nmodel presets without a run of "
+            f"their own (trained with the defaults below): {', '.join(bare)}")
+
+
 def load_train_config(target, args):
-    """`nanokimi train TARGET ARGS...` -> (TrainConfig, model-field overrides). TARGET is a preset name or a .toml
-    file ([model] table: model fields); ARGS are --name=value flags. With --resume, the saved run's settings are the
-    base and this command line's flags update them."""
+    """`nanokimi train TARGET ARGS...` -> (TrainConfig, model-field overrides). TARGET is a named run, a .toml file
+    ([model] table: model fields) or a model preset name; ARGS are --name=value flags. With --resume, the saved run's
+    settings are the base and this command line's flags update them."""
     base, model_overrides = {}, {}
     path = Path(target)
+    if not (path.suffix == ".toml" or path.is_file()) and target in named_runs():
+        path = RUNS / f"{target}.toml"
     if path.suffix == ".toml" or path.is_file():
         if not path.is_file():
-            raise UserError(f"config file {path} not found: pass a configs/*.toml file or a preset name")
+            raise UserError(f"config file {path} not found: pass a .toml file, a named run "
+                            f"({', '.join(named_runs())}) or a preset name")
         try:
             base = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -214,11 +236,13 @@ def load_train_config(target, args):
     train_names, model_names = train_fields(), model_fields()
     unknown = sorted(cli.keys() - train_names - model_names) + sorted(base.keys() - train_names)
     if unknown:
-        raise UserError(f"unknown setting(s) {unknown}: see `nanokimi train --help` and configs/*.toml")
-    model_overrides |= {k: v for k, v in cli.items() if k in model_names}
+        raise UserError(f"unknown setting(s) {unknown}: see `nanokimi train --help`")
     cli_train = {k: v for k, v in cli.items() if k in train_names}
     invocation = {k: base.pop(k) for k in INVOCATION_FIELDS if k in base} | {
         k: cli_train.pop(k) for k in INVOCATION_FIELDS if k in cli_train}
+    if invocation.get("resume") or invocation.get("init_from"):
+        model_overrides = {}  # a [model] table builds a new model; a continued or finetuned one is the checkpoint's
+    model_overrides |= {k: v for k, v in cli.items() if k in model_names}
     if invocation.get("resume"):  # the saved run's settings, updated by what this command line sets again
         out_dir = cli_train.get("out_dir", base.get("out_dir", TrainConfig.out_dir))
         saved = checkpoint.Checkpoint(out_dir).train_config

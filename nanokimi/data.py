@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import UserError, write_failure
+from .folders import check_destination
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TOKENIZER_FILES = ("meta.json", "tokenizer.json")
@@ -210,6 +211,7 @@ def prepare(dataset, out, input=None, tokenizer="char", vocab_size=None, tokeniz
     out = Path(out)
     if dataset not in ("shakespeare_char", "text"):
         raise UserError(f"unknown dataset {dataset!r}: use shakespeare_char or text")
+    check_destination(out, "prepare", "a prepared dataset")
     if dataset == "shakespeare_char" and input is None:
         out.mkdir(parents=True, exist_ok=True)
         input = out / "input.txt"
@@ -234,6 +236,10 @@ def prepare(dataset, out, input=None, tokenizer="char", vocab_size=None, tokeniz
     if tokenizer == "bpe":
         if not vocab_size or vocab_size < 257:
             raise UserError(f"--vocab_size must be at least 257 for byte-level BPE, got {vocab_size}")
+        most = 256 + len(text.encode())  # every merge joins two tokens of the text: at most one per byte
+        if vocab_size > most:
+            raise UserError(f"--vocab_size={vocab_size} exceeds what {input} can teach a byte-level BPE ({most}: 256 "
+                            f"bytes + one merge per byte of text): lower --vocab_size")
         return write_dataset(text, BPETokenizer.train([input], vocab_size), out)
     raise UserError(f"unknown tokenizer {tokenizer!r}: use char or bpe")
 

@@ -5,6 +5,7 @@ a bf16 matmul is ~2x faster than fp32 on a CPU with AVX-512 bf16 instructions an
 Imports nothing else of nanoKimi: the model and the optimizer both ask it."""
 
 import functools
+import os
 import time
 
 import torch
@@ -76,3 +77,22 @@ def expert_gemm_path(device, dtype, widths):
     if device.type == "cuda" and (dtype != torch.bfloat16 or cuda_capability(index) < (8, 0)):
         return "loop"
     return "grouped"
+
+
+def available_memory(device):
+    """Bytes a new allocation can take on `device`: the GPU's free memory, else the OS's available memory (Linux's
+    MemAvailable, or all physical memory where that is not reported); None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

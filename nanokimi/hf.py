@@ -15,9 +15,11 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from . import checkpoint
-from .data import BPETokenizer, CharTokenizer, copy_tokenizer, load_tokenizer
+from .data import TOKENIZER_FILES, BPETokenizer, CharTokenizer, copy_tokenizer, load_tokenizer
 from .errors import UserError, write_failure
+from .folders import check_apart, check_destination, read_config
 from .model import Kimi, KimiConfig
+from .presets import build_model
 
 SAME_NAME_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
@@ -152,7 +154,7 @@ def load_hf(folder):
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {Path(folder) / 'config.json'} ({e})") from None
     config = from_hf_config(hf_config)
-    model = Kimi(config)
+    model = build_model("kimi", config)
     state = from_hf_state_dict(read_safetensors(folder), config)
     checkpoint.load_matching(model, {k: v.float() for k, v in state.items()}, f"Hugging Face folder {folder}")
     return model
@@ -193,13 +195,17 @@ def write_hf_folder(model, out_dir, tokenizer_dir):
     return out_dir
 
 
+EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json",
+                *TOKENIZER_FILES}
+
+
 def export(checkpoint_path, out_dir):
-    """`nanokimi export`: a trained nanoKimi checkpoint -> an HF folder with its tokenizer."""
-    model, _, ckpt = checkpoint.load_model(checkpoint_path)
-    out = Path(out_dir).resolve()
-    if checkpoint.find(out) is not None or out.is_relative_to(ckpt.path.resolve()):
-        raise UserError(f"{out_dir} holds a nanoKimi checkpoint or is inside one: export to a new folder, e.g. "
-                        f"hf/{ckpt.path.resolve().parent.name}")
+    """`nanokimi export`: a trained nanoKimi checkpoint -> an HF folder with its tokenizer. OUT_DIR is new, empty
+    or an earlier export (holding only the files export writes)."""
+    ckpt_path = checkpoint.resolve(checkpoint_path)
+    check_apart(ckpt_path.parent if ckpt_path.name == checkpoint.NAME else ckpt_path, out_dir, "export")
+    check_destination(out_dir, "export", "a Hugging Face model folder", EXPORT_FILES)
+    model, _, ckpt = checkpoint.load_model(ckpt_path)
     if not isinstance(model, Kimi):
         raise UserError(f"{ckpt.path} holds the {ckpt.arch} baseline: only Kimi models export to DeepseekV3")
     return save_hf(model, out_dir, ckpt.path)
@@ -210,6 +216,11 @@ def import_folder(hf_dir, out):
     hf_dir, out = Path(hf_dir), Path(out).resolve()
     if not is_hf_folder(hf_dir):
         raise UserError(f"{hf_dir} is not a Hugging Face model folder (no config.json with 'architectures')")
+    check_apart(hf_dir, out, "import")
+    check_destination(out, "import", "a nanoKimi checkpoint", checkpoint.FILES)
+    if (read_config(out) or {}).get("train"):  # a checkpoint a training run wrote: its optimizer state would go
+        raise UserError(f"{out} holds a training run's checkpoint: `nanokimi import` does not replace it, pick a new "
+                        f"folder")
     model = load_hf(hf_dir)
     path = checkpoint.save(out.parent, model, "kimi", model.config, name=out.name,
                            tokenizer_dir=hf_dir if (hf_dir / "meta.json").is_file() else None)

@@ -505,7 +505,7 @@ class MoE(nn.Module):
         """b_i += gamma * sign(mean_load - load_i), centred; returns the load statistics of the step."""
         load = self.tokens_per_expert
         stats = {"max_over_mean": (load.max() / load.mean().clamp(min=1)).item(),
-                 "dead_experts": int((load == 0).sum())}
+                 "dead_experts": int((load == 0).sum()), "tokens": load.clone()}
         if load.sum() > 0:
             delta = gamma * torch.sign(load.mean() - load)
             self.gate.e_score_correction_bias += delta - delta.mean()

@@ -47,15 +47,13 @@ def zeropower_via_newtonschulz(grad, steps=5, eps=1e-7, dtype=torch.bfloat16):
     return (x.mT if transposed else x).reshape(grad.shape)
 
 
-NS_PROBE_BATCH = 16  # matrices per shape timed by newton_schulz_dtype: the big expert stack's speed, in ~ms
-
-
 def newton_schulz_dtype(shapes, device, choice="auto"):
     """(dtype, {dtype: seconds} or None): Newton-Schulz's precision. `choice` "float32" or "bfloat16" forces it;
-    "auto" times one iteration on up to NS_PROBE_BATCH matrices of each of `shapes` ({(rows, cols): count}, the
-    matrices Muon orthogonalises) in bf16 and fp32 and takes bf16 only where it is clearly faster (fp32 is the more
-    precise). Once per process, device and shapes. Under torch.distributed every rank takes rank 0's choice, so the
-    ranks' numerics stay identical."""
+    "auto" times one iteration on stacks of exactly `shapes` ({(rows, cols): count}, the matrices Muon
+    orthogonalises; a smaller stack than the real one mispredicts, as batching pays off unequally in the two dtypes)
+    in bf16 and fp32 and takes bf16 only where it is clearly faster (fp32 is the more precise). Once per process,
+    device and shapes: ~20 ms for the CPU run on an AVX-512 CPU, ~0.5 s on an AVX2 one. Under torch.distributed every
+    rank takes rank 0's choice, so the ranks' numerics stay identical."""
     if choice not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"unknown muon_dtype {choice!r}: use auto, float32 or bfloat16")
     if choice != "auto":
@@ -71,7 +69,7 @@ def newton_schulz_dtype(shapes, device, choice="auto"):
 
 @functools.lru_cache(maxsize=None)
 def measure_newton_schulz_dtype(shapes, device):
-    stacks = [torch.randn(min(count, NS_PROBE_BATCH), rows, cols, device=device) for (rows, cols), count in shapes]
+    stacks = [torch.randn(count, rows, cols, device=device) for (rows, cols), count in shapes]
 
     def one_iteration(dtype):
         for stack in stacks:

@@ -2,8 +2,11 @@
 
 import dataclasses
 
+import torch
+
 from .baseline import GPT, GPTConfig
 from .errors import UserError
+from .hardware import available_memory
 from .model import Kimi, KimiConfig
 
 PRESETS = {
@@ -18,7 +21,7 @@ PRESETS = {
         rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
                       "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
         rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.02, aux_loss_alpha=1e-3),
-    # Character-level Shakespeare on a 2-core laptop CPU (configs/shakespeare_char_cpu.toml: 3 of its layers, ~3 min).
+    # Character-level Shakespeare on a 2-core laptop CPU (the run of the same name trains 3 of its layers, ~3 min).
     "shakespeare-char-cpu": KimiConfig(
         vocab_size=65, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
         q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
@@ -47,8 +50,8 @@ def find_preset(name):
         return "kimi", PRESETS[name]
     if name in BASELINE_PRESETS:
         return "gpt", BASELINE_PRESETS[name]
-    raise UserError(f"unknown preset {name!r}: choose one of {', '.join([*PRESETS, *BASELINE_PRESETS])} or pass a "
-                    f"configs/*.toml file")
+    raise UserError(f"unknown run or preset {name!r}: choose one of {', '.join([*PRESETS, *BASELINE_PRESETS])} "
+                    f"(`nanokimi train --help` lists the named runs) or pass a .toml file")
 
 
 def make_config(arch, base, overrides):
@@ -65,4 +68,28 @@ def make_config(arch, base, overrides):
 
 
 def build_model(arch, config):
+    """The model, once its weights are known to fit in this machine's memory (checked on the meta device first)."""
+    check_fits(arch, config, "cpu")
     return ARCHS[arch][1](config)
+
+
+def check_fits(arch, config, device, batch_tokens=0, shards=1, context=""):
+    """A UserError naming the setting to lower, unless the model fits in `device`'s available memory: 4 bytes per
+    parameter to hold it; when training `batch_tokens` per micro-batch, 16 bytes per parameter (weights, gradients,
+    two optimizer states; divided over `shards` FSDP ranks) plus activations, ~68 bytes x width x layers per token
+    (fp32; Korthikanti et al. 2022, without attention scores, which SDPA does not keep) and 12 bytes per token per
+    vocabulary entry (logits, their float copy and gradient). An estimate for refusing the impossible before any
+    allocation, not a promise that what passes fits."""
+    with torch.device("meta"):  # counts without allocating (a K2-sized config builds here in seconds)
+        params = sum(p.numel() for p in ARCHS[arch][1](config).parameters())
+    width = getattr(config, "hidden_size", None) or config.n_embd
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    need = params * 4
+    if batch_tokens:
+        need = params * 16 // shards + batch_tokens * (68 * width * layers + 12 * config.vocab_size)
+    free = available_memory(device)
+    if free is not None and need > free:
+        fix = "lower --batch_size or --block_size, or the model's size" if batch_tokens else "a smaller model"
+        raise UserError(f"{context or 'the model'} needs about {need / 2 ** 30:.1f} GiB ({params / 1e6:,.1f}M "
+                        f"parameters{', training' if batch_tokens else ''}) but {device} has {free / 2 ** 30:.1f} GiB "
+                        f"available: {fix}")

@@ -23,9 +23,12 @@ from . import checkpoint, sharding
 from .config import check_device, plan_run, saved_settings
 from .errors import UserError, write_failure
 from .evaluate import evaluate
+from .folders import check_destination
 from .hardware import describe, expert_gemm_path
+from .model import MoE
 from .optim import Muon, configure_optimizer, unwrap
-from .presets import build_model
+from .plots import plot_run, read_records
+from .presets import build_model, check_fits
 
 
 def learning_rate(cfg, step, elapsed=0.0):
@@ -84,6 +87,14 @@ class Run:
             dist.destroy_process_group()
 
 
+def lost_peer(error):
+    """Whether `error`, raised under torchrun, is a collective that failed because another worker is gone (killed,
+    crashed): gloo and NCCL raise it as a RuntimeError naming the lost connection."""
+    text = str(error).lower()
+    return "RANK" in os.environ and (isinstance(error, (dist.DistError, ConnectionError)) or "gloo" in text
+                                     or "connection" in text or "nccl" in text)
+
+
 class StopRequest:
     """Ctrl-C / SIGTERM ask the loop to save a checkpoint and exit cleanly at the end of the current step."""
 
@@ -119,6 +130,7 @@ def run_lock(out_dir):
 
 def train(cfg, overrides=None):
     """Train per `cfg` (TrainConfig) with model-field `overrides`; returns a summary dict (rank 0)."""
+    check_destination(cfg.out_dir, "train", "a training run")  # before the lock file marks it as a run's
     run = Run(cfg)
     try:
         with run_lock(cfg.out_dir) if run.master else contextlib.nullcontext():
@@ -140,6 +152,9 @@ class Trainer:
         self.micro_steps = cfg.grad_accum // run.world
         plan = plan_run(cfg, overrides)
         self.data, self.arch, self.model_config, source = plan.data, plan.arch, plan.config, plan.source
+        check_fits(self.arch, self.model_config, run.device, cfg.batch_size * cfg.block_size,
+                   run.world if cfg.fsdp else 1, f"training {cfg.preset} at --batch_size={cfg.batch_size} "
+                                                  f"--block_size={cfg.block_size}")
         torch.manual_seed(cfg.seed)
         model = build_model(self.arch, self.model_config)
         if source is not None:
@@ -176,6 +191,8 @@ class Trainer:
             net = sharding.data_parallel(net)
         self.net = net
         self.metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
+        self.expert_watch = ExpertWatch([i for i, block in enumerate(self.model.blocks())
+                                         if isinstance(getattr(block, "mlp", None), MoE)])
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def log(self, record):
@@ -281,6 +298,7 @@ class Trainer:
                     last_eval = self.eval_and_checkpoint(bar)
                 t0 = time.perf_counter()
                 loss, grad_norm, lr, loads = self.train_step()
+                self.expert_watch.add(loads)
                 self.step += 1
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
@@ -294,6 +312,8 @@ class Trainer:
                     if loads:
                         record["expert_max_over_mean"] = max(s["max_over_mean"] for s in loads)
                         record["dead_experts"] = sum(s["dead_experts"] for s in loads)
+                        record["expert_share"] = self.expert_watch.shares_since_log()
+                        record["moe_layers"] = self.expert_watch.layer_ids
                     self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}",
                                     refresh=False)
@@ -321,7 +341,7 @@ class Trainer:
                    "checkpoint": str(out_dir / checkpoint.NAME)}
         if run.master:
             self.log({"summary": summary})
-            plot_losses(self.metrics_path, out_dir / "loss.png")
+            plot_run(out_dir, cfg.qk_clip_tau if cfg.optimizer == "muonclip" else None)
         return summary
 
     def precisions(self):
@@ -357,40 +377,54 @@ class Trainer:
         self.log({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"], "time": self.elapsed})
         if self.run.master:
             bar.write(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        warning = self.expert_watch.check_at_eval()
+        if warning:
+            self.log({"step": self.step, "warning": warning})
+            if self.run.master:
+                bar.write(f"warning: {warning}")
         self.save()
         return losses
 
 
-def read_records(metrics_path):
-    """The records of a metrics.jsonl; a line cut short by a crash mid-write is skipped."""
-    records = []
-    for line in Path(metrics_path).read_text(errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return records
+class ExpertWatch:
+    """Routed-token counts of every MoE layer, summed between log records (for experts.png) and between evals, and
+    a warning, once per run, when an expert has received under DEAD_SHARE of its fair share of tokens for
+    DEAD_EVALS evals in a row (a dead expert: its bias cannot revive it fast enough, or the router collapsed)."""
+    DEAD_SHARE, DEAD_EVALS = 0.1, 3
 
+    def __init__(self, layer_ids):
+        self.layer_ids = layer_ids  # the model's layer number of each MoE layer
+        self.since_log = self.since_eval = self.streak = None
+        self.warned = False
 
-def plot_losses(metrics_path, png_path):
-    """Training loss (per log record) and train/val eval loss against steps, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    records = read_records(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["train_loss"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), alpha=0.5, label="train (batch)")
-    if evals:
-        steps, tr, va = zip(*evals)
-        ax.plot(steps, tr, "o-", label="train (eval)")
-        ax.plot(steps, va, "o-", label="val")
-    ax.set(xlabel="step", ylabel="loss", title=Path(metrics_path).parent.name)
-    if train or evals:  # a run stopped before its first log record has nothing to label
-        ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    def add(self, loads):
+        """loads: per MoE layer, update_expert_bias's statistics of one step (their "tokens": [E] counts)."""
+        if not loads:
+            return
+        counts = torch.stack([s["tokens"] for s in loads]).float().cpu()  # [moe layers, E]
+        self.since_log = counts if self.since_log is None else self.since_log + counts
+        self.since_eval = counts if self.since_eval is None else self.since_eval + counts
+
+    @staticmethod
+    def shares(counts):
+        return counts / counts.sum(-1, keepdim=True).clamp(min=1)
+
+    def shares_since_log(self):
+        shares = [[round(x, 5) for x in row] for row in self.shares(self.since_log).tolist()]
+        self.since_log = None
+        return shares
+
+    def check_at_eval(self):
+        """The warning text the first time experts have been starved for DEAD_EVALS evals, else None."""
+        if self.since_eval is None:
+            return None
+        starved = self.shares(self.since_eval) < self.DEAD_SHARE / self.since_eval.shape[-1]
+        self.since_eval = None
+        self.streak = starved.int() if self.streak is None else (self.streak + 1) * starved
+        dead = (self.streak >= self.DEAD_EVALS).nonzero().tolist()
+        if not dead or self.warned:
+            return None
+        self.warned = True
+        named = ", ".join(f"layer {self.layer_ids[layer]} expert {expert}" for layer, expert in dead)
+        return (f"dead experts: {named} received under {self.DEAD_SHARE:g} of a fair share of tokens for "
+                f"{self.DEAD_EVALS} evals in a row (see experts.png; a larger --bias_update_gamma rebalances faster)")

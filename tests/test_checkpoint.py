@@ -111,7 +111,7 @@ def test_export_refuses_to_write_over_a_checkpoint(char_data, tmp_path, capsys):
     train(char_data, out, "--max_iters=2")
     before = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
     for target in (out, out / "checkpoint", out / "checkpoint" / "hf"):
-        assert "export to a new folder" in cli_error(capsys, "export", out, target)
+        assert "apart from its source" in cli_error(capsys, "export", out, target)
     assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == before
     assert run_cli("sample", out, "--max_new_tokens=3", "--prompt=A").returncode == 0
 

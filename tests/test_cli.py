@@ -5,6 +5,7 @@ import json
 import pytest
 
 from nanokimi.cli import main
+from nanokimi.config import TrainConfig, load_train_config
 from tests.conftest import TINY, cli_error, run_cli
 
 
@@ -26,7 +27,7 @@ def test_bad_input_gives_one_line_error(case, char_data, tmp_path, capsys):
         "bad_model_value": (train_args + ["--num_experts_per_tok=99"], "num_experts_per_tok"),
         "bad_train_value": (train_args + ["--lr=-1"], "lr"),
         "unknown_setting": (train_args + ["--n_experts=4"], "n_experts"),
-        "unknown_preset": (["train", "gpt-5"], "unknown preset"),
+        "unknown_preset": (["train", "gpt-5"], "unknown run or preset"),
         "missing_checkpoint": (["sample", tmp_path / "nothing"], "no checkpoint"),
         "fsdp_without_torchrun": (train_args + ["--fsdp"], "torchrun --nproc_per_node=N"),
     }[case]
@@ -78,9 +79,29 @@ def test_sample_problems_are_one_line(case, char_data, tmp_path, capsys):
     assert expected in err
 
 
+def test_named_run_is_the_shipped_toml_from_any_folder(tmp_path, monkeypatch):
+    """`nanokimi train shakespeare-char-cpu` is the tuned CPU run (the TOML inside the package), wherever it is typed;
+    a model preset without a run takes TrainConfig's defaults; a TOML file of one's own still works."""
+    monkeypatch.chdir(tmp_path)
+    cfg, model = load_train_config("shakespeare-char-cpu", ["--max_iters=7"])
+    assert (cfg.batch_size, cfg.block_size, cfg.lr, cfg.max_iters) == (16, 64, 6e-3, 7)
+    assert model == {"num_hidden_layers": 3, "max_position_embeddings": 64, "dropout": 0.0}
+    assert load_train_config("shakespeare-char", [])[0].block_size == 256  # the GPU run
+    assert load_train_config("finetune-shakespeare-char", [])[0].lr == 5e-4
+    cfg, model = load_train_config("gpt-shakespeare-char-cpu", [])
+    assert (cfg.preset, cfg.batch_size, cfg.lr, model) == ("gpt-shakespeare-char-cpu", TrainConfig.batch_size,
+                                                           TrainConfig.lr, {})
+    (tmp_path / "mine.toml").write_text('preset = "shakespeare-char-cpu"\nbatch_size = 3\n[model]\nhidden_size = 64\n')
+    cfg, model = load_train_config("mine.toml", [])
+    assert cfg.batch_size == 3 and model == {"hidden_size": 64}
+
+
 def test_train_help_lists_every_setting():
     result = run_cli("train", "--help")
     assert result.returncode == 0
+    for run in ("shakespeare-char-cpu", "shakespeare-char", "finetune-shakespeare-char"):
+        assert f"\n  {run} " in result.stdout, run
+    assert "The tuned CPU run" in result.stdout
     for setting in ("--max_iters=2000", "--qk_clip_tau=100.0", "--n_routed_experts=8", "--n_positions=256",
                     "--overwrite=False"):
         assert setting in result.stdout, setting

@@ -100,17 +100,24 @@ def test_fsdp_under_compile_trains_as_eager_fsdp(char_data, tmp_path):
     assert all(compiled[s] == pytest.approx(eager[s], rel=1e-4) for s in eager)
 
 
+def start_endless_torchrun(data, out, port):
+    """`nanokimi torchrun` of 2 workers training until stopped, in a session of its own (as a terminal's job),
+    once it has logged 3 steps."""
+    proc = subprocess.Popen([sys.executable, "-m", "nanokimi", "torchrun", "--nproc_per_node=2", f"--master_port={port}",
+                             "train", "shakespeare-char-cpu", f"--data={data}", f"--out_dir={out}", *TINY,
+                             "--grad_accum=2", "--max_iters=100000", "--eval_interval=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"}, cwd=ROOT, start_new_session=True)
+    wait_for_steps(proc, out, 3)
+    return proc
+
+
 def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
     """`nanokimi torchrun ... train`: a Ctrl-C (SIGINT to the terminal's whole process group) saves the run and ends
     with one line and exit 130; a worker's error ends with the worker's line and torchrun's, no traceback."""
     out = tmp_path / "run"
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nanokimi", "torchrun", "--nproc_per_node=2", "--master_port=29537",
-                             "train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={out}", *TINY,
-                             "--grad_accum=2", "--max_iters=100000", "--eval_interval=100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                            start_new_session=True)
-    wait_for_steps(proc, out, 3)
+    proc = start_endless_torchrun(char_data, out, 29537)
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
@@ -122,3 +129,16 @@ def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
     assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
     assert "grad_accum (3) must be divisible by the number of processes (2)" in failed.stderr
     assert failed.stderr.strip().splitlines()[-1].startswith("error: worker rank")
+
+
+def test_a_killed_worker_is_named_without_tracebacks(char_data, tmp_path):
+    """kill -9 of one worker (as the OOM killer does): torchrun ends in one line naming the killed rank and its
+    signal, and the survivor's lost connection is its own one line, not a gloo traceback."""
+    proc = start_endless_torchrun(char_data, tmp_path / "run", 29539)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGKILL and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: worker rank ") and "was killed by SIGKILL" in last, last

@@ -90,7 +90,7 @@ def build_parser():
                        help="nanoKimi's shipped config vs nanoGPT's own recipe: time to the recipe's val loss")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu",
                    help="nanoGPT's CPU recipe (README) or its GPU one (config/train_shakespeare_char.py, needs CUDA)")
-    p.add_argument("--config", help="nanoKimi config to compare (default: the recipe's shipped configs/*.toml)")
+    p.add_argument("--config", help="nanoKimi run to compare: a named run or .toml file (default: the recipe's shipped run)")
     p.add_argument("--out", default="out/bench-compare")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.4, 0.5],
@@ -100,7 +100,7 @@ def build_parser():
     p.set_defaults(run=bench_compare)
 
     p = sub.add_parser("sweep", parents=[data], help="the CPU config's batch shape, lr, warmup and dims")
-    p.add_argument("--config", default="configs/shakespeare_char_cpu.toml", help="the starting point")
+    p.add_argument("--config", default="shakespeare-char-cpu", help="the starting point: a named run or .toml file")
     p.add_argument("--out", default="out/bench-sweep")
     p.add_argument("--budget_s", type=float, default=34.0,
                    help="training seconds per run (34: 0.4x the nanoGPT CPU recipe's ~85 s on 2 cores)")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..hardware import cpu_kind, describe
+from ..plots import pyplot
 
 
 def machine():
@@ -81,13 +82,6 @@ def spread_ms(values):
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def save_figure(fig, title, path):

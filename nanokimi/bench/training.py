@@ -148,13 +148,13 @@ RECIPES = {
         preset="gpt-shakespeare-char-cpu", model=dict(n_positions=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
         train=NANOGPT_TRAIN | dict(batch_size=12, block_size=64, max_iters=2000, lr_decay_iters=2000, eval_iters=20,
                                    device="cpu", dtype="float32", compile=False),
-        published_val=1.88, nanokimi_config="configs/shakespeare_char_cpu.toml"),
+        published_val=1.88, nanokimi_config="shakespeare-char-cpu"),
     "gpu": Recipe(
         command="python train.py config/train_shakespeare_char.py",
         preset="gpt-shakespeare-char", model=dict(n_positions=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
         train=NANOGPT_TRAIN | dict(batch_size=64, block_size=256, max_iters=5000, lr_decay_iters=5000,
                                    eval_iters=200, device="cuda", dtype="auto", compile=True),
-        published_val=1.4697, nanokimi_config="configs/shakespeare_char.toml"),
+        published_val=1.4697, nanokimi_config="shakespeare-char"),
 }
 REPRODUCTION_TOLERANCE = 0.04  # the baseline's mean final val may sit this far from nanoGPT's published value
 
@@ -179,7 +179,7 @@ def matmul_peak_gflops(device="cpu", dtype=torch.float32, n=1024, repeats=50):
 
 
 def nanokimi_settings(config_path):
-    """(TrainConfig fields, model overrides) of a shipped configs/*.toml, as `nanokimi train CONFIG` reads it."""
+    """(TrainConfig fields, model overrides) of a named run or TOML file, as `nanokimi train CONFIG` reads it."""
     cfg, model = load_train_config(config_path, [])
     return {k: v for k, v in saved_settings(cfg).items() if k not in ("out_dir", "progress")}, model
 
@@ -266,7 +266,7 @@ def bench_compare(args):
              spread(r["val_own"] for r in base_runs)]]
     for f in fractions:
         runs = kimi_runs[f]
-        rows.append([f"nanoKimi ({Path(args.config or recipe.nanokimi_config).name})", f"{f:g}x",
+        rows.append([f"nanoKimi ({args.config or recipe.nanokimi_config})", f"{f:g}x",
                      spread((r["summary"]["train_time_s"] for r in runs), "{:.1f}"),
                      spread((r["summary"]["step"] for r in runs), "{:.0f}"), spread(r["val"] for r in runs),
                      spread(r["val_own"] for r in runs)])

@@ -1,0 +1,66 @@
+"""Which command owns which folder. `train` owns a run's out_dir, `prepare` a dataset folder, `export` a Hugging Face
+folder, `import` a checkpoint folder. Each writes only into a folder that is new, empty or of its own kind, and
+never into another command's (nor the user's own files, where it owns whole folders): refused with one line, before
+anything is read or written."""
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+
+def read_config(folder):
+    """folder/config.json as a dict, or None (absent, unreadable, not an object)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def kind(folder):
+    """What `folder` holds, as words for a message: "a training run", "a nanoKimi checkpoint", "a Hugging Face model
+    folder", "a prepared dataset", or None (new, empty, or only files no nanoKimi command writes)."""
+    folder = Path(folder)
+    config = read_config(folder)
+    if config is not None and "arch" in config:
+        return "a nanoKimi checkpoint"
+    if config is not None and "architectures" in config:
+        return "a Hugging Face model folder"
+    if (folder / "meta.json").is_file() and (folder / "train.bin").is_file():
+        return "a prepared dataset"
+    if (folder / "metrics.jsonl").is_file() or (folder / "checkpoint").is_dir() or (folder / ".lock").is_file():
+        return "a training run"
+    return None
+
+
+def check_destination(folder, command, own_kind, own_files=None):
+    """Refuse `folder` as `nanokimi COMMAND`'s destination when it holds another kind of folder than `own_kind`,
+    or (with `own_files`, the names the command writes) any file the command does not write."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file: `nanokimi {command}` writes a folder, pick a new one")
+    if not folder.is_dir():
+        return
+    found = kind(folder)
+    if found is not None and found != own_kind:
+        raise UserError(f"{folder} holds {found}: `nanokimi {command}` does not write into it, pick a new or empty "
+                        f"folder")
+    foreign = sorted(p.name for p in folder.iterdir() if own_files is not None and p.name not in own_files)
+    if foreign:
+        raise UserError(f"{folder} holds files `nanokimi {command}` did not write ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}): pick a new or empty folder")
+    if own_files is not None and any(folder.iterdir()) and found is None:  # e.g. the user's own config.json alone
+        raise UserError(f"{folder} holds files `nanokimi {command}` did not write "
+                        f"({', '.join(sorted(p.name for p in folder.iterdir())[:3])}): pick a new or empty folder")
+
+
+def check_apart(source, destination, command):
+    """Refuse a destination that is the source, inside it, holds it, or holds the current folder."""
+    source, destination = Path(source).resolve(), Path(destination).resolve()
+    if destination == source or destination.is_relative_to(source) or source.is_relative_to(destination):
+        raise UserError(f"`nanokimi {command}` reads {source} and would write {destination}: pick a destination "
+                        f"apart from its source")
+    if Path.cwd().resolve().is_relative_to(destination):
+        raise UserError(f"{destination} holds the current folder: `nanokimi {command}` replaces its destination "
+                        f"whole, pick a new folder")
