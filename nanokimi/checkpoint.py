@@ -21,8 +21,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .data import TOKENIZER_FILES, copy_tokenizer, load_tokenizer
-from .errors import UserError, write_failure
+from .data import TOKENIZER_FILES, CharTokenizer, copy_tokenizer, load_tokenizer
+from .errors import UserError, check_fields, write_failure
 from .presets import ARCHS, build_model, make_config
 
 NAME, OLD = "checkpoint", ".checkpoint.old"
@@ -162,6 +162,7 @@ class Checkpoint:
         if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or cfg.get("arch") not in ARCHS:
             raise UserError(f"{self.path / 'config.json'} is not a nanoKimi checkpoint config: point to a folder "
                             f"written by `nanokimi train`")
+        check_fields(cfg, self.path / "config.json", {"train?": (dict, type(None))})
         self.arch, self.model_config, self.train_config = cfg["arch"], cfg["model"], cfg.get("train")
         if self.arch == "gpt" and "block_size" in self.model_config:  # written before the baseline's n_positions
             self.model_config["n_positions"] = self.model_config.pop("block_size")
@@ -195,10 +196,18 @@ class Checkpoint:
         load_matching(model, state, f"checkpoint {self.path}")
 
     def optimizer_state(self):
-        return unflatten_state(self.read_json("optimizer.json"), self.read_tensors("optimizer.safetensors"))
+        state = check_fields(self.read_json("optimizer.json"), self.path / "optimizer.json", {"optimizers": list})
+        return unflatten_state(state, self.read_tensors("optimizer.safetensors"))
 
     def trainer_state(self):
-        return self.read_json("trainer.json")
+        """step, best val loss, training seconds, ... of the run saved here."""
+        state = check_fields(self.read_json("trainer.json"), self.path / "trainer.json",
+                             {"step": int, "best_val_loss": float, "elapsed": float, "evaluated_at?": (int, type(None)),
+                              "muon_dtype?": str}, fix="restore it, or start a new run from the weights with "
+                                                        "--init_from")
+        if state["step"] < 0:
+            raise UserError(f"{self.path / 'trainer.json'}: \"step\" is {state['step']}, expected >= 0")
+        return state
 
 
 def load_matching(model, state, source):
@@ -206,17 +215,22 @@ def load_matching(model, state, source):
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
-    wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
+    wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape
+             or expected[k].is_floating_point() != state[k].is_floating_point()]  # e.g. a header saying I32 for F32
     if missing or unexpected or wrong:
         raise UserError(f"{source} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                        f"wrong shape {wrong[:3]}): its config.json and weights disagree")
+                        f"wrong shape or type {wrong[:3]}): its config.json and weights disagree")
     model.load_state_dict(state)
 
 
 def load_model(path, device="cpu"):
     """(model in eval mode, tokenizer or None, checkpoint) from a checkpoint folder or a run's out_dir."""
     ckpt = Checkpoint(path)
-    model = build_model(ckpt.arch, make_config(ckpt.arch, ckpt.model_config, {}))
+    model = build_model(ckpt.arch, make_config(ckpt.arch, ckpt.model_config, {}, ckpt.path / "config.json"))
     ckpt.load_weights(model)
     tokenizer = load_tokenizer(ckpt.path) if (ckpt.path / "meta.json").is_file() else None
+    if tokenizer is not None and (tokenizer.vocab_size > model.config.vocab_size or isinstance(
+            tokenizer, CharTokenizer) and tokenizer.vocab_size != model.config.vocab_size):
+        raise UserError(f"{ckpt.path / 'meta.json'}: its tokenizer has {tokenizer.vocab_size} tokens but the model "
+                        f"{model.config.vocab_size}: the tokenizer files were edited or come from another model")
     return model.to(device).eval(), tokenizer, ckpt

@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import OneLineParser, UserError
 
 
 def train_command(target, extra):
@@ -36,6 +36,12 @@ def torchrun_command(argv):
         raise UserError("usage: nanokimi torchrun [torchrun's options, e.g. --nproc_per_node=2] train CONFIG "
                         "[--settings]")
     split = argv.index("train")
+    nproc = next((a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < split else "")
+                  for i, a in enumerate(argv[:split]) if a.split("=")[0] in ("--nproc_per_node", "--nproc-per-node")),
+                 None)
+    if nproc is not None and not (nproc.isdigit() and int(nproc) > 0 or nproc in ("auto", "cpu", "gpu", "xpu")):
+        raise UserError(f"--nproc_per_node={nproc}: give the number of processes per machine (e.g. 2), or auto, cpu, "
+                        f"gpu")
     try:
         torchrun_main([*argv[:split], "-m", "nanokimi", *argv[split:]])
     except SignalException as e:
@@ -45,8 +51,8 @@ def torchrun_command(argv):
     except ChildFailedError as e:
         # a worker killed by a signal (the OOM killer, kill -9) is the cause, whatever the others then printed;
         # SIGTERM is torchrun's own way of ending the rest (a worker given SIGTERM by the user saves and exits 0)
-        killed = sorted(rank for rank, failure in e.failures.items() if failure.exitcode not in range(
-            -signal.SIGTERM, 256))
+        killed = sorted(rank for rank, failure in e.failures.items()
+                        if failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM)
         if killed:
             failure = e.failures[killed[0]]
             print(f"error: worker rank {killed[0]} was killed by {failure.signal_name()} and the others stopped "
@@ -64,7 +70,7 @@ def bench_command(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="nanokimi", description="Train, finetune and sample Kimi-K2-style models.")
+    parser = OneLineParser(prog="nanokimi", description="Train, finetune and sample Kimi-K2-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="tokenize a dataset into train.bin/val.bin + tokenizer",

@@ -245,9 +245,13 @@ def load_train_config(target, args):
     model_overrides |= {k: v for k, v in cli.items() if k in model_names}
     if invocation.get("resume"):  # the saved run's settings, updated by what this command line sets again
         out_dir = cli_train.get("out_dir", base.get("out_dir", TrainConfig.out_dir))
-        saved = checkpoint.Checkpoint(out_dir).train_config
-        if saved:
-            base = {k: v for k, v in saved.items() if k in train_names and k not in INVOCATION_FIELDS}
+        saved = checkpoint.Checkpoint(out_dir)
+        if saved.train_config:
+            base = {k: v for k, v in saved.train_config.items() if k in train_names and k not in INVOCATION_FIELDS}
+            try:
+                coerce(TrainConfig, base)
+            except UserError as e:
+                raise UserError(f"{saved.path / 'config.json'} \"train\": {e}".replace(": --", ": ")) from None
         base["out_dir"] = out_dir
     return TrainConfig(**coerce(TrainConfig, base | cli_train | invocation)), model_overrides
 
@@ -279,7 +283,7 @@ def plan_run(cfg, overrides):
         changed = sorted(k for k, v in overrides.items() if k not in allowed and base.get(k) != v)
         if changed:
             raise UserError(f"model settings {changed} cannot change when continuing from a checkpoint: drop them")
-        config = make_config(arch, base, overrides)
+        config = make_config(arch, base, overrides, source.path / "config.json")
         check_same_tokenizer(source.path, data.folder)
     if cfg.block_size > config.context_length:
         raise UserError(f"block_size ({cfg.block_size}) exceeds the model's context ({config.context_length}): lower "

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError, write_failure
+from .errors import UserError, check_fields, write_failure
 from .folders import check_destination
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -104,9 +104,11 @@ def read_meta(folder):
     if not path.is_file():
         raise UserError(f"{path} not found: run `nanokimi prepare` to create the dataset in {folder}")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is corrupt ({e}): prepare the data again") from None
+    return check_fields(meta, path, {"tokenizer": str, "vocab_size": int, "dtype?": str},
+                        fix="prepare the data again (or restore the file)")
 
 
 def load_tokenizer(folder):
@@ -114,6 +116,9 @@ def load_tokenizer(folder):
     if meta.get("tokenizer") == "char":
         if not isinstance(meta.get("chars"), list) or not all(isinstance(c, str) for c in meta["chars"]):
             raise UserError(f"{Path(folder) / 'meta.json'} has no valid \"chars\" list: prepare the data again")
+        if len(meta["chars"]) != meta["vocab_size"]:
+            raise UserError(f"{Path(folder) / 'meta.json'}: \"chars\" holds {len(meta['chars'])} characters but "
+                            f"\"vocab_size\" is {meta['vocab_size']}: prepare the data again (or restore the file)")
         return CharTokenizer(meta["chars"])
     if meta.get("tokenizer") == "bpe":
         from tokenizers import Tokenizer
@@ -252,6 +257,9 @@ class TokenData:
         if not self.folder.is_dir():
             raise UserError(f"data folder {folder} not found: run `nanokimi prepare ... --out={folder}` first")
         self.meta = read_meta(folder)
+        if self.meta.get("dtype") not in ("uint16", "uint32"):
+            raise UserError(f"{self.folder / 'meta.json'}: \"dtype\" is {self.meta.get('dtype')!r}, expected "
+                            f"\"uint16\" or \"uint32\" (token ids): prepare the data again")
         self.tokenizer = load_tokenizer(folder)
         self.splits = {}
         for split in ("train", "val"):

@@ -16,7 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from . import checkpoint
 from .data import TOKENIZER_FILES, BPETokenizer, CharTokenizer, copy_tokenizer, load_tokenizer
-from .errors import UserError, write_failure
+from .errors import UserError, check_fields, write_failure
 from .folders import check_apart, check_destination, read_config
 from .model import Kimi, KimiConfig
 from .presets import build_model
@@ -99,13 +99,26 @@ def to_hf_state_dict(model):
     return out
 
 
-def from_hf_state_dict(tensors, config):
+def layer_weight_name(parts):
+    """Whether "layers.N.REST" split at its dots names a layer's weight as DeepseekV3 spells it: N a number, and an
+    expert either fused (mlp.experts.gate_up_proj / down_proj) or one of them (mlp.experts.E.PROJ.weight)."""
+    if len(parts) < 3 or not parts[1].isdigit():
+        return False
+    if parts[2:4] != ["mlp", "experts"]:
+        return True
+    return len(parts) in (5, 6) and parts[4] in ("gate_up_proj", "down_proj") or len(parts) == 7 and parts[4].isdigit()
+
+
+def from_hf_state_dict(tensors, config, folder="the folder"):
     """HF tensors (per-expert or fused experts) -> nanoKimi state dict. MTP layers are skipped with a warning."""
     state, experts = {}, {}
     skipped = set()
     for name, tensor in tensors.items():
         key = name.removeprefix("model.")
         parts = key.split(".")
+        if parts[0] == "layers" and not layer_weight_name(parts):
+            raise UserError(f"tensor {name!r} in {folder} is not a DeepseekV3 weight name (model.layers.N.... with "
+                            f"experts as mlp.experts.E.PROJ.weight): the safetensors do not match config.json")
         if parts[0] == "layers" and int(parts[1]) >= config.num_hidden_layers:
             skipped.add(int(parts[1]))  # multi-token-prediction modules (num_nextn_predict_layers)
             continue
@@ -125,10 +138,16 @@ def from_hf_state_dict(tensors, config):
         if sorted(per_expert) != list(range(config.n_routed_experts)):
             raise UserError(f"layer {layer} holds experts {sorted(per_expert)[:5]}..., expected "
                             f"{config.n_routed_experts}: the weights do not match config.json")
+        shapes = {tuple(t.shape) for t in per_expert.values()}
+        if len(shapes) > 1:
+            raise UserError(f"layer {layer}'s experts' {proj} come in shapes {sorted(shapes)[:3]}: every expert of a "
+                            f"layer has one shape; the safetensors in {folder} are damaged")
         state[f"layers.{layer}.mlp.experts.{proj}"] = torch.stack([per_expert[e] for e in sorted(per_expert)])
     if skipped:
         warnings.warn(f"skipped multi-token-prediction layer(s) {sorted(skipped)}: nanoKimi does not use MTP")
     if config.tie_word_embeddings:
+        if "embed_tokens.weight" not in state:
+            raise UserError(f"config.json ties the embeddings but {folder} holds no model.embed_tokens.weight")
         state.setdefault("lm_head.weight", state["embed_tokens.weight"])
     return state
 
@@ -153,9 +172,17 @@ def load_hf(folder):
         hf_config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {Path(folder) / 'config.json'} ({e})") from None
+    check_fields(hf_config, Path(folder) / "config.json",
+                 {"hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "vocab_size": int,
+                  "rope_scaling?": (dict, type(None)), "rope_parameters?": (dict, type(None))},
+                 fix="a DeepseekV3 config.json names it so")
     config = from_hf_config(hf_config)
     model = build_model("kimi", config)
-    state = from_hf_state_dict(read_safetensors(folder), config)
+    state = from_hf_state_dict(read_safetensors(folder), config, folder)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"the weights in {folder} are not finite (e.g. {bad}): the folder's safetensors are damaged "
+                        f"or come from a diverged run")
     checkpoint.load_matching(model, {k: v.float() for k, v in state.items()}, f"Hugging Face folder {folder}")
     return model
 
@@ -225,7 +252,12 @@ def import_folder(hf_dir, out):
     path = checkpoint.save(out.parent, model, "kimi", model.config, name=out.name,
                            tokenizer_dir=hf_dir if (hf_dir / "meta.json").is_file() else None)
     if not (path / "meta.json").is_file() and (hf_dir / "tokenizer.json").is_file():
-        BPETokenizer(Tokenizer.from_file(str(hf_dir / "tokenizer.json"))).save(path)
+        try:
+            tokenizer = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for a corrupt file
+            raise UserError(f"cannot read {hf_dir / 'tokenizer.json'} ({str(e)[:100]}): the weights were imported "
+                            f"into {path}; give it a tokenizer with `nanokimi prepare --tokenizer_from`") from None
+        BPETokenizer(tokenizer).save(path)
     return path
 
 

@@ -190,6 +190,14 @@ class MuonClip:
             raise ValueError(f"optimizer state holds {len(state['optimizers'])} optimizers, expected "
                              f"{len(self.optimizers)}: was it saved with another --optimizer?")
         for opt, s in zip(self.optimizers, state["optimizers"]):
+            params = [p for group in opt.param_groups for p in group["params"]]
+            for index, values in s.get("state", {}).items():  # torch loads a tensor of any shape without a word
+                param = params[int(index)] if int(index) < len(params) else None
+                for name, value in values.items():
+                    if param is None or torch.is_tensor(value) and value.ndim and value.shape != param.shape:
+                        raise ValueError(f"state {name!r} of parameter {index} has shape "
+                                         f"{tuple(value.shape) if torch.is_tensor(value) else None}, the parameter "
+                                         f"{tuple(param.shape) if param is not None else 'does not exist'}")
             opt.load_state_dict(s)
 
 

@@ -54,8 +54,9 @@ def find_preset(name):
                     f"(`nanokimi train --help` lists the named runs) or pass a .toml file")
 
 
-def make_config(arch, base, overrides):
-    """A copy of config `base` (dataclass or dict) with field overrides; invalid values become a UserError."""
+def make_config(arch, base, overrides, source=None):
+    """A copy of config `base` (dataclass or dict, read from file `source` if given) with field overrides; invalid
+    values become a UserError (naming `source`)."""
     cls = ARCHS[arch][0]
     fields = dataclasses.asdict(base) if dataclasses.is_dataclass(base) else dict(base)
     unknown = sorted(overrides.keys() - {f.name for f in dataclasses.fields(cls)})
@@ -64,7 +65,7 @@ def make_config(arch, base, overrides):
     try:
         return cls(**(fields | overrides))
     except (TypeError, ValueError) as e:
-        raise UserError(f"invalid model config: {e}") from None
+        raise UserError(f"invalid model config{f' in {source}' if source else ''}: {e}") from None
 
 
 def build_model(arch, config):
@@ -79,14 +80,16 @@ def check_fits(arch, config, device, batch_tokens=0, shards=1, context=""):
     two optimizer states; divided over `shards` FSDP ranks) plus activations, ~68 bytes x width x layers per token
     (fp32; Korthikanti et al. 2022, without attention scores, which SDPA does not keep) and 12 bytes per token per
     vocabulary entry (logits, their float copy and gradient). An estimate for refusing the impossible before any
-    allocation, not a promise that what passes fits."""
+    allocation, not a promise that what passes fits. Buffers (RoPE tables) count at their size."""
     with torch.device("meta"):  # counts without allocating (a K2-sized config builds here in seconds)
-        params = sum(p.numel() for p in ARCHS[arch][1](config).parameters())
+        model = ARCHS[arch][1](config)
+    params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # e.g. RoPE tables over the whole context
     width = getattr(config, "hidden_size", None) or config.n_embd
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
-    need = params * 4
+    need = buffers + params * 4
     if batch_tokens:
-        need = params * 16 // shards + batch_tokens * (68 * width * layers + 12 * config.vocab_size)
+        need = buffers + params * 16 // shards + batch_tokens * (68 * width * layers + 12 * config.vocab_size)
     free = available_memory(device)
     if free is not None and need > free:
         fix = "lower --batch_size or --block_size, or the model's size" if batch_tokens else "a smaller model"

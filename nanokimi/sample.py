@@ -24,6 +24,8 @@ def sample(path, prompt=None, max_new_tokens=500, temperature=0.8, top_k=200, to
         raise UserError("need top_k > 0 and 0 < top_p <= 1")
     if max_new_tokens < 0 or num_samples <= 0:
         raise UserError("need max_new_tokens >= 0 and num_samples > 0")
+    if not 0 <= seed < 2 ** 63 - num_samples:  # torch's generator seeds are 64-bit; sample i uses seed + i
+        raise UserError(f"--seed must be in [0, 2**63), got {seed}")
     check_device(device)
     model, tokenizer, ckpt = load_model(path, device)
     if tokenizer is None:

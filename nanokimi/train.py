@@ -114,18 +114,27 @@ class StopRequest:
 def run_lock(out_dir):
     """One training process per out_dir (a second would interleave checkpoints and metrics): an advisory lock on
     out_dir/.lock, released when the process ends, however it ends."""
+    out = Path(out_dir).absolute()
+    created = [p for p in [out, *out.parents] if not p.exists()]  # out_dir and the parents this makes, innermost first
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         lock = open(Path(out_dir) / ".lock", "w")
     except OSError as e:
         raise UserError(f"cannot write in {out_dir} ({write_failure(e)}): pick a writable --out_dir") from None
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another nanokimi run is training in {out_dir}: wait for it to end or pick another "
-                            f"--out_dir") from None
-        yield
+    try:
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"another nanokimi run is training in {out_dir}: wait for it to end or pick another "
+                                f"--out_dir") from None
+            yield
+    finally:  # a run refused before its first write leaves no folder behind
+        if created and [p.name for p in out.iterdir()] == [".lock"]:
+            (out / ".lock").unlink()
+            for folder in created:
+                with contextlib.suppress(OSError):  # another process may have written there meanwhile
+                    folder.rmdir()
 
 
 def train(cfg, overrides=None):

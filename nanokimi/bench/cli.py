@@ -4,6 +4,9 @@ parsers."""
 import argparse
 from pathlib import Path
 
+from ..data import TokenData
+from ..errors import OneLineParser
+from ..presets import PRESETS
 from . import __doc__ as overview
 from .memory import bench_memory
 from .speed import bench_inference, bench_moe_scaling, bench_step
@@ -19,6 +22,17 @@ def shape(text):
     return batch, block
 
 
+def positive(text):
+    """An integer > 0, for counts and lengths."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def parent(*options):
     """A parser holding shared options, each (flag, keyword arguments)."""
     p = argparse.ArgumentParser(add_help=False)
@@ -28,44 +42,45 @@ def parent(*options):
 
 
 def build_parser():
-    model = parent(("--preset", dict(default="shakespeare-char-cpu", help="nanoKimi preset")))
-    batch = parent(("--batch_size", dict(type=int, default=32)), ("--block_size", dict(type=int, default=128)))
+    model = parent(("--preset", dict(default="shakespeare-char-cpu", choices=sorted(PRESETS), help="nanoKimi preset")))
+    batch = parent(("--batch_size", dict(type=positive, default=32)),
+                   ("--block_size", dict(type=positive, default=128)))
     data = parent(("--data", dict(default="data/shakespeare_char", help="a folder from `nanokimi prepare`")))
 
-    parser = argparse.ArgumentParser(prog="nanokimi bench", description=overview,
+    parser = OneLineParser(prog="nanokimi bench", description=overview,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", default="BENCHMARKS.md", help="markdown file whose section is (re)written")
     sub = parser.add_subparsers(dest="bench", required=True)
 
     p = sub.add_parser("moe-scaling", parents=[model], help="MoE layer cost vs number of experts at fixed top-k")
-    p.add_argument("--experts", type=int, nargs="+", default=[8, 16, 32, 64])
-    p.add_argument("--top_k", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--rounds", type=int, default=5, help="interleaved measurements of each layer")
+    p.add_argument("--experts", type=positive, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--top_k", type=positive, default=2)
+    p.add_argument("--batch", type=positive, default=32)
+    p.add_argument("--seq", type=positive, default=128)
+    p.add_argument("--repeats", type=positive, default=9)
+    p.add_argument("--rounds", type=positive, default=5, help="interleaved measurements of each layer")
     p.set_defaults(run=bench_moe_scaling)
 
     p = sub.add_parser("inference", parents=[model],
                        help="decode tokens/s, peak memory, KV bytes per token: MLA cache, none, MHA")
     p.add_argument("--baseline", default="gpt-shakespeare-char-cpu")
-    p.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 1024])
-    p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--contexts", type=positive, nargs="+", default=[64, 256, 1024])
+    p.add_argument("--new_tokens", type=positive, default=64)
+    p.add_argument("--repeats", type=positive, default=3)
     p.set_defaults(run=bench_inference)
 
     p = sub.add_parser("optim", parents=[model, batch, data],
                        help="AdamW vs Muon vs MuonClip, plus a high-LR stress run")
     p.add_argument("--out", default="out/bench-optim")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=positive, default=400)
     p.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 4e-3, 8e-3], help="lr sweep, per optimizer")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.6],
                    help="shorter Muon runs, as fractions of --steps")
-    p.add_argument("--eval_interval", type=int, default=25)
-    p.add_argument("--eval_iters", type=int, default=10, help="batches per split and evaluation")
+    p.add_argument("--eval_interval", type=positive, default=25)
+    p.add_argument("--eval_iters", type=positive, default=10, help="batches per split and evaluation")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--stress_lr", type=float, default=0.03)
-    p.add_argument("--stress_steps", type=int, default=200)
+    p.add_argument("--stress_steps", type=positive, default=200)
     p.add_argument("--tau", type=float, default=100.0)
     p.set_defaults(run=bench_optim)
 
@@ -73,15 +88,16 @@ def build_parser():
                        help="ms per training step: nanoKimi (MuonClip, AdamW) vs the baseline, and its breakdown")
     p.add_argument("--baseline", default="gpt-shakespeare-char-cpu")
     p.add_argument("--shapes", type=shape, nargs="+", default=[(12, 64), (32, 128)], help="batch x block, e.g. 12x64")
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--rounds", type=int, default=5, help="interleaved measurements of each contender")
+    p.add_argument("--repeats", type=positive, default=15)
+    p.add_argument("--rounds", type=positive, default=5, help="interleaved measurements of each contender")
     p.add_argument("--compile", action="store_true", help="add nanoKimi + MuonClip under torch.compile")
     p.set_defaults(run=bench_step)
 
     p = sub.add_parser("memory", help="per-rank parameters, gradients and optimizer state: 1 process, DDP, FSDP")
-    p.add_argument("--preset", default="shakespeare-char", help="nanoKimi preset (29.5M parameters by default)")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--block_size", type=int, default=64)
+    p.add_argument("--preset", default="shakespeare-char", choices=sorted(PRESETS),
+                   help="nanoKimi preset (29.5M parameters by default)")
+    p.add_argument("--batch_size", type=positive, default=4)
+    p.add_argument("--block_size", type=positive, default=64)
     p.add_argument("--port", type=int, default=29571, help="torchrun's rendezvous port")
     p.add_argument("--timeout_s", type=float, default=600, help="limit on each layout's run")
     p.set_defaults(run=bench_memory)
@@ -92,10 +108,10 @@ def build_parser():
                    help="nanoGPT's CPU recipe (README) or its GPU one (config/train_shakespeare_char.py, needs CUDA)")
     p.add_argument("--config", help="nanoKimi run to compare: a named run or .toml file (default: the recipe's shipped run)")
     p.add_argument("--out", default="out/bench-compare")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=positive, default=3)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.4, 0.5],
                    help="nanoKimi runs of these fractions of the recipe's training time (1x is always run)")
-    p.add_argument("--eval_batches", type=int, default=200, help="x 12 fixed val windows score every run")
+    p.add_argument("--eval_batches", type=positive, default=200, help="x 12 fixed val windows score every run")
     p.add_argument("--quick", action="store_true", help="a few steps each: a smoke test of the report")
     p.set_defaults(run=bench_compare)
 
@@ -108,7 +124,7 @@ def build_parser():
                                                                (32, 128)], help="batch x block, e.g. 12x64")
     p.add_argument("--warmups", type=int, nargs="+", default=[10, 20, 50])
     p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 6e-3, 1.2e-2])
-    p.add_argument("--eval_batches", type=int, default=100, help="x 12 fixed val windows score every run")
+    p.add_argument("--eval_batches", type=positive, default=100, help="x 12 fixed val windows score every run")
     p.add_argument("--seed", type=int, default=1337)
     p.set_defaults(run=bench_sweep)
     return parser
@@ -116,6 +132,8 @@ def build_parser():
 
 def main(argv):
     args = build_parser().parse_args(argv)
+    if getattr(args, "data", None) is not None:  # before anything is written
+        TokenData(args.data, 1)
     args.command = " ".join(["nanokimi bench", *argv])  # stamped on the report section
     args.assets = Path(args.report).parent / "assets"  # plots sit beside the report, linked as assets/NAME.png
     if getattr(args, "quick", False):
