@@ -72,7 +72,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (CUDA: bf16 where supported, else fp16 + GradScaler; fp32 elsewhere: CPU bf16
-    # autocast is 7x slower without bf16 instructions and measured no faster at the CPU run's shapes even with them,
+    # autocast is 7x slower without bf16 instructions and measured slower at the CPU run's shapes even with them,
     # see BENCHMARKS step) | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the model
     # per invocation, never saved with the run

@@ -52,7 +52,7 @@ def newton_schulz_dtype(shapes, device, choice="auto"):
     "auto" times one iteration on stacks of exactly `shapes` ({(rows, cols): count}, the matrices Muon
     orthogonalises; a smaller stack than the real one mispredicts, as batching pays off unequally in the two dtypes)
     in bf16 and fp32 and takes bf16 only where it is clearly faster (fp32 is the more precise). Once per process,
-    device and shapes: ~20 ms for the CPU run on an AVX-512 CPU, ~0.5 s on an AVX2 one. Under torch.distributed every
+    device and shapes: ~0.1 s for the CPU run on an AVX-512 CPU, an estimated ~1 s on an AVX2 one. Under torch.distributed every
     rank takes rank 0's choice, so the ranks' numerics stay identical."""
     if choice not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"unknown muon_dtype {choice!r}: use auto, float32 or bfloat16")

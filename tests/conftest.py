@@ -45,6 +45,17 @@ def char_data(tmp_path_factory, shakespeare_text):
     return folder / "sc"
 
 
+@pytest.fixture(scope="session")
+def made(tmp_path_factory, char_data):
+    """A folder holding a tiny training run (run/) and its Hugging Face export (hf/). Tests only read it: one that
+    edits copies it first."""
+    root = tmp_path_factory.mktemp("made")
+    main(["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={root / 'run'}", *TINY,
+          "--max_iters=2"])
+    assert run_cli("export", root / "run", root / "hf").returncode == 0
+    return root
+
+
 def run_cli(*args, cwd=None, env=None, timeout=600):
     """Run `python -m nanokimi ARGS` in a subprocess; returns CompletedProcess with text output."""
     return subprocess.run([sys.executable, "-m", "nanokimi", *map(str, args)], capture_output=True, text=True,

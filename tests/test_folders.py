@@ -21,15 +21,6 @@ def listing(folder):
     return found
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory, char_data):
-    """A training run, its export (a Hugging Face folder) and a prepared dataset."""
-    root = tmp_path_factory.mktemp("made")
-    train(char_data, root / "run", "--max_iters=2")
-    assert run_cli("export", root / "run", root / "hf").returncode == 0
-    return root
-
-
 @pytest.mark.parametrize("case", ["user_folder", "current_folder", "run", "run_checkpoint", "its_source",
                                   "inside_its_source", "a_file"])
 def test_import_never_writes_over_what_it_did_not_write(case, made, tmp_path, capsys, monkeypatch):

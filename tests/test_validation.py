@@ -8,16 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from tests.conftest import TINY, cli_error, run_cli, train
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, char_data):
-    """A tiny run and its Hugging Face export, copied afresh for each case."""
-    root = tmp_path_factory.mktemp("trained")
-    train(char_data, root / "run", "--max_iters=2")
-    assert run_cli("export", root / "run", root / "hf").returncode == 0
-    return root
+from tests.conftest import TINY, cli_error
 
 
 def edit_json(path, change):
@@ -50,10 +41,10 @@ RUN_EDITS = {  # checkpoint file -> (edit, the command that reads it, words the 
 
 
 @pytest.mark.parametrize("case", sorted(RUN_EDITS))
-def test_an_edited_checkpoint_file_is_named(case, trained, char_data, tmp_path, capsys):
+def test_an_edited_checkpoint_file_is_named(case, made, char_data, tmp_path, capsys):
     name, change, command, expected = RUN_EDITS[case]
     run = tmp_path / "run"
-    shutil.copytree(trained / "run", run)
+    shutil.copytree(made / "run", run)
     edit_json(run / "checkpoint" / name, change)
     argv = (["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={run}", *TINY, "--max_iters=4",
              "--resume"] if command == "resume" else ["sample", run, "--max_new_tokens=3"])
@@ -61,9 +52,9 @@ def test_an_edited_checkpoint_file_is_named(case, trained, char_data, tmp_path, 
     assert expected in err and (name in err or "needs about" in err), err
 
 
-def test_an_optimizer_tensor_of_another_shape_is_refused(trained, char_data, tmp_path, capsys):
+def test_an_optimizer_tensor_of_another_shape_is_refused(made, char_data, tmp_path, capsys):
     run = tmp_path / "run"
-    shutil.copytree(trained / "run", run)
+    shutil.copytree(made / "run", run)
     path = run / "checkpoint" / "optimizer.safetensors"
     tensors = safetensors.torch.load_file(path)
     key = next(k for k, v in tensors.items() if v.ndim == 2 and v.shape[0] != v.shape[1])
@@ -74,9 +65,9 @@ def test_an_optimizer_tensor_of_another_shape_is_refused(trained, char_data, tmp
     assert "optimizer state" in err and "has shape" in err
 
 
-def test_weights_whose_header_says_int_are_refused(trained, tmp_path, capsys):
+def test_weights_whose_header_says_int_are_refused(made, tmp_path, capsys):
     run = tmp_path / "run"
-    shutil.copytree(trained / "run", run)
+    shutil.copytree(made / "run", run)
     path = run / "checkpoint" / "model.safetensors"
     tensors = safetensors.torch.load_file(path)
     tensors["embed_tokens.weight"] = tensors["embed_tokens.weight"].view(torch.int32)  # same bytes, I32 header
@@ -141,18 +132,18 @@ HF_EDITS = {  # an export edited -> the words `nanokimi import` must answer with
 
 
 @pytest.mark.parametrize("case", sorted(HF_EDITS))
-def test_an_edited_hf_folder_is_named_on_import(case, trained, tmp_path, capsys):
+def test_an_edited_hf_folder_is_named_on_import(case, made, tmp_path, capsys):
     hf = tmp_path / "hf"
-    shutil.copytree(trained / "hf", hf)
+    shutil.copytree(made / "hf", hf)
     edit, expected = HF_EDITS[case]
     edit(hf)
     assert expected in cli_error(capsys, "import", hf, tmp_path / "imported")
     assert not (tmp_path / "imported").exists()
 
 
-def test_a_corrupt_hf_tokenizer_is_named(trained, tmp_path, capsys):
+def test_a_corrupt_hf_tokenizer_is_named(made, tmp_path, capsys):
     hf = tmp_path / "hf"
-    shutil.copytree(trained / "hf", hf)
+    shutil.copytree(made / "hf", hf)
     (hf / "meta.json").unlink()  # so that import reads tokenizer.json
     (hf / "tokenizer.json").write_text("{not json")
     assert "cannot read" in cli_error(capsys, "import", hf, tmp_path / "imported")
@@ -167,9 +158,9 @@ def test_a_corrupt_hf_tokenizer_is_named(trained, tmp_path, capsys):
     (["train", "shakespeare-char-cpu", "--data=DATA", "--batch_size=100000"], "needs about"),
     (["train", "kimi-k2", "--data=DATA", "--block_size=64"], "needs about"),
 ])
-def test_impossible_arguments_are_one_line(argv, expected, trained, char_data, tmp_path, capsys, monkeypatch):
+def test_impossible_arguments_are_one_line(argv, expected, made, char_data, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = [str(trained / "run") if a == "RUN" else a.replace("DATA", str(char_data)) for a in argv]
+    argv = [str(made / "run") if a == "RUN" else a.replace("DATA", str(char_data)) for a in argv]
     assert expected in cli_error(capsys, *argv)
     assert list(tmp_path.iterdir()) == []  # nothing written first (bench used to create out/)
 
