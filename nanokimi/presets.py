@@ -68,9 +68,10 @@ def make_config(arch, base, overrides, source=None):
         raise UserError(f"invalid model config{f' in {source}' if source else ''}: {e}") from None
 
 
-def build_model(arch, config):
-    """The model, once its weights are known to fit in this machine's memory (checked on the meta device first)."""
-    check_fits(arch, config, "cpu")
+def build_model(arch, config, device="cpu", batch_tokens=0, shards=1, context=""):
+    """The model (on the CPU), once it is known to fit in `device`'s memory: to hold it, or to train it on
+    `batch_tokens` per micro-batch (`check_fits`, on the meta device first)."""
+    check_fits(arch, config, device, batch_tokens, shards, context)
     return ARCHS[arch][1](config)
 
 

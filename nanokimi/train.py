@@ -28,7 +28,7 @@ from .hardware import describe, expert_gemm_path
 from .model import MoE
 from .optim import Muon, configure_optimizer, unwrap
 from .plots import plot_run, read_records
-from .presets import build_model, check_fits
+from .presets import build_model
 
 
 def learning_rate(cfg, step, elapsed=0.0):
@@ -161,11 +161,10 @@ class Trainer:
         self.micro_steps = cfg.grad_accum // run.world
         plan = plan_run(cfg, overrides)
         self.data, self.arch, self.model_config, source = plan.data, plan.arch, plan.config, plan.source
-        check_fits(self.arch, self.model_config, run.device, cfg.batch_size * cfg.block_size,
-                   run.world if cfg.fsdp else 1, f"training {cfg.preset} at --batch_size={cfg.batch_size} "
-                                                  f"--block_size={cfg.block_size}")
         torch.manual_seed(cfg.seed)
-        model = build_model(self.arch, self.model_config)
+        model = build_model(self.arch, self.model_config, run.device, cfg.batch_size * cfg.block_size,
+                            run.world if cfg.fsdp else 1, f"training {cfg.preset} at --batch_size={cfg.batch_size} "
+                                                           f"--block_size={cfg.block_size}")
         if source is not None:
             source.load_weights(model)
         self.model = model.to(run.device)
