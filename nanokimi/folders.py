@@ -46,13 +46,12 @@ def check_destination(folder, command, own_kind, own_files=None):
     if found is not None and found != own_kind:
         raise UserError(f"{folder} holds {found}: `nanokimi {command}` does not write into it, pick a new or empty "
                         f"folder")
-    foreign = sorted(p.name for p in folder.iterdir() if own_files is not None and p.name not in own_files)
+    # in a folder that is not of the command's kind, even a file of its names is the user's (e.g. their config.json)
+    foreign = sorted(p.name for p in folder.iterdir()
+                     if own_files is not None and (found is None or p.name not in own_files))
     if foreign:
         raise UserError(f"{folder} holds files `nanokimi {command}` did not write ({', '.join(foreign[:3])}"
                         f"{', ...' if len(foreign) > 3 else ''}): pick a new or empty folder")
-    if own_files is not None and any(folder.iterdir()) and found is None:  # e.g. the user's own config.json alone
-        raise UserError(f"{folder} holds files `nanokimi {command}` did not write "
-                        f"({', '.join(sorted(p.name for p in folder.iterdir())[:3])}): pick a new or empty folder")
 
 
 def check_apart(source, destination, command):

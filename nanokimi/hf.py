@@ -30,13 +30,7 @@ SAME_NAME_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_inter
 
 
 def is_hf_folder(path):
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return "architectures" in json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+    return "architectures" in (read_config(path) or {})
 
 
 def to_hf_config(config):
