@@ -81,6 +81,8 @@ class TrainConfig:
     init_from: str = ""  # a checkpoint to finetune from (weights only; new optimizer and schedule)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state over the processes
     # (FSDP2) instead of replicating them (DDP); a run's checkpoints resume under either layout or one process
+    ep: bool = False  # with --fsdp: expert parallelism, each process owns n_routed_experts / processes experts and
+    # tokens travel to them (all-to-all) instead of every process gathering every expert
 
     def __post_init__(self):
         for name in ("batch_size", "block_size", "grad_accum", "eval_iters", "log_interval", "eval_interval"):
@@ -127,7 +129,7 @@ def check_device(device):
         raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")
 
 
-INVOCATION_FIELDS = ("resume", "overwrite", "init_from", "fsdp")
+INVOCATION_FIELDS = ("resume", "overwrite", "init_from", "fsdp", "ep")
 
 
 def saved_settings(cfg):

@@ -384,7 +384,11 @@ class Gate(nn.Module):
 
 class Experts(nn.Module):
     """E routed SwiGLU experts stored as stacks [E, out, in], run on expert-sorted tokens with one grouped GEMM per
-    projection, so the cost depends on tokens x K, not on E."""
+    projection, so the cost depends on tokens x K, not on E.
+
+    The model's one seam for token dispatch: forward takes tokens sorted by expert and the count per expert. Under
+    expert parallelism (sharding.expert_parallel) the stacks are DTensors holding this rank's experts, and hooks
+    around this call move the tokens to the ranks that own their experts and back."""
 
     def __init__(self, config):
         super().__init__()
@@ -393,11 +397,13 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
-    def forward(self, x, offsets):  # x: [N, H] sorted by expert; offsets: [E] int32 end of each expert's slice
+    def forward(self, x, counts):  # x: [N, H] sorted by expert; counts: [E] tokens of each expert
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x = x.to(dtype)  # autocast does not cover grouped GEMM: cast by hand
+        offsets = counts.cumsum(0).to(torch.int32)  # end of each expert's slice
 
         def mm(a, w):
+            w = w.to_local() if isinstance(w, DTensor) else w  # expert parallel: this rank's experts
             return grouped_matmul(a, w.to(dtype).transpose(-2, -1), offsets)
 
         return mm(F.silu(mm(x, self.gate_proj)) * mm(x, self.up_proj), self.down_proj)
@@ -480,7 +486,7 @@ class MoE(nn.Module):
         order = slots.argsort(stable=True)  # token-slots sorted by expert
         token_of_slot = order // K
         # index_select, not flat[...]: the same rows; its backward (index_add_) is faster on CPU than indexing's
-        y = self.experts(flat.index_select(0, token_of_slot), counts.cumsum(0).to(torch.int32))
+        y = self.experts(flat.index_select(0, token_of_slot), counts)
         y = y.float() * weights.flatten()[order].unsqueeze(-1)
         out = torch.zeros_like(flat, dtype=torch.float32).index_add_(0, token_of_slot, y).type_as(x)
         if self.shared_experts is not None:

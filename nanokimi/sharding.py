@@ -10,14 +10,20 @@ How the work and communication are split (see also optim.Muon):
   shape group at a time and orthogonalised on every rank, which keeps its own rows (redundant but small work: the
   experts are most of Muon's FLOPs);
 - QK-Clip: the per-head max logits are all-reduced (as under DDP) and each rank rescales the q/k rows it holds;
-- the aux-loss-free expert bias is a buffer, not sharded: every rank updates it from all-reduced loads."""
+- the aux-loss-free expert bias is a buffer, not sharded: every rank updates it from all-reduced loads.
+
+Expert parallelism (`--fsdp --ep`): each rank owns n_routed_experts / ranks whole experts, which FSDP leaves alone;
+tokens travel to their experts' ranks and back (`expert_parallel`), so no rank ever gathers another's experts."""
 
 import inspect
 
 import torch
+import torch.distributed as dist
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
 
 
 def data_parallel(net):
@@ -30,14 +36,69 @@ def data_parallel(net):
     return ddp(net, **{no_sync: False})
 
 
-def shard_model(model, dtype):
+def shard_model(model, dtype, experts_parallel=False):
     """fully_shard every block, then the root (embeddings, final norm, head). Under bf16/fp16 the gathered parameters
-    compute in `dtype` and gradients reduce in fp32."""
+    compute in `dtype` and gradients reduce in fp32. With `experts_parallel`, the routed experts are spread over the
+    ranks first (`expert_parallel`) and FSDP shards everything else."""
     policy = MixedPrecisionPolicy() if dtype == torch.float32 else \
         MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    device = next(model.parameters()).device.type
+    mesh = init_device_mesh(device, (dist.get_world_size(),))  # one mesh: FSDP's and EP's DTensors mix in grad norms
+    owned = expert_parallel(model, mesh) if experts_parallel else set()
     for block in model.blocks():
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=owned)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=owned)
+
+
+def expert_parallel(model, mesh):
+    """Spread every MoE layer's routed experts over the ranks of `mesh` (rank r owns experts r*E/R .. (r+1)*E/R - 1,
+    as DTensors sharded along E) and route tokens to them with TokenDispatch. Returns the expert parameters.
+
+    Their gradients arrive whole on the owning rank, summed over every rank's tokens by the backward all-to-all; a
+    hook divides them by the ranks, as FSDP's reduce-scatter averages the others (the loss is each rank's mean)."""
+    owned = set()
+    ranks = mesh.size()
+
+    def shard_stacks(name, module, mesh):
+        for key, param in list(module.named_parameters(recurse=False)):
+            # every rank holds the same full stack (same seed or checkpoint): each keeps its slice, nothing is sent
+            shard = torch.nn.Parameter(distribute_tensor(param.data, mesh, [Shard(0)], src_data_rank=None))
+            shard.register_hook(lambda grad: grad / ranks)
+            module.register_parameter(key, shard)
+            owned.add(shard)
+
+    for moe in model.moe_layers():
+        dispatch = TokenDispatch(mesh)
+        distribute_module(moe.experts, mesh, shard_stacks, dispatch.send, dispatch.receive)
+    return owned
+
+
+class TokenDispatch:
+    """Expert-parallel token dispatch around one MoE layer's Experts call: `send` (before it) moves each token-slot to
+    the rank owning its expert with all_to_all_single and regroups the arrivals by local expert; `receive` (after it)
+    restores their order and sends the outputs back. No token is dropped. Both exchanges are autograd functions
+    (torch's functional collectives), so the backward runs the reverse all-to-alls. The splits of a forward are kept here until
+    its `receive`: the two halves of one call, as torchtitan's ExpertParallel."""
+
+    def __init__(self, mesh):
+        self.group, self.ranks = mesh.get_group(), mesh.size()
+        self.sent = self.arrived = self.order = None
+
+    def send(self, experts, inputs, mesh):
+        x, counts = inputs  # x [N, H] sorted by (global) expert; counts [E] of this rank's tokens
+        counts = counts.view(self.ranks, -1)  # [owner rank, its experts]
+        arrivals = torch.empty_like(counts)
+        dist.all_to_all_single(arrivals, counts, group=self.group)  # [source rank, my experts]
+        self.sent, self.arrived = counts.sum(1).tolist(), arrivals.sum(1).tolist()
+        received = all_to_all_single_autograd(x, self.arrived, self.sent, self.group)
+        # arrivals come by source rank, then expert: the grouped GEMM wants them by expert
+        local_expert = torch.arange(counts.shape[1], device=x.device).repeat(self.ranks)
+        self.order = local_expert.repeat_interleave(arrivals.flatten()).argsort(stable=True)
+        return received.index_select(0, self.order), arrivals.sum(0)
+
+    def receive(self, experts, y, mesh):
+        y = y.index_select(0, self.order.argsort())  # back to source-rank order
+        return all_to_all_single_autograd(y, self.sent, self.arrived, self.group)
 
 
 def full_weights(model):

@@ -155,12 +155,20 @@ class Trainer:
         if cfg.grad_accum % run.world:
             raise UserError(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes "
                             f"({run.world})")
+        if cfg.ep and not (run.distributed and cfg.fsdp):
+            raise UserError("--ep spreads the experts over the processes of an FSDP run: launch with `torchrun "
+                            "--nproc_per_node=N -m nanokimi train ... --fsdp --ep`")
         if cfg.fsdp and not run.distributed:
             raise UserError("--fsdp shards the model over several processes: launch with `torchrun "
                             "--nproc_per_node=N -m nanokimi train ... --fsdp`")
         self.micro_steps = cfg.grad_accum // run.world
         plan = plan_run(cfg, overrides)
         self.data, self.arch, self.model_config, source = plan.data, plan.arch, plan.config, plan.source
+        experts = getattr(self.model_config, "n_routed_experts", 0)
+        if cfg.ep and (not experts or experts % run.world):
+            raise UserError(f"--ep gives each of the {run.world} processes an equal share of the routed experts, but "
+                            f"{cfg.preset} has {experts}: use a process count that divides {experts}" if experts else
+                            f"--ep spreads routed experts, and {cfg.preset} ({self.arch}) has none: drop --ep")
         torch.manual_seed(cfg.seed)
         model = build_model(self.arch, self.model_config, run.device, cfg.batch_size * cfg.block_size,
                             run.world if cfg.fsdp else 1, f"training {cfg.preset} at --batch_size={cfg.batch_size} "
@@ -169,7 +177,7 @@ class Trainer:
             source.load_weights(model)
         self.model = model.to(run.device)
         if cfg.fsdp:
-            sharding.shard_model(self.model, run.dtype)
+            sharding.shard_model(self.model, run.dtype, experts_parallel=cfg.ep)
         muon_dtype = cfg.muon_dtype
         if cfg.resume and muon_dtype == "auto":  # keep the precision the run chose, so that it replays bitwise
             muon_dtype = source.trainer_state().get("muon_dtype", "auto")

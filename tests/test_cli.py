@@ -11,7 +11,7 @@ from tests.conftest import TINY, cli_error, run_cli
 
 @pytest.mark.parametrize("case", ["missing_data", "empty_input", "short_data", "unknown_dataset", "bad_model_value",
                                   "bad_train_value", "unknown_setting", "unknown_preset", "missing_checkpoint",
-                                  "fsdp_without_torchrun"])
+                                  "fsdp_without_torchrun", "ep_without_torchrun"])
 def test_bad_input_gives_one_line_error(case, char_data, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -30,6 +30,7 @@ def test_bad_input_gives_one_line_error(case, char_data, tmp_path, capsys):
         "unknown_preset": (["train", "gpt-5"], "unknown run or preset"),
         "missing_checkpoint": (["sample", tmp_path / "nothing"], "no checkpoint"),
         "fsdp_without_torchrun": (train_args + ["--fsdp"], "torchrun --nproc_per_node=N"),
+        "ep_without_torchrun": (train_args + ["--fsdp", "--ep"], "--fsdp --ep`"),
     }[case]
     if case == "short_data":
         main(["prepare", "text", f"--input={short}", f"--out={tmp_path / 's'}"])

@@ -18,10 +18,11 @@ from tests.conftest import ROOT, TINY, TINY_MODEL, TINY_TRAIN, metrics, step_los
 pytestmark = pytest.mark.slow
 
 
-def run_ddp(cfg, model, port):
-    """Train `cfg` under torchrun with 2 processes (tests/ddp_worker.py); returns its check of the ranks' weights."""
+def run_ddp(cfg, model, port, procs=2):
+    """Train `cfg` under torchrun with `procs` processes (tests/ddp_worker.py); returns its check of the ranks'
+    weights."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
                              f"--master_port={port}", str(ROOT / "tests" / "ddp_worker.py"), json.dumps(cfg),
                              json.dumps(model)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[:3000]  # the workers' errors come first, torchrun's summary last
@@ -89,6 +90,63 @@ def test_fsdp_trains_as_one_process_and_checkpoints_move_between_layouts(char_da
         assert all(resumed[s] == pytest.approx(straight[s], rel=2e-3) for s in range(21, 25)), name
 
 
+@pytest.mark.parametrize("procs", [2, 4])
+def test_expert_parallel_layer_matches_one_process(procs):
+    """tests/ep_worker.py: the all-to-all dispatch gives one process's losses, gradients (experts and dense) and expert
+    loads, with uneven splits, ranks that receive no token, and an expert with none."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+                             f"--master_port={29540 + procs}", "-m", "tests.ep_worker"], capture_output=True,
+                            text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(f"ok {routing} ranks={procs}" in result.stdout for routing in ("random", "owner-0", "idle-expert"))
+
+
+def expert_shares(out_dir):
+    return {r["step"]: r["expert_share"] for r in metrics(out_dir) if "expert_share" in r}
+
+
+def test_fsdp_ep_trains_as_one_process_and_checkpoints_move_between_layouts(char_data, tmp_path, capsys):
+    """--fsdp --ep (2 processes, 2 experts each): one process's losses, QK-Clip decisions and expert loads; its
+    checkpoint samples and resumes in one process, and one process's and FSDP's resume under FSDP + EP."""
+    cfg = {"data": str(char_data), "max_iters": 20, "lr_decay_iters": 24, "qk_clip_tau": 0.05, **DDP_TRAIN}
+    flags = [f"--{k}={v}" for k, v in cfg.items() if k != "data"]
+    check = run_ddp(cfg | {"out_dir": str(tmp_path / "ep"), "fsdp": True, "ep": True}, TINY_MODEL, 29560)
+    assert check["world"] == 2 and check["max_diff"] == 0.0  # every rank gathers the same full model
+    train(char_data, tmp_path / "single", *flags)
+    ep, single = step_losses(tmp_path / "ep"), step_losses(tmp_path / "single")
+    assert ep.keys() == single.keys() and all(ep[s] == pytest.approx(single[s], rel=2e-3) for s in single)
+    single_logits, ep_logits = max_logits(tmp_path / "single"), max_logits(tmp_path / "ep")
+    assert sum(v > cfg["qk_clip_tau"] for v in single_logits.values()) >= 5
+    assert all((ep_logits[s] > cfg["qk_clip_tau"]) == (v > cfg["qk_clip_tau"]) and
+               ep_logits[s] == pytest.approx(v, rel=1e-2) for s, v in single_logits.items())
+    single_shares, ep_shares = expert_shares(tmp_path / "single"), expert_shares(tmp_path / "ep")
+    assert ep_shares.keys() == single_shares.keys()
+    assert all(sum(ep_shares[s], []) == pytest.approx(sum(v, []), abs=1e-2) for s, v in single_shares.items())
+    capsys.readouterr()
+    main(["sample", str(tmp_path / "ep"), "--max_new_tokens=20"])
+    assert len(capsys.readouterr().out) > 20
+    for name in ("ep", "single"):
+        shutil.copytree(tmp_path / name, tmp_path / f"{name}-resumed")
+    train(char_data, tmp_path / "ep-resumed", "--resume", "--max_iters=24")
+    run_ddp(cfg | {"out_dir": str(tmp_path / "single-resumed"), "fsdp": True, "ep": True, "resume": True,
+                   "max_iters": 24}, TINY_MODEL, 29561)
+    train(char_data, tmp_path / "straight", *flags, "--max_iters=24")
+    straight = step_losses(tmp_path / "straight")
+    for name in ("ep-resumed", "single-resumed"):
+        resumed = step_losses(tmp_path / name)
+        assert sorted(resumed) == list(range(1, 25))
+        assert all(resumed[s] == pytest.approx(straight[s], rel=2e-3) for s in range(21, 25)), name
+
+
+def test_fsdp_ep_over_four_processes_trains_as_one_process(char_data, tmp_path):
+    """4 processes, one expert each (the tiny model's 4), 4 micro-batches: one process's losses."""
+    cfg = {"data": str(char_data), "max_iters": 10, **DDP_TRAIN, "grad_accum": 4}
+    run_ddp(cfg | {"out_dir": str(tmp_path / "ep"), "fsdp": True, "ep": True}, TINY_MODEL, 29562, procs=4)
+    train(char_data, tmp_path / "single", *[f"--{k}={v}" for k, v in cfg.items() if k != "data"])
+    ep, single = step_losses(tmp_path / "ep"), step_losses(tmp_path / "single")
+    assert ep.keys() == single.keys() and all(ep[s] == pytest.approx(single[s], rel=2e-3) for s in single)
+
+
 def test_fsdp_under_compile_trains_as_eager_fsdp(char_data, tmp_path):
     """--fsdp --compile: torch.compile over FSDP2's sharded blocks gives the eager FSDP run's losses."""
     cfg = {"data": str(char_data), "max_iters": 4, "fsdp": True, **DDP_TRAIN}
@@ -123,12 +181,19 @@ def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted (SIGINT): the workers saved")
     assert checkpoint.Checkpoint(out).trainer_state()["step"] >= 3 and "continue with --resume" in stdout
-    failed = subprocess.run([sys.executable, "-m", "nanokimi", "torchrun", "--nproc_per_node=2", "--master_port=29538",
-                             "train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={tmp_path / 'odd'}",
-                             "--grad_accum=3"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
-    assert "grad_accum (3) must be divisible by the number of processes (2)" in failed.stderr
-    assert failed.stderr.strip().splitlines()[-1].startswith("error: worker rank")
+    bad = [(["shakespeare-char-cpu", "--grad_accum=3"], "grad_accum (3) must be divisible by the number of processes (2)"),
+           (["shakespeare-char-cpu", *TINY, "--n_routed_experts=3", "--grad_accum=2", "--fsdp", "--ep"],
+            "a process count that divides 3"),
+           (["shakespeare-char-cpu", "--grad_accum=2", "--ep"], "--fsdp --ep`"),
+           (["gpt-shakespeare-char-cpu", "--grad_accum=2", "--fsdp", "--ep"], "has none: drop --ep")]
+    for port, (args, expected) in enumerate(bad, 29580):
+        failed = subprocess.run([sys.executable, "-m", "nanokimi", "torchrun", "--nproc_per_node=2",
+                                 f"--master_port={port}", "train", *args, f"--data={char_data}",
+                                 f"--out_dir={tmp_path / 'odd'}"], capture_output=True, text=True, env=env, cwd=ROOT,
+                                timeout=120)
+        assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+        assert expected in failed.stderr, failed.stderr
+        assert failed.stderr.strip().splitlines()[-1].startswith("error: worker rank")
 
 
 def test_a_killed_worker_is_named_without_tracebacks(char_data, tmp_path):
