@@ -132,11 +132,25 @@ def test_a_stopped_training_run_stops_the_benchmark(char_data, tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_memory_report_fsdp_halves_the_state(tmp_path):
+def test_memory_report_fsdp_halves_the_state_and_ep_sends_tokens_not_experts(tmp_path):
     report = tmp_path / "BENCH.md"
     main(["bench", f"--report={report}", "memory", "--preset=shakespeare-char-cpu", "--batch_size=2",
           "--block_size=16", "--port=29572"])
     body = sections(report)["memory"]
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in body.splitlines() if " x2 |" in line}
-    ddp, fsdp = (float(rows[name][4]) for name in ("DDP x2", "FSDP x2"))
-    assert fsdp <= 0.55 * ddp and "| 1 process |" in body
+    held = body[:body.index("MiB sent per rank")]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in held.splitlines()
+            if " x2 |" in line or "| 1 process |" in line}
+    state = {name: float(row[4]) for name, row in rows.items()}
+    experts = {name: float(row[5]) for name, row in rows.items()}
+    assert state["FSDP x2"] <= 0.55 * state["DDP x2"] and state["FSDP+EP x2"] <= 0.55 * state["DDP x2"]
+    assert experts["FSDP+EP x2"] == pytest.approx(experts["1 process"] / 2, rel=0.01)
+    sent = {tuple(cell.strip("| ") for cell in line.split(" | ")[:2]): [float(c.strip("| ")) for c in
+                                                                          line.split(" | ")[2:5]]
+            for line in body.splitlines() if "| measured |" in line or "| formula" in line}
+    for layout in ("FSDP x2", "FSDP+EP x2"):  # the projection's formula is the counted traffic
+        measured, formula = sent[(layout, "measured")], sent[(layout, "formula (`project`)")]
+        assert measured[:2] == pytest.approx(formula[:2], rel=0.01, abs=0.002)
+    assert sent[("FSDP x2", "measured")][2] == 0 < sent[("FSDP+EP x2", "measured")][2]  # all-to-all only under EP
+    # EP gathers and reduce-scatters what is not an expert only
+    assert sent[("FSDP+EP x2", "measured")][0] < 0.5 * sent[("FSDP x2", "measured")][0]
+    assert "Projected to `kimi-k2`" in body and "| 1024 | FSDP+EP |" in body

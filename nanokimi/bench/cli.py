@@ -93,13 +93,15 @@ def build_parser():
     p.add_argument("--compile", action="store_true", help="add nanoKimi + MuonClip under torch.compile")
     p.set_defaults(run=bench_step)
 
-    p = sub.add_parser("memory", help="per-rank parameters, gradients and optimizer state: 1 process, DDP, FSDP")
+    p = sub.add_parser("memory", help="per-rank training state and bytes sent: 1 process, DDP, FSDP, FSDP+EP; Kimi-K2 projected")
     p.add_argument("--preset", default="shakespeare-char", choices=sorted(PRESETS),
                    help="nanoKimi preset (29.5M parameters by default)")
     p.add_argument("--batch_size", type=positive, default=4)
     p.add_argument("--block_size", type=positive, default=64)
     p.add_argument("--port", type=int, default=29571, help="torchrun's rendezvous port")
     p.add_argument("--timeout_s", type=float, default=600, help="limit on each layout's run")
+    p.add_argument("--k2_tokens", type=positive, default=4096,
+                   help="tokens per rank per step in the Kimi-K2 projection (one 4096-token sequence)")
     p.set_defaults(run=bench_memory)
 
     p = sub.add_parser("compare", parents=[data],

@@ -1,5 +1,7 @@
-"""`nanokimi bench memory`: what each process holds for training (parameters, gradients, optimizer state) in one
-process, under DDP and under FSDP2, each layout run under torchrun with the real model, optimizer and sharding."""
+"""`nanokimi bench memory`: what each process holds for training (parameters, gradients, optimizer state) and what it
+sends per step, in one process, under DDP, FSDP2 and FSDP2 + expert parallelism, each layout run under torchrun with
+the real model, optimizer and sharding; then the same quantities projected to Kimi-K2's config (`project`), the
+formula checked first against the small case measured here."""
 
 import json
 import os
@@ -9,35 +11,78 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..model import Kimi
-from ..optim import configure_optimizer, local_part
+from ..model import Experts, Kimi
+from ..optim import Muon, configure_optimizer, local_part
 from ..presets import PRESETS, make_config
 from ..sharding import data_parallel, shard_model
 from .report import table, write_section
 from .speed import training_step
 
-LAYOUTS = {"1 process": (1, "none"), "DDP x2": (2, "ddp"), "FSDP x2": (2, "fsdp")}
+LAYOUTS = {"1 process": (1, "none"), "DDP x2": (2, "ddp"), "FSDP x2": (2, "fsdp"), "FSDP+EP x2": (2, "fsdp-ep")}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-to-all", "all-reduce")
+MiB, GB = 2 ** 20, 1e9
 
 
 def local_bytes(tensors):
     return sum(local_part(t).numel() * t.element_size() for t in tensors)
 
 
+def nbytes(tensor):
+    return tensor.numel() * tensor.element_size()
+
+
+class CollectiveBytes(TorchDispatchMode):
+    """Bytes each collective sends off this rank, counted from the tensors the run hands to c10d (FSDP2's gathers and
+    reduce-scatters, the expert dispatch's all-to-alls, Muon's gathers, DDP's and the trainer's all-reduces), as the
+    ring algorithms move them per rank: all-gather and reduce-scatter (R-1)/R of the whole tensor, all-reduce twice
+    that, all-to-all the rows bound for other ranks. Hand-written: torch's CommDebugMode counts calls, not bytes."""
+
+    def __init__(self, rank, ranks):
+        super().__init__()
+        self.rank, self.share = rank, (ranks - 1) / ranks
+        self.sent = defaultdict(float)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name == "c10d::_allgather_base_":  # (output, input, ...)
+            self.sent["all-gather"] += self.share * nbytes(args[0])
+        elif name == "_c10d_functional::all_gather_into_tensor":  # (input, group size, group)
+            self.sent["all-gather"] += self.share * nbytes(args[0]) * args[1]
+        elif name == "c10d::_reduce_scatter_base_":  # (output, input, ...)
+            self.sent["reduce-scatter"] += self.share * nbytes(args[1])
+        elif name == "_c10d_functional::reduce_scatter_tensor":  # (input, ...)
+            self.sent["reduce-scatter"] += self.share * nbytes(args[0])
+        elif name == "c10d::allreduce_":  # (tensors, ...)
+            self.sent["all-reduce"] += 2 * self.share * sum(nbytes(t) for t in args[0])
+        elif name == "_c10d_functional::all_reduce":
+            self.sent["all-reduce"] += 2 * self.share * nbytes(args[0])
+        elif name in ("c10d::alltoall_base_", "_c10d_functional::all_to_all_single"):
+            tensor, splits = (args[1], args[3]) if name.startswith("c10d::") else (args[0], args[2])
+            kept = splits[self.rank] * nbytes(tensor) // max(1, len(tensor)) if splits else \
+                (1 - self.share) * nbytes(tensor)  # equal splits: 1/R of it stays
+            self.sent["all-to-all"] += nbytes(tensor) - kept
+        return func(*args, **(kwargs or {}))
+
+
 def measure(preset, layout, batch_size, block_size, report):
-    """Run in each process: one MuonClip training step, then write this rank's bytes of state to `report`."""
+    """Run in each process: one MuonClip training step, counting what it sends; then write this rank's bytes of state
+    and sent bytes to `report`."""
     distributed = layout != "none"
     if distributed:
         dist.init_process_group("gloo")
+    rank, ranks = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(0)
     model = Kimi(make_config("kimi", PRESETS[preset], {"max_position_embeddings": block_size, "dropout": 0.0}))
     net = model
-    if layout == "fsdp":
-        shard_model(model, torch.float32)
+    if layout.startswith("fsdp"):
+        shard_model(model, torch.float32, experts_parallel=layout == "fsdp-ep")
     elif layout == "ddp":
         net = data_parallel(model)
     opt = configure_optimizer(model, "muonclip", lr=1e-3)
@@ -46,18 +91,65 @@ def measure(preset, layout, batch_size, block_size, report):
 
     def keep_grads():  # read the gradients before training_step's zero_grad drops them
         grads["bytes"] = local_bytes([p.grad for p in model.parameters() if p.grad is not None])
+        grads["experts"] = local_bytes([p.grad for m in model.modules() if isinstance(m, Experts)
+                                        for p in m.parameters()])
     hook = opt.optimizers[0].register_step_pre_hook(lambda *_: keep_grads())
-    training_step(model, opt, x[:, :-1], x[:, 1:], net=net)
+    counter = CollectiveBytes(rank, ranks)
+    with counter:
+        training_step(model, opt, x[:, :-1], x[:, 1:], net=net)
     hook.remove()
+    expert_params = [p for m in model.modules() if isinstance(m, Experts) for p in m.parameters()]
     state = [v for o in opt.optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
-    rank = dist.get_rank() if distributed else 0
+    expert_state = [v for o in opt.optimizers for p, s in o.state.items() if any(p is e for e in expert_params)
+                    for v in s.values() if torch.is_tensor(v)]
     result = {"params": local_bytes(list(model.parameters())), "grads": grads["bytes"],
-              "optimizer": local_bytes(state), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "optimizer": local_bytes(state), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "experts": local_bytes(expert_params) + grads["experts"] + local_bytes(expert_state),
+              "sent": dict(counter.sent)}
     Path(f"{report}.{rank}").write_text(json.dumps(result))
     if distributed:  # DDP's reducer holds the group: free it, and leave together (gloo's teardown hung otherwise)
         del net, opt
         dist.barrier()
         dist.destroy_process_group()
+
+
+def parameter_groups(config):
+    """Parameter counts of a Kimi config, built on the meta device: routed experts, those inside blocks (the FSDP
+    units), Muon's 2-D matrices (gathered whole by Muon under FSDP), AdamW's, and the largest block."""
+    with torch.device("meta"):
+        model = Kimi(config)
+        opt = configure_optimizer(model, "muonclip", muon_dtype="float32")  # forced: no timing on meta tensors
+    muon = [p for o in opt.optimizers if isinstance(o, Muon) for g in o.param_groups for p in g["params"]]
+    return {"total": sum(p.numel() for p in model.parameters()),
+            "experts": sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters()),
+            "blocks": sum(p.numel() for b in model.blocks() for p in b.parameters()),
+            "muon_2d": sum(p.numel() for p in muon if p.ndim == 2),
+            "adamw": sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in muon),
+            "largest_block": max(sum(p.numel() for p in b.parameters()) for b in model.blocks()),
+            "largest_block_experts": max(sum(p.numel() for m in b.modules() if isinstance(m, Experts)
+                                             for p in m.parameters()) for b in model.blocks()),
+            "moe_layers": len(model.moe_layers())}
+
+
+def project(config, ranks, tokens, expert_parallel, gather_bytes=2, token_bytes=2):
+    """Per rank and training step of `tokens` tokens per rank, under FSDP2 over `ranks` ranks with or without expert
+    parallelism: training state bytes (fp32 parameters and gradients, Muon's momentum, AdamW's two moments), the
+    parameters a rank holds gathered at its peak (the block computing and the one prefetched, in the compute dtype:
+    `gather_bytes` each), and the bytes each collective sends, as CollectiveBytes counts them. Assumes routing
+    spreads token-slots evenly over the experts (so (R-1)/R of them leave their rank) and leaves out the all-reduces
+    of statistics (a few KiB)."""
+    n, share = parameter_groups(config), (ranks - 1) / ranks
+    fsdp = n["total"] - n["experts"] * expert_parallel  # the parameters FSDP shards, gathers and reduce-scatters
+    fsdp_blocks = n["blocks"] - n["experts"] * expert_parallel
+    largest = n["largest_block"] - n["largest_block_experts"] * expert_parallel
+    dispatch = 4 * n["moe_layers"] * tokens * config.num_experts_per_tok * config.hidden_size * token_bytes * share
+    return {"state": ((4 + 4) * n["total"] + 4 * (n["total"] - n["adamw"]) + 8 * n["adamw"]) / ranks,
+            "gathered": 2 * largest * gather_bytes,
+            # forward gathers everything, backward the blocks again (the root stays gathered); Muon gathers its 2-D
+            # matrices in fp32; gradients reduce in fp32; tokens go out and back in forward and again in backward
+            "all-gather": share * (gather_bytes * (fsdp + fsdp_blocks) + 4 * n["muon_2d"]),
+            "reduce-scatter": share * 4 * fsdp,
+            "all-to-all": dispatch if expert_parallel else 0.0}
 
 
 def run_layout(command, reports, name, timeout_s, env, grace_s=60):
@@ -84,7 +176,7 @@ def run_layout(command, reports, name, timeout_s, env, grace_s=60):
 
 
 def bench_memory(args):
-    rows, state = [], {}
+    rows, traffic, measured = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (procs, layout) in LAYOUTS.items():
             report = Path(tmp) / layout
@@ -98,20 +190,57 @@ def bench_memory(args):
                        os.environ | {"OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // procs))})
             ranks = [json.loads(r.read_text()) for r in reports]
             worst = max(ranks, key=lambda r: r["params"] + r["grads"] + r["optimizer"])
-            state[name] = worst["params"] + worst["grads"] + worst["optimizer"]
-            rows.append([name, *(f"{worst[k] / 2 ** 20:.1f}" for k in ("params", "grads", "optimizer")),
-                         f"{state[name] / 2 ** 20:.1f}", f"{max(r['peak_rss'] for r in ranks) / 2 ** 20:.0f}"])
-    with torch.device("meta"):  # counted, not allocated
-        params = sum(p.numel() for p in Kimi(make_config("kimi", PRESETS[args.preset], {})).parameters())
-    body = (f"`{args.preset}` ({params / 1e6:.1f}M parameters), fp32, "
-            f"MuonClip, after one training step of {args.batch_size}x{args.block_size} tokens on CPU (gloo); "
-            f"MiB held by the rank that holds the most. Peak RSS is the whole process (torch itself, activations, "
-            f"communication buffers) for scale.\n\n"
-            + table(["layout", "parameters", "gradients", "optimizer state", "state per rank", "peak RSS MiB"], rows)
-            + f"\n\nGoal: FSDP x2 per-rank state <= 0.55x of DDP's: measured "
-              f"{state['FSDP x2'] / state['DDP x2']:.2f}x.")
+            measured[name] = worst | {"state": worst["params"] + worst["grads"] + worst["optimizer"],
+                                      "experts": max(r["experts"] for r in ranks),
+                                      "sent": {k: max(r["sent"].get(k, 0.0) for r in ranks) for k in COLLECTIVES}}
+            m = measured[name]
+            rows.append([name, *(f"{m[k] / MiB:.2f}" for k in ("params", "grads", "optimizer", "state", "experts")),
+                         f"{max(r['peak_rss'] for r in ranks) / MiB:.0f}"])
+            traffic.append([name, "measured", *(f"{m['sent'][k] / MiB:.3f}" for k in COLLECTIVES)])
+            if layout.startswith("fsdp"):
+                formula = project(make_config("kimi", PRESETS[args.preset], {}), procs,
+                                  args.batch_size * args.block_size, layout == "fsdp-ep", gather_bytes=4,
+                                  token_bytes=4)
+                traffic.append([name, "formula (`project`)",
+                                *(f"{formula[k] / MiB:.3f}" for k in COLLECTIVES[:3]), "-"])
+    params = parameter_groups(make_config("kimi", PRESETS[args.preset], {}))["total"]
+    one, ep = measured["1 process"], measured["FSDP+EP x2"]
+    body = (f"`{args.preset}` ({params / 1e6:.1f}M parameters), fp32, MuonClip, one training step of "
+            f"{args.batch_size}x{args.block_size} tokens per rank on CPU (gloo); MiB held or sent by the rank that "
+            f"holds or sends the most. Routed experts = their parameters, gradients and optimizer state. Peak RSS is "
+            f"the whole process (torch itself, activations, communication buffers) for scale.\n\n"
+            + table(["layout", "parameters", "gradients", "optimizer state", "state per rank", "routed experts",
+                     "peak RSS MiB"], rows)
+            + "\n\nMiB sent per rank in the step, by collective (counted from the tensors handed to c10d, as ring "
+              "algorithms move them: all-gather and reduce-scatter (R-1)/R of the tensor, all-reduce twice that, "
+              "all-to-all the rows bound for other ranks); the formula rows are `project` for this model, the "
+              "check of the Kimi-K2 projection below (all-to-all assumes even routing; the measured step's routing "
+              "is what a random-init model does):\n\n"
+            + table(["layout", "source", *COLLECTIVES], traffic)
+            + f"\n\nGoals: FSDP x2 per-rank state <= 0.55x of DDP's: measured "
+              f"{measured['FSDP x2']['state'] / measured['DDP x2']['state']:.2f}x; routed-expert state per rank under "
+              f"FSDP+EP x2 = 1/2 of one process's: measured {ep['experts'] / one['experts']:.2f}x.\n\n"
+            + k2_projection(args.k2_tokens))
     print(body)
     write_section(args.report, "memory", body, args.command)
+
+
+def k2_projection(tokens, rank_counts=(64, 256, 1024)):
+    """The Kimi-K2 table: `project` at each rank count, FSDP only vs FSDP + EP."""
+    config = PRESETS["kimi-k2"]
+    rows = []
+    for ranks in rank_counts:
+        for expert_parallel in (False, True):
+            p = project(config, ranks, tokens, expert_parallel)
+            rows.append([str(ranks), "FSDP+EP" if expert_parallel else "FSDP", f"{p['state'] / GB:.1f}",
+                         f"{p['gathered'] / GB:.1f}", *(f"{p[k] / GB:.1f}" for k in COLLECTIVES[:3])])
+    return (f"Projected to `kimi-k2` (1.04T parameters, 61 layers, 384 experts of which 8 per token; EP degree = "
+            f"the ranks, as `--fsdp --ep` does), per rank per step of {tokens} tokens per rank: bf16 compute and "
+            f"gathers, fp32 master weights, gradients and reduce-scatters, MuonClip state, even routing; GB. "
+            f"'gathered' = the parameters a rank holds whole at its peak (the block computing and the prefetched "
+            f"one), on top of its state.\n\n"
+            + table(["ranks", "layout", "state per rank", "gathered", "all-gather", "reduce-scatter",
+                     "all-to-all"], rows))
 
 
 if __name__ == "__main__":
