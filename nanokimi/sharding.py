@@ -1,5 +1,6 @@
-"""FSDP2 (`--fsdp` under torchrun): PyTorch's `fully_shard` per transformer block and on the root, and the checkpoint
-side of it: full weights and optimizer state gathered for rank 0 to save in the one checkpoint format, and full state
+"""The parallel layouts under torchrun, applied from outside the model: DDP (`data_parallel`), FSDP2 (`--fsdp`:
+PyTorch's `fully_shard` per transformer block and on the root) and expert parallelism (`--fsdp --ep`), and the
+checkpoint side of them: full weights and optimizer state gathered for rank 0 to save in the one checkpoint format, and full state
 read back into shards on resume.
 
 How the work and communication are split (see also optim.Muon):

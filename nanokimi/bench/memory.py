@@ -86,7 +86,8 @@ def measure(preset, layout, batch_size, block_size, report):
     elif layout == "ddp":
         net = data_parallel(model)
     opt = configure_optimizer(model, "muonclip", lr=1e-3)
-    x = torch.randint(0, model.config.vocab_size, (batch_size, block_size + 1))
+    x = torch.randint(0, model.config.vocab_size, (batch_size, block_size + 1),  # each rank its own batch
+                      generator=torch.Generator().manual_seed(rank))
     grads = {}
 
     def keep_grads():  # read the gradients before training_step's zero_grad drops them
