@@ -41,10 +41,15 @@ check eval $PYTHON -m nanokimi eval "$OUT/bf16" --data="$DATA" --device=$DEVICE 
 if [ "$DEVICE" = cuda ]; then
     check fsdp-nccl-1rank $PYTHON -m nanokimi torchrun --standalone --nproc_per_node=1 train "${RUN[@]}" --fsdp \
         --out_dir="$OUT/fsdp"
+    # every GPU of the machine, one process each: the token all-to-all over NCCL (16 experts: 1, 2, 4, 8 or 16 GPUs)
+    GPUS=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
+    check fsdp-ep-nccl $PYTHON -m nanokimi torchrun --standalone --nproc_per_node="$GPUS" train "${RUN[@]}" \
+        --grad_accum="$GPUS" --fsdp --ep --out_dir="$OUT/fsdp-ep"
     check compare-gpu-quick $PYTHON -m nanokimi bench --report="$OUT/BENCHMARKS.md" compare --recipe=gpu --quick \
         --data="$DATA" --out="$OUT/compare"
 else
     skip fsdp-nccl-1rank "NCCL needs a GPU"
+    skip fsdp-ep-nccl "NCCL needs a GPU"
     skip compare-gpu-quick "nanoGPT's GPU recipe needs CUDA"
 fi
 exit $failed
