@@ -154,3 +154,18 @@ def test_memory_report_fsdp_halves_the_state_and_ep_sends_tokens_not_experts(tmp
     # EP gathers and reduce-scatters what is not an expert only
     assert sent[("FSDP+EP x2", "measured")][0] < 0.5 * sent[("FSDP x2", "measured")][0]
     assert "Projected to `kimi-k2`" in body and "| 1024 | FSDP+EP |" in body
+
+
+@pytest.mark.slow
+def test_ablate_quick_report(char_data, tmp_path):
+    report = tmp_path / "BENCH.md"
+    main(["bench", f"--report={report}", "ablate", "--quick", f"--data={char_data}", f"--out={tmp_path / 'runs'}"])
+    body = sections(report)[f"ablate-{hardware_kind()}"]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in body.splitlines() if " | 16x64 | " in
+            line or " | 12x64 | " in line}
+    assert len(rows) == 8 and "nanoKimi - MoE (dense, equal active params)" in rows and "nanoGPT + Muon" in rows
+    # the dense ablation has the MoE model's active parameters; the MoE model has more in all
+    assert rows["nanoKimi - MoE (dense, equal active params)"][1].split(" (")[1] == \
+        rows["nanoKimi (MLA + MoE + MuonClip)"][1].split(" (")[1]
+    assert rows["nanoGPT, its recipe's settings"][2] == "0.001" and "The lr sweep" in body
+    assert (tmp_path / "assets" / f"ablate_{hardware_kind()}.png").stat().st_size > 1000

@@ -4,10 +4,11 @@ command, machine, torch version and date) and its plots under assets/.
     moe-scaling   one MoE layer's fwd+bwd time as n_routed_experts grows at fixed top-k
     inference     decode tokens/s and peak memory (MLA cache, no cache, MHA ablation, nanoGPT baseline), KV bytes
     optim         AdamW vs Muon vs MuonClip on shakespeare_char, and a high-LR stress run (max logits)
-    memory        per-rank parameters, gradients and optimizer state: one process, DDP x2, FSDP2 x2
+    memory        per-rank training state and bytes sent: one process, DDP x2, FSDP2 x2, FSDP2+EP x2; K2 projected
     step          ms per training step, nanoKimi (MuonClip, AdamW) vs the baseline, and nanoKimi's step part by part
     compare       nanoKimi's shipped config vs nanoGPT's own recipe (CPU or GPU): time to the recipe's val loss
     sweep         the CPU config's batch shape, lr, warmup and dims, each run at the same time budget
+    ablate        each Kimi-K2 idea removed, and nanoGPT three ways: equal time and equal tokens, seeds
 
 Layout: report.py (sections, tables, plots, timing), speed.py (benchmarks on random data), training.py (benchmarks
-through the trainer), cli.py (the subcommands)."""
+through the trainer), ablation.py (the ablation, through the trainer), cli.py (the subcommands)."""

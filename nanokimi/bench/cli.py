@@ -8,6 +8,7 @@ from ..data import TokenData
 from ..errors import OneLineParser
 from ..presets import PRESETS
 from . import __doc__ as overview
+from .ablation import bench_ablate
 from .memory import bench_memory
 from .speed import bench_inference, bench_moe_scaling, bench_step
 from .training import RECIPES, bench_compare, bench_optim, bench_sweep
@@ -117,6 +118,20 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="a few steps each: a smoke test of the report")
     p.set_defaults(run=bench_compare)
 
+    p = sub.add_parser("ablate", parents=[data],
+                       help="each Kimi-K2 idea removed, and nanoGPT three ways: equal time and equal tokens")
+    p.add_argument("--out", default="out/bench-ablate")
+    p.add_argument("--seeds", type=positive, default=3)
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 6e-3, 1.2e-2], help="the lr sweep, shared by all")
+    p.add_argument("--budget_s", type=float, default=40.0,
+                   help="the short budget, training seconds (40: bench compare's 0.4x of the recipe's ~100 s)")
+    p.add_argument("--long_budget_s", type=float, default=120.0,
+                   help="the long budget for the MoE question, about the demo's 150 s of training")
+    p.add_argument("--tokens", type=positive, default=204800, help="training tokens of the equal-token runs")
+    p.add_argument("--eval_batches", type=positive, default=17, help="x 12 fixed val windows score every run")
+    p.add_argument("--quick", action="store_true", help="a few seconds each: a smoke test of the report")
+    p.set_defaults(run=bench_ablate)
+
     p = sub.add_parser("sweep", parents=[data], help="the CPU config's batch shape, lr, warmup and dims")
     p.add_argument("--config", default="shakespeare-char-cpu", help="the starting point: a named run or .toml file")
     p.add_argument("--out", default="out/bench-sweep")
@@ -138,6 +153,8 @@ def main(argv):
         TokenData(args.data, 1)
     args.command = " ".join(["nanokimi bench", *argv])  # stamped on the report section
     args.assets = Path(args.report).parent / "assets"  # plots sit beside the report, linked as assets/NAME.png
-    if getattr(args, "quick", False):
-        args.seeds, args.fractions, args.eval_batches = 1, [0.5], 2
+    if getattr(args, "quick", False):  # a smoke test of the report: one seed, a second or a few steps per run
+        quick = dict(seeds=1, fractions=[0.5], eval_batches=2, budget_s=1.0, long_budget_s=1.0, tokens=2048,
+                     lrs=getattr(args, "lrs", [])[:2])
+        vars(args).update({k: v for k, v in quick.items() if hasattr(args, k)})
     args.run(args)

@@ -87,7 +87,8 @@ def table(header, rows):
 def save_figure(fig, title, path):
     for ax in fig.axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a plot whose ticks name its points has no legend
+            ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

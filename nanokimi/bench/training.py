@@ -184,6 +184,14 @@ def nanokimi_settings(config_path):
     return {k: v for k, v in saved_settings(cfg).items() if k not in ("out_dir", "progress")}, model
 
 
+def spread(values, fmt="{:.4f}"):
+    """ "mean (min..max)" of values over seeds, or the one value."""
+    values = list(values)
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
+
+
 EVAL_BATCH_SIZE = 12  # windows per evaluation batch: --eval_batches x 12 windows in all
 
 
@@ -237,12 +245,6 @@ def bench_compare(args):
     fractions = sorted(set(args.fractions) | {1.0})
     kimi_runs = {f: [nanokimi(seed, f * recipe_time) for seed in range(args.seeds)] for f in fractions}
     mean_val = {f: statistics.mean(r["val"] for r in runs) for f, runs in kimi_runs.items()}
-
-    def spread(values, fmt="{:.4f}"):
-        values = list(values)
-        if len(values) == 1:
-            return fmt.format(values[0])
-        return f"{fmt.format(statistics.mean(values))} ({fmt.format(min(values))}..{fmt.format(max(values))})"
 
     # time to the target: the smallest budget whose mean final val reaches it, and a linear interpolation of the
     # mean val between that budget and the one before it

@@ -1,0 +1,157 @@
+"""`nanokimi bench ablate`: what each Kimi-K2 idea buys on this machine. nanoKimi's shipped CPU run with one idea
+removed at a time (MoE, MLA, Muon, QK-Clip) and nanoGPT three ways (its recipe's settings, AdamW tuned, with Muon),
+each at its best lr from one shared sweep, over seeds, at equal wall-clock (two budgets) and at equal tokens, every
+final checkpoint scored by the one evaluator."""
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from .report import hardware_kind, pyplot, save_figure, table, write_section
+from .training import EVAL_BATCH_SIZE, RECIPES, nanokimi_settings, run_training, score, spread
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A model and optimizer trained with the shipped CPU run's settings (16x64, WSD, warmup 10, min_lr = lr/10),
+    except what `train` changes; `swept`: its lr comes from the sweep (else from `train`, or nanoKimi's best)."""
+    preset: str
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    swept: bool = True
+
+
+RECIPE = RECIPES["cpu"]
+CONTENDERS = {
+    "nanoGPT, its recipe's settings": Contender(RECIPE.preset, RECIPE.model, {
+        k: v for k, v in RECIPE.train.items() if k in ("optimizer", "lr", "min_lr", "lr_schedule", "warmup_iters",
+                                                       "beta2", "batch_size", "block_size")}, swept=False),
+    "nanoGPT, AdamW tuned": Contender(RECIPE.preset, RECIPE.model, {"optimizer": "adamw"}),
+    "nanoGPT + Muon": Contender(RECIPE.preset, RECIPE.model, {"optimizer": "muon"}),
+    "nanoKimi (MLA + MoE + MuonClip)": Contender("shakespeare-char-cpu"),
+    # every layer dense: SwiGLU of intermediate_size 384 = (2 routed + 1 shared) x 128, the MoE's active width
+    "nanoKimi - MoE (dense, equal active params)": Contender("shakespeare-char-cpu", {"first_k_dense_replace": 3}),
+    "nanoKimi - MLA (MHA)": Contender("shakespeare-char-cpu", {"attention": "mha"}),
+    "nanoKimi - Muon (AdamW)": Contender("shakespeare-char-cpu", train={"optimizer": "adamw"}),
+    # QK-Clip only rescales heads past tau: it does not move the lr optimum, so this keeps nanoKimi's lr
+    "nanoKimi - QK-Clip (Muon)": Contender("shakespeare-char-cpu", train={"optimizer": "muon"}, swept=False),
+}
+FULL, DENSE, GPT_MUON = "nanoKimi (MLA + MoE + MuonClip)", "nanoKimi - MoE (dense, equal active params)", \
+    "nanoGPT + Muon"
+LONG_BUDGET_CONTENDERS = (FULL, DENSE, GPT_MUON)  # the question of the long budget: does the sparse MoE pay?
+
+
+def bench_ablate(args):
+    plt = pyplot()
+    started = time.perf_counter()
+    shipped, shipped_model = nanokimi_settings("shakespeare-char-cpu")
+    base = {k: shipped[k] for k in ("batch_size", "block_size", "lr_schedule", "warmup_iters", "optimizer", "beta1",
+                                    "beta2", "weight_decay", "grad_clip", "qk_clip_tau", "muon_dtype")}
+    base |= dict(data=args.data, eval_iters=1, eval_interval=10 ** 6, max_iters=10 ** 6)
+    seeds = range(args.seeds)
+    context = RECIPE.train["block_size"]
+
+    def settings(name, lr=None):
+        c = CONTENDERS[name]
+        s = base | c.train
+        model = (shipped_model if c.preset == "shakespeare-char-cpu" else {}) | c.model
+        if lr is not None:
+            s |= dict(lr=lr, min_lr=lr / 10)
+        return dict(s, preset=c.preset), model
+
+    def trained(name, tag, seed, lr=None, **limits):
+        s, model = settings(name, lr)
+        out = Path(args.out) / f"{tag}-{name.split(' (')[0].replace(' ', '').replace(',', '')}-lr{s['lr']:g}-{seed}"
+        records = run_training(out, model, **s | dict(seed=seed) | limits)
+        if "diverged" in records[-1]:
+            return {"val": float("inf"), "steps": 0, "seconds": 0.0, "lr": s["lr"]}
+        summary = records[-1]["summary"]
+        return {"val": score(out, args.data, context, args.eval_batches), "steps": summary["step"],
+                "seconds": summary["train_time_s"], "lr": s["lr"], "tokens": summary["step"] * s["batch_size"]
+                * s["block_size"], "params": (summary["params_total"], summary["params_active"])}
+
+    # 1. the sweep at the short budget, seed 0: every swept contender tries every lr; its best run is its seed 0
+    short = {name: {} for name in CONTENDERS}
+    sweep_rows = []
+    for name, c in CONTENDERS.items():
+        if not c.swept:
+            continue
+        tries = {lr: trained(name, "short", seeds[0], lr, max_time_s=args.budget_s) for lr in args.lrs}
+        best = min(tries, key=lambda lr: tries[lr]["val"])
+        short[name][seeds[0]] = tries[best]
+        sweep_rows.append([name] + [f"{tries[lr]['val']:.4f}" + (" (best)" if lr == best else "")
+                                    for lr in args.lrs])
+    lr_of = {name: short[name][seeds[0]]["lr"] for name in CONTENDERS if CONTENDERS[name].swept}
+    lr_of["nanoKimi - QK-Clip (Muon)"] = lr_of[FULL]
+    lr_of["nanoGPT, its recipe's settings"] = None  # its own 1e-3
+    if all(v["val"] == float("inf") for runs in short.values() for v in runs.values()):
+        raise UserError("every run of the sweep diverged: pick smaller --lrs")
+    # 2. the other seeds at the short budget; 3. equal tokens; 4. the long budget for the MoE question
+    for name in CONTENDERS:
+        for seed in seeds:
+            if seed not in short[name]:
+                short[name][seed] = trained(name, "short", seed, lr_of[name], max_time_s=args.budget_s)
+    tokens = {name: {} for name in CONTENDERS}
+    for name in CONTENDERS:
+        s, _ = settings(name, lr_of[name])
+        steps = max(1, round(args.tokens / (s["batch_size"] * s["block_size"])))
+        for seed in seeds:
+            tokens[name][seed] = trained(name, "tokens", seed, lr_of[name], max_iters=steps)
+    long = {name: {seed: trained(name, "long", seed, lr_of[name], max_time_s=args.long_budget_s) for seed in seeds}
+            for name in LONG_BUDGET_CONTENDERS}
+
+    def cell(runs):
+        vals = [r["val"] for r in runs.values()]
+        return "diverged" if any(v == float("inf") for v in vals) else spread(vals)
+
+    rows = []
+    for name in CONTENDERS:
+        first = short[name][seeds[0]]
+        per_step = statistics.median(r["seconds"] / r["steps"] for r in tokens[name].values() if r["steps"])
+        s, _ = settings(name, lr_of[name])
+        rows.append([name, f"{first['params'][0] / 1e6:.2f}M ({first['params'][1] / 1e6:.2f}M)",
+                     f"{s['lr']:g}", f"{s['batch_size']}x{s['block_size']}", f"{1e3 * per_step:.0f}",
+                     spread((r["steps"] for r in short[name].values()), "{:.0f}"), cell(short[name]),
+                     cell(tokens[name]), cell(long[name]) if name in long else "-"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    names = list(CONTENDERS)
+    for ax, (title, runs) in zip(axes, ((f"{args.budget_s:g} s", short), (f"{args.tokens} tokens", tokens),
+                                        (f"{args.long_budget_s:g} s", long))):
+        for i, name in enumerate(names):
+            vals = [r["val"] for r in runs.get(name, {}).values() if r["val"] != float("inf")]
+            if vals:
+                ax.errorbar([statistics.mean(vals)], [i], xerr=[[statistics.mean(vals) - min(vals)],
+                                                                [max(vals) - statistics.mean(vals)]],
+                            fmt="o", capsize=3, color=f"C{i}")
+        ax.set(title=title, xlabel=f"val loss @ {context} (mean, min..max over seeds)")
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    kind = hardware_kind()
+    save_figure(fig, "ablation on shakespeare_char: equal time and equal tokens", args.assets / f"ablate_{kind}.png")
+
+    def mean(runs):
+        return statistics.mean(r["val"] for r in runs.values())
+    verdict = (f"At {args.long_budget_s:g} s the shipped config (sparse MoE) reaches {mean(long[FULL]):.4f}, every "
+               f"layer dense {mean(long[DENSE]):.4f}, nanoGPT + Muon {mean(long[GPT_MUON]):.4f}: the sparse MoE "
+               + ("pays" if mean(long[FULL]) < min(mean(long[DENSE]), mean(long[GPT_MUON])) else "does not pay yet")
+               + f" at this budget. At equal tokens ({args.tokens}): MoE {mean(tokens[FULL]):.4f} vs dense "
+               f"{mean(tokens[DENSE]):.4f}.")
+    body = (f"Every contender trains on `{args.data}` with the shipped CPU run's settings (`shakespeare-char-cpu`: "
+            f"16x64 tokens per step, WSD, warmup 10, min_lr = lr/10) except where named: nanoGPT's recipe row keeps "
+            f"nanoGPT's own CPU settings (12x64, AdamW 1e-3, cosine, warmup 100, beta2 0.99). Each swept contender's "
+            f"lr is the best of {', '.join(f'{lr:g}' for lr in args.lrs)} at the short budget (seed {seeds[0]}, "
+            f"which is also its seed-{seeds[0]} run there); the no-QK-Clip row keeps nanoKimi's lr. Budgets are "
+            f"training seconds (`--max_time_s`, schedule fitted to the time); equal tokens = {args.tokens} training "
+            f"tokens (`--max_iters`, rounded to whole steps; schedule fitted to the steps). {args.seeds} seed(s); val loss of the final "
+            f"checkpoint on the same {args.eval_batches * EVAL_BATCH_SIZE} val windows of {context} tokens, mean "
+            f"(min..max). ms/step: median over the equal-token runs. The long budget runs only the three contenders "
+            f"of the MoE question. The whole benchmark took {(time.perf_counter() - started) / 60:.0f} min.\n\n"
+            + table(["contender", "params (active)", "lr", "batch", "ms/step", f"steps in {args.budget_s:g} s",
+                     f"val @ {args.budget_s:g} s", f"val @ {args.tokens} tokens", f"val @ {args.long_budget_s:g} s"],
+                    rows)
+            + f"\n\n{verdict}\n\n![ablation](assets/ablate_{kind}.png)\n\nThe lr sweep (val @ {args.budget_s:g} s, "
+              f"seed {seeds[0]}):\n\n" + table(["contender", *(f"lr {lr:g}" for lr in args.lrs)], sweep_rows))
+    print(body)
+    write_section(args.report, f"ablate-{kind}", body, args.command)
