@@ -1,7 +1,7 @@
 """The parallel layouts under torchrun, applied from outside the model: DDP (`data_parallel`), FSDP2 (`--fsdp`:
 PyTorch's `fully_shard` per transformer block and on the root) and expert parallelism (`--fsdp --ep`), and the
-checkpoint side of them: full weights and optimizer state gathered for rank 0 to save in the one checkpoint format, and full state
-read back into shards on resume.
+checkpoint side of them: full weights and optimizer state gathered for rank 0 to save in the one checkpoint format,
+and full state read back into shards on resume.
 
 How the work and communication are split (see also optim.Muon):
 - parameters, gradients and optimizer state are sharded along dim 0 over the ranks; each block's parameters are
@@ -78,8 +78,8 @@ class TokenDispatch:
     """Expert-parallel token dispatch around one MoE layer's Experts call: `send` (before it) moves each token-slot to
     the rank owning its expert with all_to_all_single and regroups the arrivals by local expert; `receive` (after it)
     restores their order and sends the outputs back. No token is dropped. Both exchanges are autograd functions
-    (torch's functional collectives), so the backward runs the reverse all-to-alls. The splits of a forward are kept here until
-    its `receive`: the two halves of one call, as torchtitan's ExpertParallel."""
+    (torch's functional collectives), so the backward runs the reverse all-to-alls. The splits of a forward are kept
+    here until its `receive`: the two halves of one call, as torchtitan's ExpertParallel."""
 
     def __init__(self, mesh):
         self.group, self.ranks = mesh.get_group(), mesh.size()

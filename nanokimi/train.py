@@ -82,8 +82,12 @@ class Run:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def close(self):
+    def close(self, finished=False):
+        """Leave the process group. After a finished run the ranks leave together (a barrier first): a gloo worker
+        whose peer had already exited aborted at teardown (SIGABRT, seen once in a loaded test run)."""
         if self.distributed and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -144,6 +148,7 @@ def train(cfg, overrides=None):
     try:
         with run_lock(cfg.out_dir) if run.master else contextlib.nullcontext():
             summary = Trainer(cfg, dict(overrides or {}), run).fit()
+        run.close(finished=True)
         return summary if run.master else None  # one summary per run, not one per process
     finally:
         run.close()

@@ -24,4 +24,4 @@ if run.master:
     with open(f"{cfg.out_dir}/ddp_check.json", "w") as f:
         json.dump({"world": run.world, "max_diff": max((g - gathered[0]).abs().max().item() for g in gathered)}, f)
 del trainer  # its DDP wrapper holds the process group: free it before the group goes, as `nanokimi train` does
-run.close()
+run.close(finished=True)

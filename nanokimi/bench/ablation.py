@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..errors import UserError
 from .report import hardware_kind, pyplot, save_figure, table, write_section
 from .training import EVAL_BATCH_SIZE, RECIPES, nanokimi_settings, run_training, score, spread
@@ -128,7 +130,7 @@ def bench_ablate(args):
         ax.set(title=title, xlabel=f"val loss @ {context} (mean, min..max over seeds)")
     axes[0].set_yticks(range(len(names)), names)
     axes[0].invert_yaxis()
-    kind = hardware_kind()
+    kind = hardware_kind("cuda" if torch.cuda.is_available() else "cpu")  # where the runs' device=auto trains
     save_figure(fig, "ablation on shakespeare_char: equal time and equal tokens", args.assets / f"ablate_{kind}.png")
 
     def mean(runs):
@@ -144,9 +146,9 @@ def bench_ablate(args):
             f"lr is the best of {', '.join(f'{lr:g}' for lr in args.lrs)} at the short budget (seed {seeds[0]}, "
             f"which is also its seed-{seeds[0]} run there); the no-QK-Clip row keeps nanoKimi's lr. Budgets are "
             f"training seconds (`--max_time_s`, schedule fitted to the time); equal tokens = {args.tokens} training "
-            f"tokens (`--max_iters`, rounded to whole steps; schedule fitted to the steps). {args.seeds} seed(s); val loss of the final "
-            f"checkpoint on the same {args.eval_batches * EVAL_BATCH_SIZE} val windows of {context} tokens, mean "
-            f"(min..max). ms/step: median over the equal-token runs. The long budget runs only the three contenders "
+            f"tokens (`--max_iters`, rounded to whole steps; schedule fitted to the steps). {args.seeds} seed(s); "
+            f"val loss of the final checkpoint on the same {args.eval_batches * EVAL_BATCH_SIZE} val windows of "
+            f"{context} tokens, mean (min..max). ms/step: median over the equal-token runs. The long budget runs only the three contenders "
             f"of the MoE question. The whole benchmark took {(time.perf_counter() - started) / 60:.0f} min.\n\n"
             + table(["contender", "params (active)", "lr", "batch", "ms/step", f"steps in {args.budget_s:g} s",
                      f"val @ {args.budget_s:g} s", f"val @ {args.tokens} tokens", f"val @ {args.long_budget_s:g} s"],

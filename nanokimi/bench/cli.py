@@ -94,7 +94,8 @@ def build_parser():
     p.add_argument("--compile", action="store_true", help="add nanoKimi + MuonClip under torch.compile")
     p.set_defaults(run=bench_step)
 
-    p = sub.add_parser("memory", help="per-rank training state and bytes sent: 1 process, DDP, FSDP, FSDP+EP; Kimi-K2 projected")
+    p = sub.add_parser("memory", help="per-rank training state and bytes sent: 1 process, DDP, FSDP, FSDP+EP; "
+                                      "Kimi-K2 projected")
     p.add_argument("--preset", default="shakespeare-char", choices=sorted(PRESETS),
                    help="nanoKimi preset (29.5M parameters by default)")
     p.add_argument("--batch_size", type=positive, default=4)
