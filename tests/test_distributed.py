@@ -57,39 +57,6 @@ def max_logits(out_dir):
     return {r["step"]: r["max_logit"] for r in metrics(out_dir) if "max_logit" in r}
 
 
-def test_fsdp_trains_as_one_process_and_checkpoints_move_between_layouts(char_data, tmp_path, capsys):
-    # tau low enough that QK-Clip rescales heads from the first steps on: the clip decisions are compared too
-    # (the schedule is planned for 24 steps, so that the runs resumed from step 20 to 24 follow the straight run's)
-    cfg = {"data": str(char_data), "max_iters": 20, "lr_decay_iters": 24, "qk_clip_tau": 0.05, **DDP_TRAIN}
-    flags = [f"--{k}={v}" for k, v in cfg.items() if k != "data"]
-    run_ddp(cfg | {"out_dir": str(tmp_path / "fsdp"), "fsdp": True}, TINY_MODEL, 29535)
-    train(char_data, tmp_path / "single", *flags)
-    fsdp, single = step_losses(tmp_path / "fsdp"), step_losses(tmp_path / "single")
-    assert fsdp.keys() == single.keys() and fsdp[20] == pytest.approx(single[20], rel=2e-3)
-    single_logits, fsdp_logits = max_logits(tmp_path / "single"), max_logits(tmp_path / "fsdp")
-    assert sum(v > cfg["qk_clip_tau"] for v in single_logits.values()) >= 5  # QK-Clip fired on these steps
-    # the same clips; the runs part by float summation order, and a gap grows with steps as training amplifies it:
-    # at step 20 the max logits differ by up to 2.3e-3 (per-parameter AdamW) or 6.0e-3 (fused AdamW) relative
-    assert all((fsdp_logits[s] > cfg["qk_clip_tau"]) == (v > cfg["qk_clip_tau"]) and
-               fsdp_logits[s] == pytest.approx(v, rel=1e-2) for s, v in single_logits.items())
-    # an FSDP checkpoint is the one format: it samples in one process and resumes there
-    capsys.readouterr()
-    main(["sample", str(tmp_path / "fsdp"), "--max_new_tokens=20"])
-    assert len(capsys.readouterr().out) > 20
-    for name in ("fsdp", "single"):
-        shutil.copytree(tmp_path / name, tmp_path / f"{name}-resumed")
-    train(char_data, tmp_path / "fsdp-resumed", "--resume", "--max_iters=24")
-    # ... and a single-process checkpoint resumes under FSDP, with its optimizer state cut into shards
-    run_ddp(cfg | {"out_dir": str(tmp_path / "single-resumed"), "fsdp": True, "resume": True, "max_iters": 24},
-            TINY_MODEL, 29536)
-    train(char_data, tmp_path / "straight", *flags, "--max_iters=24")
-    straight = step_losses(tmp_path / "straight")
-    for name in ("fsdp-resumed", "single-resumed"):
-        resumed = step_losses(tmp_path / name)
-        assert sorted(resumed) == list(range(1, 25))
-        assert all(resumed[s] == pytest.approx(straight[s], rel=2e-3) for s in range(21, 25)), name
-
-
 @pytest.mark.parametrize("procs", [2, 4])
 def test_expert_parallel_layer_matches_one_process(procs):
     """tests/ep_worker.py: the all-to-all dispatch gives one process's losses, gradients (experts and dense) and expert
@@ -105,34 +72,44 @@ def expert_shares(out_dir):
     return {r["step"]: r["expert_share"] for r in metrics(out_dir) if "expert_share" in r}
 
 
-def test_fsdp_ep_trains_as_one_process_and_checkpoints_move_between_layouts(char_data, tmp_path, capsys):
-    """--fsdp --ep (2 processes, 2 experts each): one process's losses, QK-Clip decisions and expert loads; its
-    checkpoint samples and resumes in one process, and one process's and FSDP's resume under FSDP + EP."""
+@pytest.mark.parametrize("layout", ["fsdp", "fsdp-ep"])
+def test_sharded_training_matches_one_process_and_checkpoints_move_between_layouts(layout, char_data, tmp_path,
+                                                                                    capsys):
+    """--fsdp, and --fsdp --ep (2 experts per process), over 2 processes: one process's losses, QK-Clip decisions
+    and expert loads; the checkpoint samples and resumes in one process, and one process's resumes in the layout."""
+    # tau low enough that QK-Clip rescales heads from the first steps on: the clip decisions are compared too
+    # (the schedule is planned for 24 steps, so that the runs resumed from step 20 to 24 follow the straight run's)
     cfg = {"data": str(char_data), "max_iters": 20, "lr_decay_iters": 24, "qk_clip_tau": 0.05, **DDP_TRAIN}
+    sharded, port = {"fsdp": True, "ep": layout == "fsdp-ep"}, 29535 if layout == "fsdp" else 29560
     flags = [f"--{k}={v}" for k, v in cfg.items() if k != "data"]
-    check = run_ddp(cfg | {"out_dir": str(tmp_path / "ep"), "fsdp": True, "ep": True}, TINY_MODEL, 29560)
+    check = run_ddp(cfg | {"out_dir": str(tmp_path / layout)} | sharded, TINY_MODEL, port)
     assert check["world"] == 2 and check["max_diff"] == 0.0  # every rank gathers the same full model
     train(char_data, tmp_path / "single", *flags)
-    ep, single = step_losses(tmp_path / "ep"), step_losses(tmp_path / "single")
-    assert ep.keys() == single.keys() and all(ep[s] == pytest.approx(single[s], rel=2e-3) for s in single)
-    single_logits, ep_logits = max_logits(tmp_path / "single"), max_logits(tmp_path / "ep")
-    assert sum(v > cfg["qk_clip_tau"] for v in single_logits.values()) >= 5
-    assert all((ep_logits[s] > cfg["qk_clip_tau"]) == (v > cfg["qk_clip_tau"]) and
-               ep_logits[s] == pytest.approx(v, rel=1e-2) for s, v in single_logits.items())
-    single_shares, ep_shares = expert_shares(tmp_path / "single"), expert_shares(tmp_path / "ep")
-    assert ep_shares.keys() == single_shares.keys()
-    assert all(sum(ep_shares[s], []) == pytest.approx(sum(v, []), abs=1e-2) for s, v in single_shares.items())
+    parallel, single = step_losses(tmp_path / layout), step_losses(tmp_path / "single")
+    assert parallel.keys() == single.keys()
+    assert all(parallel[s] == pytest.approx(single[s], rel=2e-3) for s in single)
+    single_logits, parallel_logits = max_logits(tmp_path / "single"), max_logits(tmp_path / layout)
+    assert sum(v > cfg["qk_clip_tau"] for v in single_logits.values()) >= 5  # QK-Clip fired on these steps
+    # the same clips; the runs part by float summation order, and a gap grows with steps as training amplifies it:
+    # at step 20 the max logits differ by up to 2.3e-3 (per-parameter AdamW) or 6.0e-3 (fused AdamW) relative
+    assert all((parallel_logits[s] > cfg["qk_clip_tau"]) == (v > cfg["qk_clip_tau"]) and
+               parallel_logits[s] == pytest.approx(v, rel=1e-2) for s, v in single_logits.items())
+    single_shares, parallel_shares = expert_shares(tmp_path / "single"), expert_shares(tmp_path / layout)
+    assert parallel_shares.keys() == single_shares.keys()
+    assert all(sum(parallel_shares[s], []) == pytest.approx(sum(v, []), abs=1e-2) for s, v in single_shares.items())
+    # the checkpoint is the one format: it samples in one process and resumes there
     capsys.readouterr()
-    main(["sample", str(tmp_path / "ep"), "--max_new_tokens=20"])
+    main(["sample", str(tmp_path / layout), "--max_new_tokens=20"])
     assert len(capsys.readouterr().out) > 20
-    for name in ("ep", "single"):
+    for name in (layout, "single"):
         shutil.copytree(tmp_path / name, tmp_path / f"{name}-resumed")
-    train(char_data, tmp_path / "ep-resumed", "--resume", "--max_iters=24")
-    run_ddp(cfg | {"out_dir": str(tmp_path / "single-resumed"), "fsdp": True, "ep": True, "resume": True,
-                   "max_iters": 24}, TINY_MODEL, 29561)
+    train(char_data, tmp_path / f"{layout}-resumed", "--resume", "--max_iters=24")
+    # ... and a single-process checkpoint resumes in the layout, with its optimizer state cut into shards
+    run_ddp(cfg | {"out_dir": str(tmp_path / "single-resumed"), "resume": True, "max_iters": 24} | sharded,
+            TINY_MODEL, port + 1)
     train(char_data, tmp_path / "straight", *flags, "--max_iters=24")
     straight = step_losses(tmp_path / "straight")
-    for name in ("ep-resumed", "single-resumed"):
+    for name in (f"{layout}-resumed", "single-resumed"):
         resumed = step_losses(tmp_path / name)
         assert sorted(resumed) == list(range(1, 25))
         assert all(resumed[s] == pytest.approx(straight[s], rel=2e-3) for s in range(21, 25)), name
