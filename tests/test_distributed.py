@@ -22,9 +22,17 @@ def run_ddp(cfg, model, port, procs=2):
     """Train `cfg` under torchrun with `procs` processes (tests/ddp_worker.py); returns its check of the ranks'
     weights."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-                             f"--master_port={port}", str(ROOT / "tests" / "ddp_worker.py"), json.dumps(cfg),
-                             json.dumps(model)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    for attempt in range(2):
+        if attempt and not cfg.get("resume"):  # a resumed run continues from its last checkpoint instead
+            shutil.rmtree(cfg["out_dir"], ignore_errors=True)
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+                                 f"--master_port={port + 100 * attempt}", str(ROOT / "tests" / "ddp_worker.py"),
+                                 json.dumps(cfg), json.dumps(model)], capture_output=True, text=True, timeout=600,
+                                env=env, cwd=ROOT)
+        # an intermittent gloo abort (a worker's SIGABRT, "terminate called without an active exception"; seen in 2
+        # of ~10 full suite runs, never alone, cause not found): one retry, so that it is not read as a wrong result
+        if not (result.returncode != 0 and "terminate called without an active exception" in result.stderr):
+            break
     assert result.returncode == 0, result.stderr[:3000]  # the workers' errors come first, torchrun's summary last
     return json.loads((Path(cfg["out_dir"]) / "ddp_check.json").read_text())
 
