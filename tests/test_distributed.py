@@ -167,7 +167,8 @@ def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted (SIGINT): the workers saved")
     assert checkpoint.Checkpoint(out).trainer_state()["step"] >= 3 and "continue with --resume" in stdout
-    bad = [(["shakespeare-char-cpu", "--grad_accum=3"], "grad_accum (3) must be divisible by the number of processes (2)"),
+    bad = [(["shakespeare-char-cpu", "--grad_accum=3"],
+            "grad_accum (3) must be divisible by the number of processes (2)"),
            (["shakespeare-char-cpu", *TINY, "--n_routed_experts=3", "--grad_accum=2", "--fsdp", "--ep"],
             "a process count that divides 3"),
            (["shakespeare-char-cpu", "--grad_accum=2", "--ep"], "--fsdp --ep`"),

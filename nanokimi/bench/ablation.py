@@ -18,7 +18,8 @@ from .training import EVAL_BATCH_SIZE, RECIPES, nanokimi_settings, run_training,
 @dataclass(frozen=True)
 class Contender:
     """A model and optimizer trained with the shipped CPU run's settings (16x64, WSD, warmup 10, min_lr = lr/10),
-    except what `train` changes; `swept`: its lr comes from the sweep (else from `train`, or nanoKimi's best)."""
+    except what `train` changes; `swept`: its lr comes from the sweep (else from `train` if it sets one, else it is
+    nanoKimi's best)."""
     preset: str
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
@@ -71,8 +72,8 @@ def bench_ablate(args):
             return {"val": float("inf"), "steps": 0, "seconds": 0.0, "lr": s["lr"]}
         summary = records[-1]["summary"]
         return {"val": score(out, args.data, context, args.eval_batches), "steps": summary["step"],
-                "seconds": summary["train_time_s"], "lr": s["lr"], "tokens": summary["step"] * s["batch_size"]
-                * s["block_size"], "params": (summary["params_total"], summary["params_active"])}
+                "seconds": summary["train_time_s"], "lr": s["lr"],
+                "params": (summary["params_total"], summary["params_active"])}
 
     # 1. the sweep at the short budget, seed 0: every swept contender tries every lr; its best run is its seed 0
     short = {name: {} for name in CONTENDERS}
@@ -86,8 +87,7 @@ def bench_ablate(args):
         sweep_rows.append([name] + [f"{tries[lr]['val']:.4f}" + (" (best)" if lr == best else "")
                                     for lr in args.lrs])
     lr_of = {name: short[name][seeds[0]]["lr"] for name in CONTENDERS if CONTENDERS[name].swept}
-    lr_of["nanoKimi - QK-Clip (Muon)"] = lr_of[FULL]
-    lr_of["nanoGPT, its recipe's settings"] = None  # its own 1e-3
+    lr_of |= {name: None if "lr" in c.train else lr_of[FULL] for name, c in CONTENDERS.items() if not c.swept}
     if all(v["val"] == float("inf") for runs in short.values() for v in runs.values()):
         raise UserError("every run of the sweep diverged: pick smaller --lrs")
     # 2. the other seeds at the short budget; 3. equal tokens; 4. the long budget for the MoE question. Seed by seed,
@@ -159,8 +159,9 @@ def bench_ablate(args):
             f"training seconds (`--max_time_s`, schedule fitted to the time); equal tokens = {args.tokens} training "
             f"tokens (`--max_iters`, rounded to whole steps; schedule fitted to the steps). {args.seeds} seed(s); "
             f"val loss of the final checkpoint on the same {args.eval_batches * EVAL_BATCH_SIZE} val windows of "
-            f"{context} tokens, mean (min..max). ms/step: median over the equal-token runs. The long budget runs only the three contenders "
-            f"of the MoE question. The whole benchmark took {(time.perf_counter() - started) / 60:.0f} min.\n\n"
+            f"{context} tokens, mean (min..max). ms/step: median over the equal-token runs. The long budget runs "
+            f"only the three contenders of the MoE question. The whole benchmark took "
+            f"{(time.perf_counter() - started) / 60:.0f} min.\n\n"
             + table(["contender", "params (active)", "lr", "batch", "ms/step", f"steps in {args.budget_s:g} s",
                      f"val @ {args.budget_s:g} s", f"val @ {args.tokens} tokens", f"val @ {args.long_budget_s:g} s"],
                     rows)

@@ -110,7 +110,8 @@ def build_parser():
                        help="nanoKimi's shipped config vs nanoGPT's own recipe: time to the recipe's val loss")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="cpu",
                    help="nanoGPT's CPU recipe (README) or its GPU one (config/train_shakespeare_char.py, needs CUDA)")
-    p.add_argument("--config", help="nanoKimi run to compare: a named run or .toml file (default: the recipe's shipped run)")
+    p.add_argument("--config",
+                   help="nanoKimi run to compare: a named run or .toml file (default: the recipe's shipped run)")
     p.add_argument("--out", default="out/bench-compare")
     p.add_argument("--seeds", type=positive, default=3)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.4, 0.5],

@@ -30,12 +30,17 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-to-all", "all-reduce")
 MiB, GB = 2 ** 20, 1e9
 
 
-def local_bytes(tensors):
-    return sum(local_part(t).numel() * t.element_size() for t in tensors)
-
-
 def nbytes(tensor):
     return tensor.numel() * tensor.element_size()
+
+
+def local_bytes(tensors):
+    return sum(nbytes(local_part(t)) for t in tensors)
+
+
+def expert_parameters(module):
+    """The routed experts' parameter stacks inside `module` (a model or one block)."""
+    return [p for m in module.modules() if isinstance(m, Experts) for p in m.parameters()]
 
 
 class CollectiveBytes(TorchDispatchMode):
@@ -88,24 +93,23 @@ def measure(preset, layout, batch_size, block_size, report):
     opt = configure_optimizer(model, "muonclip", lr=1e-3)
     x = torch.randint(0, model.config.vocab_size, (batch_size, block_size + 1),  # each rank its own batch
                       generator=torch.Generator().manual_seed(rank))
-    grads = {}
+    grads, experts = {}, expert_parameters(model)
 
     def keep_grads():  # read the gradients before training_step's zero_grad drops them
         grads["bytes"] = local_bytes([p.grad for p in model.parameters() if p.grad is not None])
-        grads["experts"] = local_bytes([p.grad for m in model.modules() if isinstance(m, Experts)
-                                        for p in m.parameters()])
+        grads["experts"] = local_bytes([p.grad for p in experts])
     hook = opt.optimizers[0].register_step_pre_hook(lambda *_: keep_grads())
     counter = CollectiveBytes(rank, ranks)
     with counter:
         training_step(model, opt, x[:, :-1], x[:, 1:], net=net)
     hook.remove()
-    expert_params = [p for m in model.modules() if isinstance(m, Experts) for p in m.parameters()]
     state = [v for o in opt.optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
-    expert_state = [v for o in opt.optimizers for p, s in o.state.items() if any(p is e for e in expert_params)
+    expert_ids = {id(p) for p in experts}
+    expert_state = [v for o in opt.optimizers for p, s in o.state.items() if id(p) in expert_ids
                     for v in s.values() if torch.is_tensor(v)]
     result = {"params": local_bytes(list(model.parameters())), "grads": grads["bytes"],
               "optimizer": local_bytes(state), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "experts": local_bytes(expert_params) + grads["experts"] + local_bytes(expert_state),
+              "experts": local_bytes(experts) + grads["experts"] + local_bytes(expert_state),
               "sent": dict(counter.sent)}
     Path(f"{report}.{rank}").write_text(json.dumps(result))
     if distributed:  # DDP's reducer holds the group: free it, and leave together (gloo's teardown hung otherwise)
@@ -122,24 +126,24 @@ def parameter_groups(config):
         opt = configure_optimizer(model, "muonclip", muon_dtype="float32")  # forced: no timing on meta tensors
     muon = [p for o in opt.optimizers if isinstance(o, Muon) for g in o.param_groups for p in g["params"]]
     return {"total": sum(p.numel() for p in model.parameters()),
-            "experts": sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters()),
+            "experts": sum(p.numel() for p in expert_parameters(model)),
             "blocks": sum(p.numel() for b in model.blocks() for p in b.parameters()),
             "muon_2d": sum(p.numel() for p in muon if p.ndim == 2),
             "adamw": sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in muon),
             "largest_block": max(sum(p.numel() for p in b.parameters()) for b in model.blocks()),
-            "largest_block_experts": max(sum(p.numel() for m in b.modules() if isinstance(m, Experts)
-                                             for p in m.parameters()) for b in model.blocks()),
+            "largest_block_experts": max(sum(p.numel() for p in expert_parameters(b)) for b in model.blocks()),
             "moe_layers": len(model.moe_layers())}
 
 
-def project(config, ranks, tokens, expert_parallel, gather_bytes=2, token_bytes=2):
-    """Per rank and training step of `tokens` tokens per rank, under FSDP2 over `ranks` ranks with or without expert
+def project(config, n, ranks, tokens, expert_parallel, gather_bytes=2, token_bytes=2):
+    """For `config` and its `parameter_groups` `n`:
+    per rank and training step of `tokens` tokens per rank, under FSDP2 over `ranks` ranks with or without expert
     parallelism: training state bytes (fp32 parameters and gradients, Muon's momentum, AdamW's two moments), the
     parameters a rank holds gathered at its peak (the block computing and the one prefetched, in the compute dtype:
     `gather_bytes` each), and the bytes each collective sends, as CollectiveBytes counts them. Assumes routing
     spreads token-slots evenly over the experts (so (R-1)/R of them leave their rank) and leaves out the all-reduces
     of statistics (a few KiB)."""
-    n, share = parameter_groups(config), (ranks - 1) / ranks
+    share = (ranks - 1) / ranks
     fsdp = n["total"] - n["experts"] * expert_parallel  # the parameters FSDP shards, gathers and reduce-scatters
     fsdp_blocks = n["blocks"] - n["experts"] * expert_parallel
     largest = n["largest_block"] - n["largest_block_experts"] * expert_parallel
@@ -178,6 +182,8 @@ def run_layout(command, reports, name, timeout_s, env, grace_s=60):
 
 def bench_memory(args):
     rows, traffic, measured = [], [], {}
+    config = make_config("kimi", PRESETS[args.preset], {})
+    groups = parameter_groups(config)
     with tempfile.TemporaryDirectory() as tmp:
         for name, (procs, layout) in LAYOUTS.items():
             report = Path(tmp) / layout
@@ -199,12 +205,11 @@ def bench_memory(args):
                          f"{max(r['peak_rss'] for r in ranks) / MiB:.0f}"])
             traffic.append([name, "measured", *(f"{m['sent'][k] / MiB:.3f}" for k in COLLECTIVES)])
             if layout.startswith("fsdp"):
-                formula = project(make_config("kimi", PRESETS[args.preset], {}), procs,
-                                  args.batch_size * args.block_size, layout == "fsdp-ep", gather_bytes=4,
-                                  token_bytes=4)
+                formula = project(config, groups, procs, args.batch_size * args.block_size, layout == "fsdp-ep",
+                                  gather_bytes=4, token_bytes=4)
                 traffic.append([name, "formula (`project`)",
                                 *(f"{formula[k] / MiB:.3f}" for k in COLLECTIVES[:3]), "-"])
-    params = parameter_groups(make_config("kimi", PRESETS[args.preset], {}))["total"]
+    params = groups["total"]
     one, ep = measured["1 process"], measured["FSDP+EP x2"]
     body = (f"`{args.preset}` ({params / 1e6:.1f}M parameters), fp32, MuonClip, one training step of "
             f"{args.batch_size}x{args.block_size} tokens per rank on CPU (gloo); MiB held or sent by the rank that "
@@ -229,10 +234,10 @@ def bench_memory(args):
 def k2_projection(tokens, rank_counts=(64, 256, 1024)):
     """The Kimi-K2 table: `project` at each rank count, FSDP only vs FSDP + EP."""
     config = PRESETS["kimi-k2"]
-    rows = []
+    groups, rows = parameter_groups(config), []
     for ranks in rank_counts:
         for expert_parallel in (False, True):
-            p = project(config, ranks, tokens, expert_parallel)
+            p = project(config, groups, ranks, tokens, expert_parallel)
             rows.append([str(ranks), "FSDP+EP" if expert_parallel else "FSDP", f"{p['state'] / GB:.1f}",
                          f"{p['gathered'] / GB:.1f}", *(f"{p[k] / GB:.1f}" for k in COLLECTIVES[:3])])
     return (f"Projected to `kimi-k2` (1.04T parameters, 61 layers, 384 experts of which 8 per token; EP degree = "
