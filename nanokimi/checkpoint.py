@@ -21,9 +21,9 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .data import TOKENIZER_FILES, CharTokenizer, copy_tokenizer, load_tokenizer
 from .errors import UserError, check_fields, write_failure
 from .presets import ARCHS, build_model, make_config
+from .tokenizer import TOKENIZER_FILES, CharTokenizer, copy_tokenizer, load_tokenizer
 
 NAME, OLD = "checkpoint", ".checkpoint.old"
 FILES = {"model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json", "trainer.json",

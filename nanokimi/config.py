@@ -20,10 +20,11 @@ import torch
 
 from . import checkpoint
 from .baseline import GPTConfig
-from .data import TokenData, check_same_tokenizer
+from .data import TokenData
 from .errors import UserError
 from .model import KimiConfig
 from .presets import BASELINE_PRESETS, PRESETS, find_preset, make_config
+from .tokenizer import check_same_tokenizer
 
 try:
     import tomllib

@@ -11,8 +11,9 @@ import torch
 
 from .checkpoint import load_model
 from .config import check_device
-from .data import TokenData, check_same_tokenizer
+from .data import TokenData
 from .errors import UserError
+from .tokenizer import check_same_tokenizer
 
 
 def window_starts(n_tokens, block_size, count):

@@ -15,11 +15,11 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from . import checkpoint
-from .data import TOKENIZER_FILES, BPETokenizer, CharTokenizer, copy_tokenizer, load_tokenizer
 from .errors import UserError, check_fields, write_failure
 from .folders import check_apart, check_destination, read_config
 from .model import Kimi, KimiConfig
 from .presets import build_model
+from .tokenizer import TOKENIZER_FILES, CharTokenizer, HFTokenizer, copy_tokenizer, load_tokenizer
 
 SAME_NAME_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
@@ -181,11 +181,14 @@ def load_hf(folder):
     return model
 
 
-def char_tokenizer_json(chars):
-    """A char-level vocabulary as an HF `tokenizers` file: one token per character, decoded by concatenation."""
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+def char_tokenizer_json(tokenizer):
+    """A char-level vocabulary as an HF `tokenizers` file: one token per character, decoded by concatenation; its
+    document boundary (if any) a special token."""
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(tokenizer.chars)}, unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    if tokenizer.boundary_token_id is not None:
+        tok.add_special_tokens([tokenizer.chars[tokenizer.boundary_token_id]])
     return tok
 
 
@@ -210,7 +213,7 @@ def write_hf_folder(model, out_dir, tokenizer_dir):
         copy_tokenizer(tokenizer_dir, out_dir)
         tokenizer = load_tokenizer(tokenizer_dir)
         if isinstance(tokenizer, CharTokenizer):
-            char_tokenizer_json(tokenizer.chars).save(str(out_dir / "tokenizer.json"))
+            char_tokenizer_json(tokenizer).save(str(out_dir / "tokenizer.json"))
         (out_dir / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}, indent=2) + "\n")
     return out_dir
@@ -251,7 +254,7 @@ def import_folder(hf_dir, out):
         except Exception as e:  # tokenizers raises a bare Exception for a corrupt file
             raise UserError(f"cannot read {hf_dir / 'tokenizer.json'} ({str(e)[:100]}): the weights were imported "
                             f"into {path}; give it a tokenizer with `nanokimi prepare --tokenizer_from`") from None
-        BPETokenizer(tokenizer).save(path)
+        HFTokenizer(tokenizer).save(path)
     return path
 
 

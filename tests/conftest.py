@@ -41,7 +41,7 @@ def char_data(tmp_path_factory, shakespeare_text):
     folder = tmp_path_factory.mktemp("data")
     src = folder / "input.txt"
     src.write_text(shakespeare_text[:100_000])
-    prepare("shakespeare_char", folder / "sc", input=src)
+    prepare("shakespeare_char", folder / "sc", inputs=src)
     return folder / "sc"
 
 

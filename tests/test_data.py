@@ -1,8 +1,15 @@
 """Data preparation: char-level and BPE datasets, and what happens with bad input."""
 
-import numpy as np
+import gzip
+import json
+import os
 
+import numpy as np
+import pytest
+
+import nanokimi.corpus
 import nanokimi.data
+import nanokimi.tokenizer
 from nanokimi.cli import main
 from nanokimi.data import load_tokenizer, read_meta
 from tests.conftest import cli_error, disk_full
@@ -63,3 +70,211 @@ def test_prepare_onto_a_full_disk_leaves_the_old_dataset(tmp_path, shakespeare_t
     monkeypatch.setattr(nanokimi.data, "write_json", disk_full)
     assert "No space left" in cli_error(capsys, "prepare", "text", f"--input={src}", f"--out={tmp_path / 'd'}")
     assert (tmp_path / "d" / "train.bin").read_bytes() == before and not (tmp_path / "d" / ".prepare.tmp").exists()
+
+
+# Corpora of many documents: folders, globs, JSON Lines (.gz), Parquet, separators; a boundary between documents.
+
+def documents_of(shakespeare_text, n=300):
+    """n documents: TinyShakespeare's speeches (blank-line separated), some with non-ASCII text."""
+    speeches = [s for s in shakespeare_text.split("\n\n") if s.strip()][:n]
+    return [s + (" — naïve café" if i % 7 == 0 else "") for i, s in enumerate(speeches)]
+
+
+def write_corpus(folder, docs):
+    """docs spread over a .jsonl, a .jsonl.gz in a subfolder, a .parquet and a .txt with separators."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (folder / "sub").mkdir(parents=True)
+    q = len(docs) // 4
+    (folder / "a.jsonl").write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs[:q])))
+    with gzip.open(folder / "sub" / "b.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": d}) + "\n\n" for d in docs[q:2 * q])  # blank lines are skipped
+    pq.write_table(pa.table({"text": docs[2 * q:3 * q], "n": list(range(q))}), folder / "c.parquet",
+                   row_group_size=17)
+    (folder / "d.txt").write_text(SEP.join(docs[3 * q:]) + SEP)
+    (folder / "notes.csv").write_text("not read")  # a folder keeps only the formats it knows
+    return docs[:q] + docs[2 * q:3 * q] + docs[3 * q:] + docs[q:2 * q]  # the order they are read: sorted by path
+
+
+SEP = "<|endoftext|>"
+
+
+def split_documents(folder, tok, meta):
+    """Each split's documents, decoded: its token stream cut at the boundary tokens."""
+    result = {}
+    for split in ("train", "val"):
+        ids = np.fromfile(folder / f"{split}.bin", dtype=meta["dtype"])
+        assert ids.max() < meta["vocab_size"]
+        parts = np.split(ids, np.flatnonzero(ids == meta["boundary_token_id"]))
+        result[split] = [tok.decode(parts[0].tolist())] + [tok.decode(p[1:].tolist()) for p in parts[1:]]
+    return result
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_a_folder_of_formats_gives_every_document_once(tokenizer, tmp_path, shakespeare_text):
+    docs = write_corpus(tmp_path / "corpus", documents_of(shakespeare_text))
+    out = tmp_path / "d"
+    main(["prepare", "text", f"--input={tmp_path / 'corpus'}", f"--doc_separator={SEP}", f"--tokenizer={tokenizer}",
+          "--vocab_size=600", f"--out={out}"])
+    meta, tok = read_meta(out), load_tokenizer(out)
+    assert meta["train_documents"] + meta["val_documents"] == len(docs) and meta["val_documents"] == len(docs) // 10
+    found = split_documents(out, tok, meta)
+    assert sorted(found["train"] + found["val"]) == sorted(docs)  # every document exactly once, none cut
+    assert found["val"] == docs[9::10]  # val: every tenth document, whole, the same at every run
+    assert meta["train_tokens"] == len(np.fromfile(out / "train.bin", dtype=meta["dtype"]))
+
+
+def test_a_given_tokenizer_json_gives_its_own_ids(tmp_path, shakespeare_text):
+    """Any HF tokenizers file, used as it is: here a WordPiece one (no byte-level), built like a user's."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    docs = documents_of(shakespeare_text, 200)
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.BertNormalizer(), pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(docs, trainers.WordPieceTrainer(vocab_size=700, special_tokens=["[UNK]", "[SEP]"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "docs.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    out = tmp_path / "d"
+    main(["prepare", "text", f"--input={tmp_path / 'in' / '*.jsonl'}", f"--tokenizer={tmp_path / 'tokenizer.json'}",
+          "--text_field=body", f"--out={out}"])
+    meta = read_meta(out)
+    assert meta["boundary_token_id"] == tok.token_to_id("[SEP]")  # found among its special tokens
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+    expected = []
+    for i, d in enumerate(d for j, d in enumerate(docs) if j % 10 != 9):
+        expected += ([meta["boundary_token_id"]] if i else []) + tok.encode(d, add_special_tokens=False).ids
+    assert np.fromfile(out / "train.bin", dtype=np.uint16).tolist() == expected
+
+
+def test_a_long_document_is_encoded_in_pieces_exactly(tmp_path, shakespeare_text, monkeypatch):
+    src = tmp_path / "one.txt"
+    src.write_text(shakespeare_text[:60_000])
+    main(["prepare", "text", f"--input={src}", "--tokenizer=bpe", "--vocab_size=500", f"--out={tmp_path / 'whole'}"])
+    monkeypatch.setattr(nanokimi.corpus, "PIECE_BYTES", 2000)  # ~30 pieces
+    main(["prepare", "text", f"--input={src}", f"--tokenizer={tmp_path / 'whole' / 'tokenizer.json'}",
+          f"--out={tmp_path / 'pieces'}"])
+    for split in ("train.bin", "val.bin"):
+        assert (tmp_path / "whole" / split).read_bytes() == (tmp_path / "pieces" / split).read_bytes()
+    assert read_meta(tmp_path / "pieces")["train_documents"] == 1 and "boundary_token_id" not in read_meta(
+        tmp_path / "pieces")
+
+
+def test_bpe_learns_from_a_bounded_sample(tmp_path, shakespeare_text, monkeypatch):
+    docs = documents_of(shakespeare_text, 400)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    seen = []
+    train = nanokimi.tokenizer.HFTokenizer.train
+    monkeypatch.setattr(nanokimi.tokenizer.HFTokenizer, "train",
+                        classmethod(lambda cls, texts, *a: train((seen.append(t) or t for t in texts), *a)))
+    for out in ("d1", "d2"):
+        main(["prepare", "text", f"--input={tmp_path / 'docs.jsonl'}", "--tokenizer=bpe", "--vocab_size=300",
+              "--tokenizer_chars=20000", f"--out={tmp_path / out}"])
+    assert 5_000 < sum(map(len, seen)) / 2 <= 20_000 + 200  # about the budget, each document at most 1% of it
+    assert max(map(len, seen)) <= 200 and set(seen) <= set(d[:200] for d in docs)
+    assert {d[:200] for d in docs[-100:]} & set(seen)  # drawn from the whole corpus, not only its start
+    assert (tmp_path / "d1" / "tokenizer.json").read_bytes() == (tmp_path / "d2" / "tokenizer.json").read_bytes()
+    assert read_meta(tmp_path / "d1")["train_documents"] == 360  # the whole corpus is tokenized
+
+
+def test_val_input_and_few_documents(tmp_path, shakespeare_text):
+    docs = documents_of(shakespeare_text, 20)
+    for i, d in enumerate(docs):
+        (tmp_path / f"doc{i:02}.txt").write_text(d)
+    main(["prepare", "text", f"--input={tmp_path}/doc0*.txt", f"--val_input={tmp_path}/doc1*.txt",
+          f"--out={tmp_path / 'd'}"])
+    meta = read_meta(tmp_path / "d")
+    assert (meta["train_documents"], meta["val_documents"]) == (10, 10)
+    assert split_documents(tmp_path / "d", load_tokenizer(tmp_path / "d"), meta)["val"] == docs[10:]
+    main(["prepare", "text", f"--input={tmp_path}/doc0[0-2].txt", f"--out={tmp_path / 'three'}"])  # < 1/val_fraction
+    meta = read_meta(tmp_path / "three")
+    assert split_documents(tmp_path / "three", load_tokenizer(tmp_path / "three"), meta) == {
+        "train": docs[:2], "val": docs[2:3]}
+
+
+def test_hf_datasets_reader_on_local_files(tmp_path, shakespeare_text):
+    pytest.importorskip("datasets")
+    docs = documents_of(shakespeare_text, 50)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    main(["prepare", "hf", "--dataset=json", f"--input={tmp_path / 'docs.jsonl'}", f"--out={tmp_path / 'hf'}"])
+    main(["prepare", "text", f"--input={tmp_path / 'docs.jsonl'}", f"--out={tmp_path / 'local'}"])
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+
+def test_ctrl_c_while_preparing_leaves_the_old_dataset(tmp_path, shakespeare_text, capsys, monkeypatch):
+    docs = documents_of(shakespeare_text, 100)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    main(["prepare", "text", f"--input={tmp_path / 'docs.jsonl'}", f"--out={tmp_path / 'd'}"])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
+
+    def interrupted(self, texts, drop_unknown=False):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(nanokimi.tokenizer.CharTokenizer, "encode_batch", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "text", f"--input={tmp_path / 'docs.jsonl'}", f"--out={tmp_path / 'd'}"])
+    assert exit_info.value.code == 130
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before
+
+
+def bad(tmp_path, case):
+    """A corpus with one problem; returns (prepare's extra arguments, words the one-line error must hold)."""
+    good = json.dumps({"text": "fine"}) + "\n"
+    f = tmp_path / "in.jsonl"
+    if case == "missing field":
+        f.write_text(good * 3 + json.dumps({"body": "x"}) + "\n")
+        return [f"--input={f}"], [f"{f}:4", "'text'", "--text_field"]
+    if case == "not json":
+        f.write_text(good + "{oops\n")
+        return [f"--input={f}"], [f"{f}:2", "JSON"]
+    if case == "not utf-8 jsonl":
+        f.write_bytes(good.encode() + b'{"text": "caf\xe9"}\n')
+        return [f"--input={f}"], [f"{f}:2", "UTF-8"]
+    if case == "not utf-8 txt":
+        (tmp_path / "in.txt").write_bytes(b"caf\xe9 au lait")
+        return [f"--input={tmp_path / 'in.txt'}"], ["in.txt", "UTF-8"]
+    if case == "not a string":
+        f.write_text(good + json.dumps({"text": 5}) + "\n")
+        return [f"--input={f}"], [f"{f}:2", "not a string"]
+    if case == "empty corpus":
+        f.write_text("\n\n")
+        (tmp_path / "e.txt").write_text("")
+        return [f"--input={f}", f"--input={tmp_path / 'e.txt'}"], ["empty"]
+    if case == "parquet without the column":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "p.parquet")
+        return [f"--input={tmp_path / 'p.parquet'}"], ["p.parquet", "'text'", "content", "--text_field"]
+    if case == "damaged parquet":
+        (tmp_path / "p.parquet").write_bytes(b"PAR1 not really")
+        return [f"--input={tmp_path / 'p.parquet'}"], ["p.parquet", "Parquet"]
+    if case == "damaged gzip":
+        (tmp_path / "g.jsonl.gz").write_bytes(gzip.compress(good.encode() * 100)[:40])
+        return [f"--input={tmp_path / 'g.jsonl.gz'}"], ["g.jsonl.gz", "damaged"]
+    if case == "unknown format":
+        (tmp_path / "x.csv").write_text("a,b")
+        return [f"--input={tmp_path / 'x.csv'}"], [".csv", ".jsonl"]
+    if case == "empty folder":
+        (tmp_path / "empty").mkdir()
+        return [f"--input={tmp_path / 'empty'}"], ["holds no .txt"]
+    if case == "glob of nothing":
+        return [f"--input={tmp_path}/*.jsonl"], ["matches no"]
+    if case == "fifo":
+        os.mkfifo(tmp_path / "pipe.txt")
+        return [f"--input={tmp_path / 'pipe.txt'}"], ["not a regular file"]
+    if case == "tokenizer without a boundary":
+        from tokenizers import Tokenizer, models
+        Tokenizer(models.WordLevel({"[UNK]": 0, "fine": 1}, unk_token="[UNK]")).save(str(tmp_path / "t.json"))
+        f.write_text(good * 2)
+        return [f"--input={f}", f"--tokenizer={tmp_path / 't.json'}"], ["--boundary_token"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing field", "not json", "not utf-8 jsonl", "not utf-8 txt", "not a string",
+                                  "empty corpus", "parquet without the column", "damaged parquet", "damaged gzip",
+                                  "unknown format", "empty folder", "glob of nothing", "fifo",
+                                  "tokenizer without a boundary"])
+def test_bad_corpus_is_one_line_naming_the_file(case, tmp_path, capsys):
+    args, words = bad(tmp_path, case)
+    err = cli_error(capsys, "prepare", "text", *args, f"--out={tmp_path / 'd'}")
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "d" / "train.bin").exists() and not (tmp_path / "d" / ".prepare.tmp").exists()

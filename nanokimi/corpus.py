@@ -1,0 +1,203 @@
+"""The documents of a corpus, read as a stream: files, folders and globs of .txt, .jsonl / .json (also .gz) and
+.parquet, or a Hugging Face dataset. Nothing is held whole: a reader yields one document (or one piece of a long
+one) at a time, so `prepare` runs in memory that does not grow with the corpus.
+
+A reader yields (new_document, text): new_document is False for a piece that continues the previous document (a
+long .txt read in ~1 MB pieces, each cut after a newline, so that a whitespace-splitting tokenizer such as byte-level
+BPE encodes the pieces exactly as it would the whole)."""
+
+import glob
+import gzip
+import io
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+FORMATS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+PIECE_BYTES = 1 << 20  # a document longer than this is read and encoded in pieces of about this size
+BATCH_ROWS = 1024  # Parquet rows per batch read
+
+
+def file_format(path):
+    """txt, jsonl or parquet, by the name (a .gz suffix is read through gzip), else None."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def expand_inputs(inputs):
+    """The files named by `inputs` (files, folders searched recursively, globs), in a fixed order: each argument's
+    files sorted by path, arguments in the order given. A file given by name must have a known format; a folder or
+    glob keeps only files of known formats."""
+    files = []
+    for spec in inputs:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p)
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise UserError(f"folder {path} holds no .txt, .jsonl, .json or .parquet file (also .gz): pass a "
+                                f"folder of documents")
+        elif path.exists() and not path.is_file():
+            raise UserError(f"--input {path} is not a regular file (a fifo or device?): pass a file, folder or glob")
+        elif path.is_file():
+            if file_format(path) is None:
+                raise UserError(f"{path}: unknown format {''.join(path.suffixes) or '(no suffix)'}: name it .txt, "
+                                f".jsonl, .json or .parquet (optionally .gz)")
+            found = [path]
+        elif glob.has_magic(spec):
+            found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file() and file_format(p))
+            if not found:
+                raise UserError(f"--input {spec} matches no .txt, .jsonl, .json or .parquet file")
+        else:
+            raise UserError(f"input {path} not found: pass --input=PATH to existing files, folders or globs")
+        files += found
+    if len(set(files)) != len(files):
+        raise UserError("an input file is named twice (by two --input arguments): each document would be read twice")
+    return files
+
+
+class Corpus:
+    """The documents of local files, in order. `bytes_read` is how many bytes of the files have been read so far
+    (for progress); `total_bytes` their size on disk."""
+
+    def __init__(self, inputs, text_field="text", doc_separator=None):
+        self.files = expand_inputs(inputs)
+        self.text_field, self.doc_separator = text_field, doc_separator or None
+        self.total_bytes = sum(f.stat().st_size for f in self.files)
+        self.bytes_read = 0
+
+    @property
+    def single_document(self):
+        """One .txt file read whole: today's TinyShakespeare case (no boundary token, split by tokens)."""
+        return len(self.files) == 1 and file_format(self.files[0]) == "txt" and self.doc_separator is None
+
+    def __iter__(self):
+        self.bytes_read = 0
+        for path in self.files:
+            start = self.bytes_read
+            with open(path, "rb") as raw:
+                stream = gzip.GzipFile(fileobj=raw) if path.suffix.lower() == ".gz" else raw
+                reader = {"txt": self.txt, "jsonl": self.jsonl, "parquet": self.parquet}[file_format(path)]
+                try:
+                    for item in reader(path, stream):
+                        self.bytes_read = start + raw.tell()
+                        yield item
+                except (OSError, EOFError, gzip.BadGzipFile) as e:
+                    raise UserError(f"cannot read {path} ({e.__class__.__name__}: {str(e)[:80]}): is it damaged "
+                                    f"or truncated?") from None
+            self.bytes_read = start + path.stat().st_size
+
+    def txt(self, path, stream):
+        """One document per file, or per --doc_separator; a long document in pieces cut after a newline."""
+        sep, pending, number = self.doc_separator, "", 0  # pending: text not yet yielded
+        continuing, yielded = False, False
+        for number, lines in enumerate(line_batches(stream), 1):
+            try:
+                pending += lines.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} is not UTF-8 text (byte {e.start} of the batch of lines near line "
+                                f"{number}): convert it to UTF-8 first") from None
+            if sep is not None:
+                *docs, pending = pending.split(sep)
+                for doc in docs:
+                    yield not continuing, doc
+                    continuing, yielded = False, True
+            if len(pending) > PIECE_BYTES and (cut := piece_end(pending)) > 0:
+                yield not continuing, pending[:cut]
+                pending, continuing, yielded = pending[cut:], True, True
+        if pending or not yielded:
+            yield not continuing, pending
+
+    def jsonl(self, path, stream):
+        """One document per line, from field `text_field`; blank lines skipped."""
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{number} is not UTF-8: convert the file to UTF-8 first") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number} is not a JSON object ({e.msg}): one JSON object per line "
+                                f"(JSON Lines), e.g. {{\"{self.text_field}\": \"...\"}}") from None
+            except RecursionError:
+                raise UserError(f"{path}:{number} is nested too deeply to read") from None
+            yield True, document_text(record, self.text_field, f"{path}:{number}")
+
+    def parquet(self, path, stream):
+        """One document per row, from column `text_field`."""
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError(f"reading {path} needs pyarrow: pip install pyarrow (or nanokimi[data])") from None
+        try:
+            table = pq.ParquetFile(stream)
+            names = table.schema_arrow.names
+        except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) and OSError kinds for a bad file
+            raise UserError(f"{path} is not a readable Parquet file ({str(e)[:80]})") from None
+        if self.text_field not in names:
+            raise UserError(f"{path} has no column {self.text_field!r} (its columns: {', '.join(names[:8])}): pass "
+                            f"--text_field=NAME")
+        row = 0
+        for batch in table.iter_batches(batch_size=BATCH_ROWS, columns=[self.text_field]):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                yield True, document_text({self.text_field: text}, self.text_field, f"{path} row {row}")
+
+
+def document_text(record, field, where):
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is not a JSON object: one object per line, e.g. {{\"{field}\": \"...\"}}")
+    if field not in record:
+        raise UserError(f"{where} has no field {field!r} (it has: {', '.join(list(record)[:8])}): pass "
+                        f"--text_field=NAME")
+    if not isinstance(record[field], str):
+        raise UserError(f"{where}: {field!r} is {type(record[field]).__name__}, not a string of text")
+    return record[field]
+
+
+def line_batches(stream, size=PIECE_BYTES // 4):
+    """Whole lines of a binary stream in batches of about `size` bytes (never cut inside a UTF-8 character)."""
+    reader = io.BufferedReader(stream) if not isinstance(stream, io.BufferedIOBase) else stream
+    while batch := reader.readlines(size):
+        yield b"".join(batch)
+
+
+def piece_end(text):
+    """Where a long document may be cut without changing how a whitespace-splitting tokenizer splits it: after the
+    last newline that a non-whitespace character follows (0 if there is none)."""
+    cut = len(text) - 1
+    while (cut := text.rfind("\n", 0, cut)) >= 0:
+        if not text[cut + 1].isspace():
+            return cut + 1
+    return 0
+
+
+class HFDataset:
+    """The documents of a Hugging Face dataset, streamed with `datasets` (the hub, or a packaged builder such as
+    "json" / "parquet" over local data_files). Its size is not known ahead: `total_bytes` is None."""
+
+    def __init__(self, name, config=None, split="train", text_field="text", data_files=None):
+        try:
+            import datasets
+        except ImportError:
+            raise UserError("`prepare hf` needs the datasets library: pip install datasets (or nanokimi[data])") \
+                from None
+        try:
+            self.dataset = datasets.load_dataset(name, name=config, split=split, streaming=True,
+                                                 data_files=data_files)
+        except Exception as e:  # datasets raises many kinds (not found, offline, bad config)
+            raise UserError(f"cannot open dataset {name!r} ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})"
+                            f": check --dataset, --name and --split, and that you are online") from None
+        self.name, self.text_field = name, text_field
+        self.files, self.total_bytes, self.bytes_read, self.single_document = [name], None, 0, False
+
+    def __iter__(self):
+        self.bytes_read = 0
+        for row, record in enumerate(self.dataset, 1):
+            text = document_text(record, self.text_field, f"dataset {self.name} row {row}")
+            self.bytes_read += len(text)  # characters: a streamed dataset's bytes on disk are not known
+            yield True, text

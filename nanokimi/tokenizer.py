@@ -1,0 +1,251 @@
+"""Tokenizers: a char-level vocabulary, and any Hugging Face `tokenizers` file (nanoKimi's own byte-level BPE, trained
+here from a bounded sample of the corpus, or a given tokenizer.json: GPT-2's, a Llama one, ...).
+
+A tokenizer lives in a folder as meta.json (kind, vocab size, the char list, the document boundary token's id) plus,
+for the HF kind, tokenizer.json. Checkpoints and datasets carry a copy, so sampling needs no data folder."""
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError, check_fields
+
+TOKENIZER_FILES = ("meta.json", "tokenizer.json")
+BOUNDARY = "<|endoftext|>"  # the document boundary token nanoKimi's own vocabularies reserve
+# a given tokenizer.json's boundary: the first of these it holds, unless --boundary_token names one
+KNOWN_BOUNDARIES = (BOUNDARY, "<|end_of_text|>", "</s>", "<｜end▁of▁sentence｜>", "<eos>", "[SEP]", "<|im_end|>")
+
+
+class CharTokenizer:
+    """One id per character, in sorted order; with `boundary`, one more id after them for the document boundary
+    (kept in `chars` as its own multi-character entry, which no text encodes to)."""
+
+    def __init__(self, chars, boundary_token_id=None):
+        self.chars = list(chars)
+        self.boundary_token_id = boundary_token_id
+        self.stoi = {c: i for i, c in enumerate(self.chars) if i != boundary_token_id}
+        self.vocab_size = len(self.chars)
+        codes = np.array([ord(c) for c in self.stoi], dtype=np.int64)
+        # code point -> id, one array lookup per character (a dict lookup per character ran ~30x slower)
+        self.lut = np.full(int(codes.max(initial=0)) + 1, -1, dtype=np.int64)
+        self.lut[codes] = list(self.stoi.values())
+
+    @classmethod
+    def train(cls, chars, boundary):
+        chars = sorted(chars)
+        return cls(chars + [BOUNDARY], len(chars)) if boundary else cls(chars)
+
+    def unknown(self, text):
+        return sorted(set(text) - self.stoi.keys())
+
+    def encode(self, text):
+        unknown = self.unknown(text)
+        if unknown:
+            raise UserError(f"characters {''.join(unknown)!r} are not in this model's {self.vocab_size}-character "
+                            f"vocabulary: use only characters seen in its training data")
+        return [self.stoi[c] for c in text]
+
+    def encode_batch(self, texts, drop_unknown=False):
+        """Token ids of each text, as int64 arrays; characters outside the vocabulary dropped or an error."""
+        out = []
+        for text in texts:
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+            ids = np.where(codes < len(self.lut), self.lut[np.minimum(codes, len(self.lut) - 1)], -1)
+            if (ids < 0).any():
+                if not drop_unknown:
+                    self.encode(text)  # raises, naming the characters
+                ids = ids[ids >= 0]
+            out.append(ids)
+        return out
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def token_bytes(self):
+        """UTF-8 bytes of each token id's text (for bits per byte); the boundary token is no text."""
+        return [0 if i == self.boundary_token_id else len(c.encode()) for i, c in enumerate(self.chars)]
+
+    def meta(self):
+        boundary = {} if self.boundary_token_id is None else {"boundary_token_id": self.boundary_token_id}
+        return {"tokenizer": "char", "vocab_size": self.vocab_size, "chars": self.chars} | boundary
+
+    def save(self, folder):
+        write_json(Path(folder) / "meta.json", self.meta())
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` file: nanoKimi's byte-level BPE (every string encodable) or any tokenizer.json."""
+
+    def __init__(self, tokenizer, boundary_token_id=None, source=None):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.boundary_token_id = boundary_token_id
+        self.source = source  # the tokenizer.json it was read from, if it was given
+
+    @classmethod
+    def train(cls, texts, vocab_size, boundary):
+        """Byte-level BPE of `vocab_size` tokens learnt from the texts of an iterator (a bounded sample)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      special_tokens=[BOUNDARY] if boundary else [], show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok, tok.token_to_id(BOUNDARY) if boundary else None)
+
+    @classmethod
+    def from_file(cls, path, boundary_token=None):
+        """A given tokenizer.json; its boundary token is `boundary_token` or the first of KNOWN_BOUNDARIES it has
+        (None if neither: then only a one-document corpus can be prepared with it)."""
+        tok = read_tokenizer_file(path)
+        if boundary_token is not None and tok.token_to_id(boundary_token) is None:
+            raise UserError(f"{path} has no token {boundary_token!r}: pass --boundary_token=TOKEN naming one of its "
+                            f"special tokens (e.g. its end-of-text token)")
+        found = next((t for t in ([boundary_token] if boundary_token else KNOWN_BOUNDARIES)
+                      if tok.token_to_id(t) is not None), None)
+        return cls(tok, tok.token_to_id(found) if found else None, Path(path))
+
+    def unknown(self, text):
+        return []  # a tokenizer.json maps every string somewhere (bytes, or its unknown token)
+
+    def encode(self, text):
+        return self.tokenizer.encode(text).ids
+
+    def encode_batch(self, texts, drop_unknown=False):
+        """Token ids of each text as arrays: the tokenizer's own ids, without its special-token template (nanoKimi
+        marks documents with the boundary token itself)."""
+        return [np.array(e.ids, dtype=np.int64)
+                for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self):
+        """Bytes of text each token id stands for (for bits per byte): special tokens none; a byte-level vocabulary
+        spells each byte as one character of the token; otherwise the token decoded alone ("<0x0A>" byte fallback
+        tokens are one byte)."""
+        special = {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}
+        byte_level = '"ByteLevel"' in json.dumps(json.loads(self.tokenizer.to_str()).get("decoder"))
+        sizes = []
+        for i in range(self.vocab_size):
+            token = self.tokenizer.id_to_token(i)
+            if token is None or token in special:
+                sizes.append(0)
+            elif byte_level:
+                sizes.append(len(token))
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                sizes.append(1)
+            else:
+                sizes.append(len(self.tokenizer.decode([i]).encode()))
+        return sizes
+
+    def meta(self):
+        boundary = {} if self.boundary_token_id is None else {"boundary_token_id": self.boundary_token_id}
+        return {"tokenizer": "bpe", "vocab_size": self.vocab_size} | boundary
+
+    def save(self, folder):
+        if self.source is not None:  # a given file as it is, byte for byte (tokenizers' own save may reorder it)
+            shutil.copyfile(self.source, Path(folder) / "tokenizer.json")
+        else:
+            self.tokenizer.save(str(Path(folder) / "tokenizer.json"))
+        write_json(Path(folder) / "meta.json", self.meta())
+
+
+def read_tokenizer_file(path):
+    from tokenizers import Tokenizer
+    if not Path(path).is_file():
+        raise UserError(f"tokenizer file {path} not found: pass --tokenizer=char, bpe or PATH/tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for missing or corrupt files
+        raise UserError(f"cannot read {path} as a Hugging Face tokenizer ({str(e)[:100]}): pass a tokenizer.json "
+                        f"written by the tokenizers library") from None
+
+
+def bpe_sample(corpus, budget, seed=0):
+    """The texts BPE learns from: each document kept with probability budget / corpus size (seeded: the same
+    corpus gives the same sample), each contributing at most 1% of the budget, until `budget` characters. A
+    corpus within the budget is used whole. Yields texts; corpus.total_bytes None (a stream) takes the first
+    documents."""
+    rng = random.Random(seed)
+    keep = 1.0 if not corpus.total_bytes else min(1.0, budget / corpus.total_bytes)
+    cap, taken, kept, used = max(1, budget // 100), 0, False, 0
+    for new_document, text in corpus:
+        if new_document:
+            kept, used = rng.random() < keep, 0
+        if not kept or used >= cap:
+            continue
+        piece = text[:cap - used]
+        used += len(piece)
+        taken += len(piece)
+        yield piece
+        if taken >= budget:
+            return
+
+
+def write_json(path, obj):
+    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def read_meta(folder):
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: run `nanokimi prepare` to create the dataset in {folder}")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}): prepare the data again") from None
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply to be a dataset's meta.json: prepare the data again") from None
+    return check_fields(meta, path, {"tokenizer": str, "vocab_size": int, "dtype?": str, "boundary_token_id?": int},
+                        fix="prepare the data again (or restore the file)")
+
+
+def load_tokenizer(folder):
+    meta = read_meta(folder)
+    boundary = meta.get("boundary_token_id")
+    if boundary is not None and not 0 <= boundary < meta["vocab_size"]:
+        raise UserError(f"{Path(folder) / 'meta.json'}: \"boundary_token_id\" {boundary} is outside the "
+                        f"{meta['vocab_size']}-token vocabulary: prepare the data again")
+    if meta.get("tokenizer") == "char":
+        if not isinstance(meta.get("chars"), list) or not all(isinstance(c, str) for c in meta["chars"]):
+            raise UserError(f"{Path(folder) / 'meta.json'} has no valid \"chars\" list: prepare the data again")
+        if len(meta["chars"]) != meta["vocab_size"]:
+            raise UserError(f"{Path(folder) / 'meta.json'}: \"chars\" holds {len(meta['chars'])} characters but "
+                            f"\"vocab_size\" is {meta['vocab_size']}: prepare the data again (or restore the file)")
+        return CharTokenizer(meta["chars"], boundary)
+    if meta.get("tokenizer") == "bpe":
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"{path} not found: prepare the data again")
+        return HFTokenizer(read_tokenizer_file(path), boundary)
+    raise UserError(f"{Path(folder) / 'meta.json'} names an unknown tokenizer {meta.get('tokenizer')!r}")
+
+
+def tokenizer_fingerprint(folder):
+    """Identifies a tokenizer by its files, to check that a checkpoint and a dataset agree."""
+    digest = hashlib.sha256()
+    meta = read_meta(folder)
+    digest.update(json.dumps({k: meta[k] for k in ("tokenizer", "vocab_size", "chars") if k in meta}).encode())
+    if (Path(folder) / "tokenizer.json").is_file():
+        digest.update((Path(folder) / "tokenizer.json").read_bytes())
+    return digest.hexdigest()
+
+
+def check_same_tokenizer(checkpoint_dir, data_folder):
+    """A UserError unless a checkpoint and a dataset share one tokenizer (token ids mean the same text)."""
+    if tokenizer_fingerprint(checkpoint_dir) != tokenizer_fingerprint(data_folder):
+        raise UserError(f"the tokenizer of checkpoint {checkpoint_dir} differs from the one of data {data_folder}: "
+                        f"prepare the data with the checkpoint's tokenizer (nanokimi prepare ... "
+                        f"--tokenizer_from={checkpoint_dir})")
+
+
+def copy_tokenizer(src, dst):
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
