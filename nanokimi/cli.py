@@ -70,7 +70,9 @@ def bench_command(args):
     bench_main(args)
 
 
-def build_parser():
+def build_parser(train_help=True):
+    """The command line; train_help=False leaves out train's generated lists, whose imports (torch, the model) a
+    `prepare` does not need (they were most of its start-up time)."""
     parser = OneLineParser(prog="nanokimi", description="Train, finetune and sample Kimi-K2-style models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -107,8 +109,10 @@ def build_parser():
     p.add_argument("--split", dest="hf_split", default="train", help="hf: its split (default train)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
-    from .config import runs_help, settings_help  # the lists, generated from the runs and the config dataclasses
-    p = sub.add_parser("train", help="train or finetune a model", epilog=runs_help() + "\n\n" + settings_help(),
+    if train_help:
+        from .config import runs_help, settings_help  # the lists, generated from the runs and the config dataclasses
+    p = sub.add_parser("train", help="train or finetune a model",
+                       epilog=runs_help() + "\n\n" + settings_help() if train_help else None,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a named run (e.g. shakespeare-char-cpu, the tuned CPU run), a .toml file of "
                                    "your own (TrainConfig fields, [model] table) or a model preset. "
@@ -171,7 +175,7 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:  # building the parser imports torch: a Ctrl-C there is caught too
-        parser = build_parser()
+        parser = build_parser(train_help=not argv or argv[0] != "prepare")
         if argv and argv[0] == "bench":
             return bench_command(argv[1:])
         if argv and argv[0] == "torchrun":
@@ -182,12 +186,12 @@ def main(argv=None):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command == "prepare":
-            from .checkpoint import resolve
-            from .data import prepare
+            from .prepare import prepare
             out = args.out or f"data/{args.dataset}"
             source = args.tokenizer_from
             if source and not (Path(source) / "meta.json").is_file():
-                source = resolve(source)  # a run's out_dir
+                from .checkpoint import resolve  # imports torch: only for a run's out_dir
+                source = resolve(source)
             if not math.isfinite(args.val_fraction) or not math.isfinite(args.tokenizer_chars):
                 raise UserError("--val_fraction and --tokenizer_chars must be finite numbers")
             meta = prepare(args.dataset, out, args.input, args.tokenizer, args.vocab_size, source, args.drop_unknown,

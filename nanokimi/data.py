@@ -1,259 +1,15 @@
-"""Data preparation, as nanoGPT's prepare.py: the documents of a corpus (corpus.py) tokenized in batches and
-appended to uint16/uint32 token files as they come, in memory that does not grow with the corpus; and batches of
-windows read from those files (memmaps) for training.
-
-A prepared dataset is a folder: train.bin, val.bin (token ids, documents joined by the boundary token), meta.json
-(tokenizer kind, vocab, dtype, boundary token id, token and document counts) and, for BPE or a given tokenizer,
-tokenizer.json (HF `tokenizers`)."""
+"""Batches for training and evaluation: [B, block_size] windows read from the token files of a prepared dataset
+(prepare.py writes them), as nanoGPT's train.py reads its memmaps."""
 
 import functools
-import os
-import shutil
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .corpus import Corpus, HFDataset, file_format
-from .errors import UserError, write_failure
-from .folders import check_destination
-from .tokenizer import (KNOWN_BOUNDARIES, TOKENIZER_FILES, CharTokenizer, HFTokenizer, bpe_sample, copy_tokenizer,
-                        load_tokenizer, read_meta, write_json)
+from .errors import UserError
+from .tokenizer import load_tokenizer, read_meta
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-
-
-def download_shakespeare(dest):
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=20) as response:
-            Path(dest).write_bytes(response.read())
-    except OSError as e:
-        raise UserError(f"could not download TinyShakespeare ({e.__class__.__name__}): offline? pass a local copy "
-                        f"with --input=PATH/tinyshakespeare.txt") from None
-
-
-BATCH_CHARS = 1 << 22  # text encoded per encode_batch call: large enough to keep every core busy
-BATCH_DOCUMENTS = 4096
-
-
-class SplitFile:
-    """One split's token stream as it is written: its documents one after another, the boundary token between two."""
-
-    def __init__(self, path, dtype, boundary_token_id):
-        self.path, self.dtype, self.boundary = Path(path), dtype, boundary_token_id
-        self.file = open(path, "wb")
-        self.tokens = self.documents = self.last_start = 0  # last_start: where the last document's tokens begin
-
-    def add(self, ids, new_document):
-        if new_document:
-            if self.documents and self.boundary is not None:
-                self.file.write(np.array([self.boundary], dtype=self.dtype).tobytes())
-                self.tokens += 1
-            self.documents += 1
-            self.last_start = self.tokens
-        self.file.write(ids.astype(self.dtype).tobytes())
-        self.tokens += len(ids)
-
-    def move_tail(self, start, end, to):
-        """Move this split's tokens [start:] to split `to` (as one document), keeping [:end] here."""
-        self.file.flush()
-        tail = np.fromfile(self.path, dtype=self.dtype, offset=start * np.dtype(self.dtype).itemsize)
-        to.add(tail, new_document=True)
-        self.file.truncate(end * np.dtype(self.dtype).itemsize)
-        self.file.seek(0, os.SEEK_END)
-        self.tokens = end
-
-
-def encoded(corpus, tokenizer, drop_unknown, bar):
-    """(new_document, token ids) of each document or piece of `corpus`, encoded in batches of ~BATCH_CHARS."""
-    batch, size = [], 0
-
-    def flush():
-        yield from zip((new for new, _ in batch), tokenizer.encode_batch([t for _, t in batch], drop_unknown))
-        bar.update(corpus.bytes_read - bar.n)
-
-    for new_document, text in corpus:
-        if new_document and not text:
-            continue  # an empty document (an empty line's record, two separators in a row) holds nothing
-        batch.append((new_document, text))
-        size += len(text)
-        if size >= BATCH_CHARS or len(batch) >= BATCH_DOCUMENTS:
-            yield from flush()
-            batch, size = [], 0
-    yield from flush()
-
-
-def progress_bar(corpus, what, enabled):
-    from tqdm import tqdm
-    return tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc=what, disable=not enabled,
-                dynamic_ncols=True)
-
-
-def write_dataset(corpus, tokenizer, out, val_fraction=0.1, val_corpus=None, tokenizer_dir=None,
-                  drop_unknown=False, progress=False):
-    """Tokenize the documents of `corpus` into train.bin and val.bin, the boundary token between two documents,
-    and write the tokenizer (copied from tokenizer_dir when it came from there, so its files stay byte-identical).
-
-    val: the documents of `val_corpus`, else every (1/val_fraction)-th document (whole documents, the same ones at
-    every run); a corpus of one document is split as nanoGPT does, its first 90% / last 10% of tokens.
-    Only those files in `out` are replaced, each by an atomic rename once all are written: whatever else `out`
-    holds (the input text, notes) stays, and a failure or Ctrl-C leaves the previous dataset whole."""
-    out = Path(out)
-    dtype = np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.uint32
-    boundary = tokenizer.boundary_token_id
-    tmp = out / ".prepare.tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        train, val = SplitFile(tmp / "train.bin", dtype, boundary), SplitFile(tmp / "val.bin", dtype, boundary)
-        with train.file, val.file:
-            index = -1
-            with progress_bar(corpus, "tokenize", progress) as bar:
-                for new_document, ids in encoded(corpus, tokenizer, drop_unknown, bar):
-                    if new_document:
-                        index += 1
-                        into = train if val_corpus is not None or int((index + 1) * val_fraction) == int(
-                            index * val_fraction) else val
-                    into.add(ids, new_document)
-                    bar.set_postfix(documents=f"{index + 1:,}", tokens=f"{train.tokens + val.tokens:,}",
-                                    refresh=False)
-            if val_corpus is not None:
-                with progress_bar(val_corpus, "tokenize val", progress) as bar:
-                    for new_document, ids in encoded(val_corpus, tokenizer, drop_unknown, bar):
-                        val.add(ids, new_document)
-            if train.tokens + val.tokens == 0:
-                raise UserError(f"the corpus {describe(corpus)} is empty (no text): pass files with text in them")
-            if val_corpus is None and train.documents + val.documents == 1:  # one document: split by tokens
-                n_train = int(train.tokens * (1 - val_fraction))
-                train.move_tail(n_train, n_train, val)
-            elif val_corpus is None and val.documents == 0:  # too few documents for the stride: the last one
-                train.move_tail(train.last_start, train.last_start - (boundary is not None), val)
-            if val.tokens == 0:
-                raise UserError(f"the validation documents {describe(val_corpus)} hold no text: pass --val_input "
-                                f"with text in it")
-        if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, tmp)
-        else:
-            tokenizer.save(tmp)
-        meta = read_meta(tmp) | tokenizer.meta() | {
-            "dtype": np.dtype(dtype).name, "train_tokens": train.tokens, "val_tokens": val.tokens,
-            "train_documents": train.documents, "val_documents": val.documents}
-        write_json(tmp / "meta.json", meta)
-        for name in set(TOKENIZER_FILES) - {p.name for p in tmp.iterdir()}:  # a previous tokenizer's file
-            (out / name).unlink(missing_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    except OSError as e:
-        raise UserError(f"could not write the dataset to {out} ({write_failure(e)}): free some space or pick a "
-                        f"writable --out") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return meta
-
-
-def describe(corpus):
-    names = [str(f) for f in corpus.files]
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
-def build_tokenizer(kind, corpus, val_corpus, vocab_size, tokenizer_chars, boundary_token, progress):
-    """The tokenizer `kind` names (char, bpe or a tokenizer.json path), learnt from `corpus` where it is learnt.
-    A boundary token exists unless the corpus (and val) are one document each."""
-    boundary = not (corpus.single_document and (val_corpus is None or val_corpus.single_document))
-    corpora = [corpus] + ([val_corpus] if val_corpus is not None else [])
-    if kind == "char":
-        chars = set()
-        for c in corpora:
-            with progress_bar(c, "characters", progress) as bar:
-                for _, text in c:
-                    chars.update(text)
-                    bar.update(c.bytes_read - bar.n)
-        if not chars:
-            raise UserError(f"the corpus {describe(corpus)} is empty (no text): pass files with text in them")
-        return CharTokenizer.train(chars, boundary)
-    if kind == "bpe":
-        least = 257 + boundary
-        if not vocab_size or vocab_size < least:
-            raise UserError(f"--vocab_size must be at least {least} for byte-level BPE (256 bytes"
-                            f"{' + the boundary token' if boundary else ''} + merges), got {vocab_size}")
-        plain = corpus.total_bytes is not None and all(file_format(f) != "parquet" and f.suffix != ".gz"
-                                                       for f in corpus.files)
-        most = least - 1 + (corpus.total_bytes if plain else 2 ** 32)  # a merge joins two tokens: one per byte
-        if vocab_size > min(most, 2 ** 32):
-            raise UserError(f"--vocab_size={vocab_size} exceeds what {describe(corpus)} can teach a byte-level BPE "
-                            f"({min(most, 2 ** 32)}: 256 bytes + one merge per byte of text): lower --vocab_size")
-        with progress_bar(corpus, "BPE sample", progress) as bar:
-            def sample():
-                for text in bpe_sample(corpus, tokenizer_chars):
-                    bar.update(corpus.bytes_read - bar.n)
-                    yield text
-            tokenizer = HFTokenizer.train(sample(), vocab_size, boundary)
-        if tokenizer.vocab_size < vocab_size:
-            raise UserError(f"the text taught byte-level BPE only {tokenizer.vocab_size} tokens, fewer than "
-                            f"--vocab_size={vocab_size}: lower --vocab_size to {tokenizer.vocab_size} or give it "
-                            f"more text")
-        return tokenizer
-    if kind.endswith(".json") or Path(kind).is_file():
-        tokenizer = HFTokenizer.from_file(kind, boundary_token)
-        if boundary and tokenizer.boundary_token_id is None:
-            raise UserError(f"{kind} has none of the end-of-text tokens {', '.join(KNOWN_BOUNDARIES[:4])}, ... to "
-                            f"separate documents: pass --boundary_token=TOKEN naming one of its special tokens")
-        return tokenizer
-    raise UserError(f"unknown tokenizer {kind!r}: use char, bpe or PATH/tokenizer.json")
-
-
-def prepare(dataset, out, inputs=None, tokenizer="char", vocab_size=None, tokenizer_dir=None, drop_unknown=False,
-            text_field="text", doc_separator=None, val_fraction=0.1, val_inputs=None, tokenizer_chars=10 ** 9,
-            boundary_token=None, hf_name=None, hf_config=None, hf_split="train", progress=False):
-    """`dataset` is "shakespeare_char" (TinyShakespeare, char-level), "text" (local files, folders, globs) or "hf"
-    (a Hugging Face dataset, streamed). With tokenizer_dir (a dataset or checkpoint folder), reuse that tokenizer
-    instead of making one: the way to finetune a model on new text; drop_unknown drops the characters a char
-    vocabulary lacks (else they are an error)."""
-    out = Path(out)
-    if dataset not in ("shakespeare_char", "text", "hf"):
-        raise UserError(f"unknown dataset {dataset!r}: use shakespeare_char, text or hf")
-    if not 0 < val_fraction < 1:
-        raise UserError(f"--val_fraction={val_fraction}: give a fraction between 0 and 1, e.g. 0.1")
-    if not tokenizer_chars >= 1:
-        raise UserError(f"--tokenizer_chars={tokenizer_chars}: give how many characters BPE learns from, e.g. 1e9")
-    check_destination(out, "prepare", "a prepared dataset")
-    if isinstance(inputs, (str, Path)):
-        inputs = [inputs]
-    if dataset == "shakespeare_char":
-        tokenizer = "char"
-        if not inputs:
-            out.mkdir(parents=True, exist_ok=True)
-            inputs = [out / "input.txt"]
-            if not inputs[0].is_file():
-                download_shakespeare(inputs[0])
-    if dataset == "hf":
-        if not hf_name:
-            raise UserError("prepare hf needs --dataset=NAME (a Hugging Face dataset, e.g. roneneldan/TinyStories)")
-        corpus = HFDataset(hf_name, hf_config, hf_split, text_field, data_files=inputs)
-    elif not inputs:
-        raise UserError("prepare text needs --input=PATH (files, folders or globs of .txt, .jsonl, .parquet)")
-    else:
-        corpus = Corpus(inputs, text_field, doc_separator)
-    val_corpus = Corpus(val_inputs, text_field, doc_separator) if val_inputs else None
-    if tokenizer_dir is not None:
-        reused = load_tokenizer(tokenizer_dir)
-        if not (corpus.single_document and val_corpus is None) and reused.boundary_token_id is None:
-            raise UserError(f"the vocabulary of {tokenizer_dir} has no document boundary token, and this corpus has "
-                            f"several documents: pass one .txt file, or prepare with a new tokenizer")
-        if drop_unknown or not isinstance(reused, CharTokenizer):
-            return write_dataset(corpus, reused, out, val_fraction, val_corpus, tokenizer_dir, drop_unknown, progress)
-        unknown = set()
-        for c in [corpus] + ([val_corpus] if val_corpus else []):
-            for _, text in c:
-                unknown.update(reused.unknown(text))
-        if unknown:
-            raise UserError(f"characters {''.join(sorted(unknown))!r} of {describe(corpus)} are not in the "
-                            f"{reused.vocab_size}-character vocabulary of {tokenizer_dir}: pass --drop_unknown to "
-                            f"drop them from the text")
-        return write_dataset(corpus, reused, out, val_fraction, val_corpus, tokenizer_dir, False, progress)
-    made = build_tokenizer(tokenizer, corpus, val_corpus, vocab_size, tokenizer_chars, boundary_token, progress)
-    return write_dataset(corpus, made, out, val_fraction, val_corpus, None, drop_unknown, progress)
 
 class TokenData:
     """Train/val token memmaps of a prepared folder, and [B, block_size] windows read from them."""
@@ -272,7 +28,12 @@ class TokenData:
             path = self.folder / f"{split}.bin"
             if not path.is_file():
                 raise UserError(f"{path} not found: run `nanokimi prepare` again for {folder}")
-            n = path.stat().st_size // np.dtype(self.meta["dtype"]).itemsize
+            size, itemsize = path.stat().st_size, np.dtype(self.meta["dtype"]).itemsize
+            n, recorded = size // itemsize, self.meta.get(f"{split}_tokens")
+            if size % itemsize or isinstance(recorded, int) and recorded != n:
+                raise UserError(f"{path} is {size:,} bytes, not the {recorded if recorded is not None else 'whole'} "
+                                f"{self.meta['dtype']} token ids meta.json records: it is damaged or truncated, "
+                                f"prepare the data again")
             if n < block_size + 1:
                 raise UserError(f"{path} holds {n} tokens, fewer than block_size+1 = {block_size + 1}: use more "
                                 f"text or a smaller --block_size")
@@ -290,8 +51,13 @@ class TokenData:
         return self.windows(split, starts.tolist())
 
     def windows(self, split, starts):
-        """(inputs, next-token targets), [len(starts), block_size] each, of the windows starting at `starts`."""
+        """(inputs, next-token targets), [len(starts), block_size] each, of the windows starting at `starts`. Their
+        ids are checked against the vocabulary here, batch by batch: a damaged file fails in one line, and no start
+        reads a whole (perhaps 10 GB) token file."""
         data = self.splits[split]
-        x = torch.stack([torch.from_numpy(data[i:i + self.block_size].astype(np.int64)) for i in starts])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in starts])
-        return x, y
+        w = torch.from_numpy(np.stack([data[i:i + self.block_size + 1] for i in starts]).astype(np.int64))
+        if w.numel() and (largest := int(w.max())) >= self.tokenizer.vocab_size:
+            raise UserError(f"{self.folder / split}.bin holds token id {largest}, outside its "
+                            f"{self.tokenizer.vocab_size}-token vocabulary: the file is damaged (or not from this "
+                            f"tokenizer), prepare the data again")
+        return w[:, :-1], w[:, 1:]

@@ -11,7 +11,7 @@ import torch
 
 from nanokimi import KimiConfig
 from nanokimi.cli import main
-from nanokimi.data import prepare
+from nanokimi.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

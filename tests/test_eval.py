@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from nanokimi.checkpoint import load_model
 from nanokimi.cli import main
-from nanokimi.data import load_tokenizer
+from nanokimi.tokenizer import load_tokenizer
 from tests.conftest import TINY_TRAIN, cli_error, train
 
 

@@ -13,7 +13,7 @@ import safetensors.torch
 from nanokimi import checkpoint
 from nanokimi.cli import main
 from nanokimi.config import TrainConfig
-from nanokimi.data import load_tokenizer
+from nanokimi.tokenizer import load_tokenizer
 from nanokimi.train import learning_rate
 from tests.conftest import ROOT, TINY, cli_error, metrics, run_cli, step_losses, train, wait_for_steps
 

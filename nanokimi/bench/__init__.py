@@ -9,6 +9,8 @@ command, machine, torch version and date) and its plots under assets/.
     compare       nanoKimi's shipped config vs nanoGPT's own recipe (CPU or GPU): time to the recipe's val loss
     sweep         the CPU config's batch shape, lr, warmup and dims, each run at the same time budget
     ablate        each Kimi-K2 idea removed, and nanoGPT three ways: equal time and equal tokens, seeds
+    prepare       nanokimi prepare's MB/s and peak memory on 10 MB..1 GB corpora in each format, vs the tokenizer
 
 Layout: report.py (sections, tables, plots, timing), speed.py (benchmarks on random data), training.py (benchmarks
-through the trainer), ablation.py (the ablation, through the trainer), cli.py (the subcommands)."""
+through the trainer), ablation.py (the ablation, through the trainer), corpora.py (data preparation), cli.py (the
+subcommands)."""

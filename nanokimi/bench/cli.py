@@ -9,6 +9,7 @@ from ..errors import OneLineParser
 from ..presets import PRESETS
 from . import __doc__ as overview
 from .ablation import bench_ablate
+from .corpora import bench_prepare
 from .memory import bench_memory
 from .speed import bench_inference, bench_moe_scaling, bench_step
 from .training import RECIPES, bench_compare, bench_optim, bench_sweep
@@ -133,6 +134,18 @@ def build_parser():
     p.add_argument("--eval_batches", type=positive, default=17, help="x 12 fixed val windows score every run")
     p.add_argument("--quick", action="store_true", help="a few seconds each: a smoke test of the report")
     p.set_defaults(run=bench_ablate)
+
+    p = sub.add_parser("prepare", help="nanokimi prepare's MB/s and peak memory on corpora of 10 MB..1 GB, each "
+                                       "format, next to the tokenizer's own batched rate")
+    p.add_argument("--source", required=True, help="a UTF-8 text the documents are drawn from (e.g. TinyShakespeare)")
+    p.add_argument("--out", default="out/bench-prepare", help="where corpora and datasets are written")
+    p.add_argument("--sizes_mb", type=float, nargs="+", default=[10, 100, 1000])
+    p.add_argument("--formats", nargs="+", choices=["txt", "jsonl", "parquet"], default=["txt", "jsonl", "parquet"])
+    p.add_argument("--vocab_size", type=positive, default=8192)
+    p.add_argument("--bpe", action="store_true", help="also time BPE training (from the sample) on the first format")
+    p.add_argument("--limit_mb", type=positive, default=100, help="MB of documents the tokenizer's rate is timed on")
+    p.add_argument("--keep", action="store_true", help="keep the generated corpora")
+    p.set_defaults(run=bench_prepare)
 
     p = sub.add_parser("sweep", parents=[data], help="the CPU config's batch shape, lr, warmup and dims")
     p.add_argument("--config", default="shakespeare-char-cpu", help="the starting point: a named run or .toml file")

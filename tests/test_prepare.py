@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import nanokimi.corpus
-import nanokimi.data
+import nanokimi.prepare
 import nanokimi.tokenizer
 from nanokimi.cli import main
-from nanokimi.data import load_tokenizer, read_meta
+from nanokimi.tokenizer import load_tokenizer, read_meta
 from tests.conftest import cli_error, disk_full
 
 
@@ -67,7 +67,7 @@ def test_prepare_onto_a_full_disk_leaves_the_old_dataset(tmp_path, shakespeare_t
     main(["prepare", "text", f"--input={src}", f"--out={tmp_path / 'd'}"])
     before = (tmp_path / "d" / "train.bin").read_bytes()
 
-    monkeypatch.setattr(nanokimi.data, "write_json", disk_full)
+    monkeypatch.setattr(nanokimi.prepare, "write_json", disk_full)
     assert "No space left" in cli_error(capsys, "prepare", "text", f"--input={src}", f"--out={tmp_path / 'd'}")
     assert (tmp_path / "d" / "train.bin").read_bytes() == before and not (tmp_path / "d" / ".prepare.tmp").exists()
 
