@@ -107,6 +107,15 @@ def save(out_dir, model, arch, model_config, train_config=None, tokenizer_dir=No
                         f"the folder writable; the previous checkpoint, if any, is kept") from None
 
 
+def save_tensors(tensors, path, metadata=None):
+    """safetensors' save_file, with the file's mode that of any other new file (safetensors writes 0600 through a
+    temporary file; the JSON beside it gets the umask's 0644)."""
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_folder(out_dir, model, weights, arch, model_config, train_config, tokenizer_dir, optimizer_state,
                  trainer_state, name):
     """`save`'s writes: into .NAME.tmp, then swapped in by two renames."""
@@ -121,12 +130,12 @@ def write_folder(out_dir, model, weights, arch, model_config, train_config, toke
     tmp.mkdir()
     copies = tied_copies(model)
     state = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k not in copies}
-    safetensors.torch.save_file(state, tmp / "model.safetensors")
+    save_tensors(state, tmp / "model.safetensors")
     write_json(tmp / "config.json", {"arch": arch, "model": dataclasses.asdict(model_config), "train": train_config})
     if optimizer_state is not None:
         tensors = {}
         write_json(tmp / "optimizer.json", flatten_state(optimizer_state, tensors))
-        safetensors.torch.save_file(tensors, tmp / "optimizer.safetensors")
+        save_tensors(tensors, tmp / "optimizer.safetensors")
     write_json(tmp / "trainer.json", trainer_state or {})
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, tmp)
@@ -176,6 +185,9 @@ class Checkpoint:
                             f"checkpoint or train again") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"checkpoint file {path} is corrupt ({e}): use another checkpoint or train again") from None
+        except RecursionError:
+            raise UserError(f"checkpoint file {path} is nested too deeply to be nanoKimi's: use another checkpoint or "
+                            f"train again") from None
 
     def read_tensors(self, name):
         path = self.path / name

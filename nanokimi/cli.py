@@ -4,6 +4,7 @@ a named run, a TOML file or a model preset, and any `--field=value` on the comma
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -200,7 +201,8 @@ def main(argv=None):
                            args.hf_split, progress=not args.no_progress and sys.stderr.isatty())
             print(f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
                   f"({meta['train_documents']:,} + {meta['val_documents']:,} documents), {meta['tokenizer']} "
-                  f"vocabulary of {meta['vocab_size']}")
+                  f"vocabulary of {meta['vocab_size']}"
+                  + (f" ({meta['dropped']} unknown characters dropped)" if meta.get("dropped") else ""))
         elif args.command == "sample":
             from .sample import sample
             sample(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
@@ -227,3 +229,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout went away (`nanokimi sample ... | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's own flush cannot fail again
+        sys.exit(0)

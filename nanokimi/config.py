@@ -12,6 +12,7 @@ import dataclasses
 import importlib.resources
 import inspect
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,11 @@ class TrainConfig:
     # tokens travel to them (all-to-all) instead of every process gathering every expert
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # NaN and infinity, in any spelling JSON or TOML reads, up front
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
+                raise UserError(f"{f.name} must be a finite number, got {getattr(self, f.name)}")
+        if not 0 <= self.seed < 2 ** 63:  # torch's generator seeds are 64-bit
+            raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
         for name in ("batch_size", "block_size", "grad_accum", "eval_iters", "log_interval", "eval_interval"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
@@ -145,6 +151,8 @@ def parse_value(raw):
         return low == "true"
     if low in ("none", "null"):
         return None
+    if low.lstrip("+-") in ("nan", "inf", "infinity"):  # every spelling, so that the finite check names it
+        return float(low)
     for parse in (json.loads, ast.literal_eval):
         try:
             return parse(raw)
@@ -170,6 +178,8 @@ def coerce(cls, values):
     out = {}
     for key, value in values.items():
         default = defaults.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{key}={value}: give a finite number")
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         elif default is not None and value is not None and type(value) is not type(default):
@@ -233,9 +243,19 @@ def load_train_config(target, args):
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"config file {path} is not valid TOML ({e})") from None
         model_overrides = base.pop("model", {})
+        if not isinstance(model_overrides, dict):
+            raise UserError(f"config file {path}: `model` must be a [model] table of model settings, got "
+                            f"{model_overrides!r}")
+        infinite = [k for k, v in model_overrides.items() if isinstance(v, float) and not math.isfinite(v)]
+        if infinite:
+            raise UserError(f"config file {path}: [model] {infinite[0]} = {model_overrides[infinite[0]]}: give a "
+                            f"finite number")
     else:
         base = {"preset": target, "out_dir": f"out/{target}"}
     cli = parse_overrides(args)
+    infinite = [k for k, v in cli.items() if isinstance(v, float) and not math.isfinite(v)]
+    if infinite:
+        raise UserError(f"--{infinite[0]}={cli[infinite[0]]}: give a finite number")
     train_names, model_names = train_fields(), model_fields()
     unknown = sorted(cli.keys() - train_names - model_names) + sorted(base.keys() - train_names)
     if unknown:
@@ -243,7 +263,10 @@ def load_train_config(target, args):
     cli_train = {k: v for k, v in cli.items() if k in train_names}
     invocation = {k: base.pop(k) for k in INVOCATION_FIELDS if k in base} | {
         k: cli_train.pop(k) for k in INVOCATION_FIELDS if k in cli_train}
-    if invocation.get("resume") or invocation.get("init_from"):
+    own_file = path.is_file() and path.parent != RUNS  # the user's TOML, not a named run
+    if invocation.get("resume") and own_file:  # the user's file, edited since: applied as flags are (or refused)
+        cli_train = {k: v for k, v in base.items() if k not in INVOCATION_FIELDS} | cli_train
+    elif invocation.get("resume") or invocation.get("init_from"):
         model_overrides = {}  # a [model] table builds a new model; a continued or finetuned one is the checkpoint's
     model_overrides |= {k: v for k, v in cli.items() if k in model_names}
     if invocation.get("resume"):  # the saved run's settings, updated by what this command line sets again
@@ -278,6 +301,11 @@ def plan_run(cfg, overrides):
     source = checkpoint.Checkpoint(cfg.out_dir if cfg.resume else cfg.init_from) if (cfg.resume or cfg.init_from) \
         else None
     arch, base = find_preset(cfg.preset) if source is None else (source.arch, source.model_config)
+    if cfg.init_from and find_preset(cfg.preset)[0] != arch:
+        names = {"kimi": "nanoKimi", "gpt": "nanoGPT baseline"}
+        raise UserError(f"--init_from={cfg.init_from} is a {names[arch]} checkpoint but {cfg.preset} trains a "
+                        f"{names[find_preset(cfg.preset)[0]]} model: finetune it with a run or preset of its kind "
+                        f"(e.g. {'gpt-shakespeare-char-cpu' if arch == 'gpt' else 'finetune-shakespeare-char'})")
     data = TokenData(cfg.data, cfg.block_size)
     if source is None:
         config = make_config(arch, base, overrides | {"vocab_size": data.tokenizer.vocab_size})

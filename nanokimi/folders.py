@@ -13,7 +13,7 @@ def read_config(folder):
     """folder/config.json as a dict, or None (absent, unreadable, not an object)."""
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return config if isinstance(config, dict) else None
 

@@ -1,12 +1,11 @@
-"""The machine a run is on, and the choices that depend on it. Each choice is made by measuring this machine
-(`fastest`) or by a documented capability check (`expert_gemm_path`), never by assuming the developer's CPU:
-a bf16 matmul is ~2x faster than fp32 on a CPU with AVX-512 bf16 instructions and ~7x slower on one with AVX2 only.
+"""The machine a run is on, and the choices that depend on it. Each choice is made by a documented capability check
+(`native_bf16_matmul`, `expert_gemm_path`), never by assuming the developer's CPU: a bf16 matmul is ~2x faster than
+fp32 on a CPU with AVX-512 bf16 instructions and ~7x slower on one with AVX2 only.
 
 Imports nothing else of nanoKimi: the model and the optimizer both ask it."""
 
 import functools
 import os
-import time
 
 import torch
 
@@ -35,24 +34,18 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def fastest(candidates, run, device, rounds=3, margin=0.9):
-    """(the candidate c whose run(c) is fastest on this machine, {c: best seconds}). Measured in interleaved rounds
-    after one warm-up call each, so drift hits every candidate alike. The first candidate is the default (e.g. the
-    more precise one): another wins only when it takes under `margin` of the default's time, so near-equal timings
-    do not flip the choice from one process to the next."""
-    for c in candidates:
-        run(c)  # the first call pays for allocation and kernel selection
-    best = dict.fromkeys(candidates, float("inf"))
-    for _ in range(rounds):
-        for c in candidates:
-            synchronize(device)
-            t0 = time.perf_counter()
-            run(c)
-            synchronize(device)
-            best[c] = min(best[c], time.perf_counter() - t0)
-    default = candidates[0]
-    winner = min(best, key=best.get)
-    return (winner if best[winner] < margin * best[default] else default), best
+def native_bf16_matmul(device):
+    """Whether `device` multiplies bf16 matrices in hardware (and so faster than fp32), by capability: a CUDA GPU of
+    compute capability >= 8.0 (Ampere on), a CPU with AVX-512 bf16 or AMX instructions. Elsewhere bf16 is emulated:
+    ~7x slower than fp32 on an AVX2 CPU (BENCHMARKS, step). A rule, not a timing: a timing taken while other work
+    loads the cores flipped from start to start (5 identical starts chose bf16, fp32, fp32, fp32, bf16)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return cuda_capability(index) >= (8, 0)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 @functools.lru_cache(maxsize=None)

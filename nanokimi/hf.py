@@ -110,6 +110,8 @@ def from_hf_state_dict(tensors, config, folder="the folder"):
     for name, tensor in tensors.items():
         key = name.removeprefix("model.")
         parts = key.split(".")
+        if key.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer older transformers saved and every loader recomputes
         if parts[0] == "layers" and not layer_weight_name(parts):
             raise UserError(f"tensor {name!r} in {folder} is not a DeepseekV3 weight name (model.layers.N.... with "
                             f"experts as mlp.experts.E.PROJ.weight): the safetensors do not match config.json")
@@ -147,25 +149,68 @@ def from_hf_state_dict(tensors, config, folder="the folder"):
 
 
 def read_safetensors(folder):
+    """Every tensor of a folder's safetensors. A sharded folder is read through its model.safetensors.index.json:
+    only the shards it names, each holding the tensors it maps there (another .safetensors beside them, a stale
+    export, is ignored with a warning); without an index, no tensor may be in two files."""
     folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_index(index)
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"{index} names shard(s) {', '.join(missing[:3])} that {folder} does not hold: copy "
+                            f"the missing file(s) in (a download cut short?)")
+        ignored = sorted(set(p.name for p in folder.glob("*.safetensors")) - {f.name for f in files})
+        if ignored:
+            warnings.warn(f"{folder}: ignored {', '.join(ignored[:3])}, which {index.name} does not name (the "
+                          f"shards it names are the model)")
+    else:
+        files, weight_map = sorted(folder.glob("*.safetensors")), None
     if not files:
         raise UserError(f"no .safetensors files in {folder}: nanoKimi reads only safetensors (never pickles)")
-    tensors = {}
+    tensors, where = {}, {}
     for f in files:
         try:
-            tensors |= safetensors.torch.load_file(f)
+            shard = safetensors.torch.load_file(f)
         except (safetensors.SafetensorError, OSError) as e:
             raise UserError(f"{f} is corrupt or truncated ({e})") from None
+        twice = sorted(shard.keys() & tensors.keys())
+        if twice:
+            raise UserError(f"{f.name} and {where[twice[0]]} in {folder} both hold {twice[0]!r}: remove the stale "
+                            f"file, or name the shards in model.safetensors.index.json")
+        tensors |= shard
+        where |= dict.fromkeys(shard, f.name)
+    if weight_map is not None:
+        absent = sorted(name for name, file in weight_map.items() if where.get(name) != file)
+        if absent:
+            raise UserError(f"{weight_map[absent[0]]} does not hold {absent[0]!r}, which {index.name} maps there"
+                            f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}: the shard is damaged "
+                            f"or from another export")
     return tensors
+
+
+def read_index(path):
+    try:
+        index = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"cannot read {path} ({e.__class__.__name__}): restore it or export the folder again") \
+            from None
+    check_fields(index, path, {"weight_map": dict}, fix="restore it or export the folder again")
+    if not all(isinstance(v, str) and v.endswith(".safetensors") and "/" not in v
+               for v in index["weight_map"].values()):
+        raise UserError(f"{path}: \"weight_map\" must map tensor names to .safetensors files of this folder")
+    return index["weight_map"]
 
 
 def load_hf(folder):
     """A Kimi model from a DeepseekV3 folder."""
     try:
         hf_config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {Path(folder) / 'config.json'} ({e})") from None
+    except RecursionError:
+        raise UserError(f"{Path(folder) / 'config.json'} is nested too deeply to be a model config") from None
     check_fields(hf_config, Path(folder) / "config.json",
                  {"hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "vocab_size": int,
                   "rope_scaling?": (dict, type(None)), "rope_parameters?": (dict, type(None))},
@@ -206,7 +251,7 @@ def write_hf_folder(model, out_dir, tokenizer_dir):
     """`save_hf`'s writes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config = to_hf_config(model.config)
-    safetensors.torch.save_file(to_hf_state_dict(model), out_dir / "model.safetensors", metadata={"format": "pt"})
+    checkpoint.save_tensors(to_hf_state_dict(model), out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "generation_config.json").write_text(json.dumps({"do_sample": False}, indent=2) + "\n")
     if tokenizer_dir is not None:

@@ -6,14 +6,13 @@ is 2-D only) and batches the Newton-Schulz iteration over every matrix of the sa
 own (tests check it against torch.optim.Muon matrix by matrix).
 """
 
-import functools
 import math
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .hardware import fastest
+from .hardware import describe, native_bf16_matmul
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -47,42 +46,22 @@ def zeropower_via_newtonschulz(grad, steps=5, eps=1e-7, dtype=torch.bfloat16):
     return (x.mT if transposed else x).reshape(grad.shape)
 
 
-def newton_schulz_dtype(shapes, device, choice="auto"):
-    """(dtype, {dtype: seconds} or None): Newton-Schulz's precision. `choice` "float32" or "bfloat16" forces it;
-    "auto" times one iteration on stacks of exactly `shapes` ({(rows, cols): count}, the matrices Muon
-    orthogonalises; a smaller stack than the real one mispredicts, as batching pays off unequally in the two dtypes)
-    in bf16 and fp32 and takes bf16 only where it is clearly faster (fp32 is the more precise). Once per process,
-    device and shapes: ~0.1 s for the CPU run on an AVX-512 CPU, an estimated ~1 s on an AVX2 one. Under torch.distributed every
-    rank takes rank 0's choice, so the ranks' numerics stay identical."""
+def newton_schulz_dtype(device, choice="auto"):
+    """Newton-Schulz's precision. `choice` "float32" or "bfloat16" forces it; "auto" takes bf16 where `device`
+    multiplies bf16 in hardware (`hardware.native_bf16_matmul`: it is then faster, as torch.optim.Muon's default),
+    else fp32 (bf16 would be emulated and slower). The same machine always makes the same choice, whatever its load.
+    Under torch.distributed every rank takes rank 0's choice, so the ranks' numerics stay identical."""
     if choice not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"unknown muon_dtype {choice!r}: use auto, float32 or bfloat16")
     if choice != "auto":
-        return getattr(torch, choice), None
-    dtype, timings = measure_newton_schulz_dtype(tuple(sorted(shapes.items())), str(device))
+        return getattr(torch, choice)
+    dtype = torch.bfloat16 if native_bf16_matmul(device) else torch.float32
     if dist.is_available() and dist.is_initialized():
         code = torch.tensor([dtype == torch.bfloat16], dtype=torch.int32,
                             device=device if dist.get_backend() == "nccl" else "cpu")
         dist.broadcast(code, src=0)
         dtype = torch.bfloat16 if code.item() else torch.float32
-    return dtype, timings
-
-
-@functools.lru_cache(maxsize=None)
-def measure_newton_schulz_dtype(shapes, device):
-    stacks = [torch.randn(count, rows, cols, device=device) for (rows, cols), count in shapes]
-
-    def one_iteration(dtype):
-        for stack in stacks:
-            zeropower_via_newtonschulz(stack, steps=1, dtype=dtype)
-    return fastest((torch.float32, torch.bfloat16), one_iteration, device)
-
-
-def muon_shapes(params):
-    """{(rows, cols): number of matrices} of Muon parameters (an [E, out, in] stack counts E matrices of out x in)."""
-    shapes = {}
-    for p in params:
-        shapes[tuple(p.shape[-2:])] = shapes.get(tuple(p.shape[-2:]), 0) + (p.shape[0] if p.ndim == 3 else 1)
-    return shapes
+    return dtype
 
 
 class Muon(torch.optim.Optimizer):
@@ -96,18 +75,16 @@ class Muon(torch.optim.Optimizer):
     a group setting: a machine's choice, not saved with the optimizer state (a run resumed elsewhere re-chooses)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
-                 ns_dtype=torch.bfloat16, ns_timings=None):
+                 ns_dtype=torch.bfloat16, ns_reason="as set"):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_steps=ns_steps))
         self.ns_dtype = ns_dtype
-        self.ns_timings = ns_timings  # {dtype: seconds} when ns_dtype was measured, None when forced
+        self.ns_reason = ns_reason  # why ns_dtype: "as set", or the capability that chose it
 
     def precision(self):
-        """What Newton-Schulz runs in and why: "Newton-Schulz float32 (measured: float32 1.2 ms, bfloat16 8.3 ms)", or
-        "(as set)" when forced by --muon_dtype or kept from the run a --resume continues."""
-        why = ("measured: " + ", ".join(f"{str(d)[6:]} {t * 1e3:.1f} ms" for d, t in self.ns_timings.items())
-               if self.ns_timings else "as set")
-        return f"Newton-Schulz {str(self.ns_dtype)[6:]} ({why})"
+        """What Newton-Schulz runs in and why: "Newton-Schulz float32 (auto: no native bf16 matmul on CPU AVX2)",
+        or "(as set)" when forced by --muon_dtype or kept from the run a --resume continues."""
+        return f"Newton-Schulz {str(self.ns_dtype)[6:]} ({self.ns_reason})"
 
     @torch.no_grad()
     def step(self):
@@ -216,8 +193,8 @@ def unwrap(model):
 def configure_optimizer(model, name="muonclip", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), momentum=0.95,
                         qk_clip_tau=100.0, track_max_logit=False, muon_dtype="auto"):
     """Split the model's parameters and build the optimizer `name` in {"muonclip", "muon", "adamw"}.
-    `muon_dtype`: Newton-Schulz's precision, "auto" (measured on this machine: `newton_schulz_dtype`), "float32" or
-    "bfloat16".
+    `muon_dtype`: Newton-Schulz's precision, "auto" (by this machine's capability: `newton_schulz_dtype`), "float32"
+    or "bfloat16".
 
     Muon: every hidden matrix (attention projections, dense FFN, shared experts, each routed expert separately) and
     the router gate: like torchtitan's K2 recipe, since the gate is a hidden [E, H] matrix too and Moonlight found
@@ -242,8 +219,12 @@ def configure_optimizer(model, name="muonclip", lr=1e-3, weight_decay=0.1, betas
                                      {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas,
                                     fused=fused)]
     if matrices:
-        ns_dtype, timings = newton_schulz_dtype(muon_shapes(matrices), matrices[0].device, muon_dtype)
+        device = matrices[0].device
+        ns_dtype = newton_schulz_dtype(device, muon_dtype)
+        reason = "as set" if muon_dtype != "auto" else (
+            f"auto: {'native' if ns_dtype == torch.bfloat16 else 'no native'} bf16 matmul on "
+            f"{describe(device).split(',')[0] if device.type == 'cpu' else device.type}")
         optimizers.append(Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, ns_dtype=ns_dtype,
-                               ns_timings=timings))
+                               ns_reason=reason))
     return MuonClip(optimizers, model.attention_layers(), qk_clip_tau if name == "muonclip" else None,
                     track_max_logit)

@@ -240,7 +240,8 @@ def prepare(dataset, out, inputs=None, tokenizer="char", vocab_size=None, tokeni
             raise UserError(f"the vocabulary of {tokenizer_dir} has no document boundary token, and this corpus has "
                             f"several documents: pass one .txt file, or prepare with a new tokenizer")
         if drop_unknown or not isinstance(reused, CharTokenizer):
-            return write_dataset(corpus, reused, out, val_fraction, val_corpus, tokenizer_dir, drop_unknown, progress)
+            meta = write_dataset(corpus, reused, out, val_fraction, val_corpus, tokenizer_dir, drop_unknown, progress)
+            return meta | {"dropped": getattr(reused, "dropped", 0)}
         unknown = set()
         for c in [corpus] + ([val_corpus] if val_corpus else []):
             for _, text in c:

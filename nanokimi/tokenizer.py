@@ -33,6 +33,7 @@ class CharTokenizer:
         # code point -> id, one array lookup per character (a dict lookup per character ran ~30x slower)
         self.lut = np.full(int(codes.max(initial=0)) + 1, -1, dtype=np.int64)
         self.lut[codes] = list(self.stoi.values())
+        self.dropped = 0  # characters encode_batch dropped (drop_unknown) so far
 
     @classmethod
     def train(cls, chars, boundary):
@@ -58,6 +59,7 @@ class CharTokenizer:
             if (ids < 0).any():
                 if not drop_unknown:
                     self.encode(text)  # raises, naming the characters
+                self.dropped += int((ids < 0).sum())
                 ids = ids[ids >= 0]
             out.append(ids)
         return out

@@ -141,12 +141,36 @@ def run_lock(out_dir):
                     folder.rmdir()
 
 
+@contextlib.contextmanager
+def shared_lock(run, out_dir):
+    """run_lock, taken by rank 0 for every process of the run: when it is refused, every rank stops with a line
+    saying so (without this, the other ranks waited in their first collective and then reported a lost peer)."""
+    if not run.distributed:
+        with run_lock(out_dir):
+            yield
+        return
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if run.master:
+            try:
+                stack.enter_context(run_lock(out_dir))
+            except UserError as e:
+                refusal = e
+        refused = torch.tensor([refusal is not None], dtype=torch.int32,
+                               device=run.device if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(refused, src=0)
+        if refused.item():
+            raise refusal or UserError(f"rank 0 could not take the run's lock on {out_dir} (its message is above): "
+                                       f"this rank stops with it")
+        yield
+
+
 def train(cfg, overrides=None):
     """Train per `cfg` (TrainConfig) with model-field `overrides`; returns a summary dict (rank 0)."""
     check_destination(cfg.out_dir, "train", "a training run")  # before the lock file marks it as a run's
     run = Run(cfg)
     try:
-        with run_lock(cfg.out_dir) if run.master else contextlib.nullcontext():
+        with shared_lock(run, cfg.out_dir):
             summary = Trainer(cfg, dict(overrides or {}), run).fit()
         run.close(finished=True)
         return summary if run.master else None  # one summary per run, not one per process
@@ -160,7 +184,10 @@ class Trainer:
         if cfg.grad_accum % run.world:
             raise UserError(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes "
                             f"({run.world})")
-        if cfg.ep and not (run.distributed and cfg.fsdp):
+        if cfg.ep and run.distributed and not cfg.fsdp:
+            raise UserError("--ep spreads the experts over the processes of an FSDP run: add --fsdp (`... train ... "
+                            "--fsdp --ep`); DDP replicates every expert on every process")
+        if cfg.ep and not run.distributed:
             raise UserError("--ep spreads the experts over the processes of an FSDP run: launch with `torchrun "
                             "--nproc_per_node=N -m nanokimi train ... --fsdp --ep`")
         if cfg.fsdp and not run.distributed:

@@ -102,3 +102,29 @@ def cli_error(capsys, *argv):
 def train(data, out, *extra, preset="shakespeare-char-cpu"):
     """`nanokimi train` of the tiny model, in-process."""
     main(["train", preset, f"--data={data}", f"--out_dir={out}", *TINY, *map(str, extra)])
+
+
+def readme_lines(marker):
+    """The lines of the README's first ```bash block after `marker`: the commands a user copies."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("```bash\n", readme.index(marker)) + 8:]
+    block = block[:block.index("\n```")]
+    assert "../shared" not in block
+    return block.splitlines()
+
+
+def run_as_user(lines, user, tmp_path):
+    """Run each line with bash from folder `user`, as a user would (the `nanokimi` console script on PATH, with this
+    interpreter, whether installed or not); each must succeed. Returns their outputs."""
+    nanokimi = tmp_path / "bin" / "nanokimi"
+    nanokimi.parent.mkdir(exist_ok=True)
+    nanokimi.write_text(f"#!/bin/sh\nexec {sys.executable} -m nanokimi \"$@\"\n")
+    nanokimi.chmod(0o755)
+    env = os.environ | {"PATH": f"{nanokimi.parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    outputs = []
+    for line in lines:
+        result = subprocess.run(["bash", "-c", line], cwd=user, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (line, result.stderr[-2000:])
+        outputs.append(result.stdout)
+    return outputs
+

@@ -1,62 +1,49 @@
-"""Choices that depend on the machine: Newton-Schulz's precision by measurement, the routed-expert GEMM path by
+"""Choices that depend on the machine: Newton-Schulz's precision and the routed-expert GEMM path, each by
 capability, and the line that says what was chosen."""
 
 import json
+import time
 
 import pytest
 import torch
 
-from nanokimi import Kimi, hardware, optim
+from nanokimi import Kimi, hardware
 from nanokimi.model import grouped_matmul
 from nanokimi.optim import configure_optimizer, newton_schulz_dtype, zeropower_via_newtonschulz
 from tests.conftest import tiny_config, train
 from tests.test_optim import newton_schulz_fp32
 
 
-def fake_clock(monkeypatch, seconds):
-    """time.perf_counter advances by seconds[candidate] during each run(candidate): mocked timings."""
-    now = [0.0]
-    monkeypatch.setattr(hardware.time, "perf_counter", lambda: now[0])
-
-    def run(candidate):
-        now[0] += seconds[candidate]
-    return run
-
-
-@pytest.mark.parametrize("seconds, expected", [
-    ({torch.float32: 1.0, torch.bfloat16: 7.0}, torch.float32),  # an AVX2 CPU: bf16 emulated
-    ({torch.float32: 1.0, torch.bfloat16: 0.5}, torch.bfloat16),  # AVX-512 bf16 / a GPU
-    ({torch.float32: 1.0, torch.bfloat16: 0.95}, torch.float32),  # within the margin: the more precise default
+@pytest.mark.parametrize("device, avx512_bf16, amx, capability, expected", [
+    ("cpu", False, False, None, torch.float32),  # AVX2: bf16 emulated, ~7x slower
+    ("cpu", True, False, None, torch.bfloat16),  # Zen 4 / Ice Lake: AVX-512 bf16
+    ("cpu", False, True, None, torch.bfloat16),  # Sapphire Rapids: AMX
+    ("cuda", False, False, (9, 0), torch.bfloat16),  # H100
+    ("cuda", False, False, (8, 0), torch.bfloat16),  # A100
+    ("cuda", False, False, (7, 5), torch.float32),  # T4: no bf16 tensor cores
+    ("mps", False, False, None, torch.float32),
 ])
-def test_fastest_picks_by_measured_time(monkeypatch, seconds, expected):
-    chosen, measured = hardware.fastest((torch.float32, torch.bfloat16), fake_clock(monkeypatch, seconds), "cpu")
-    assert chosen == expected and measured == pytest.approx(seconds)
+def test_auto_newton_schulz_dtype_by_capability(monkeypatch, device, avx512_bf16, amx, capability, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(hardware, "cuda_capability", lambda index: capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert newton_schulz_dtype(device) == expected
 
 
-@pytest.mark.parametrize("bf16_seconds, expected", [(7.0, torch.float32), (0.5, torch.bfloat16)])
-def test_auto_newton_schulz_dtype_follows_the_probe(monkeypatch, bf16_seconds, expected):
-    optim.measure_newton_schulz_dtype.cache_clear()
-    seconds = {torch.float32: 1.0, torch.bfloat16: bf16_seconds}
-    calls = []
-
-    def mocked_fastest(candidates, run, device):
-        run(candidates[0])  # the probe runs Newton-Schulz on the optimizer's real shapes
-        calls.append(device)
-        return hardware.fastest(candidates, fake_clock(monkeypatch, seconds), device)
-    monkeypatch.setattr(optim, "fastest", mocked_fastest)
-    opt = configure_optimizer(Kimi(tiny_config()), "muonclip")
-    muon = opt.optimizers[1]
-    assert muon.ns_dtype == expected and muon.ns_timings == pytest.approx(seconds) and calls == ["cpu"]
-    assert muon.precision().startswith(f"Newton-Schulz {str(expected)[6:]} (measured: float32 1000.0 ms")
-    configure_optimizer(Kimi(tiny_config()), "muonclip")  # the same shapes: measured once per process
-    assert len(calls) == 1
-    optim.measure_newton_schulz_dtype.cache_clear()
+def test_auto_newton_schulz_dtype_does_not_flip_with_load(monkeypatch):
+    """The choice is a rule: the same on an idle machine and on one whose clock another job steals (no timing)."""
+    monkeypatch.setattr(time, "perf_counter", lambda: pytest.fail("the precision choice timed something"))
+    choices = {configure_optimizer(Kimi(tiny_config()), "muonclip").optimizers[1].ns_dtype for _ in range(3)}
+    assert choices == {torch.bfloat16 if hardware.native_bf16_matmul("cpu") else torch.float32}
+    assert configure_optimizer(Kimi(tiny_config()), "muon").optimizers[1].precision() == (
+        f"Newton-Schulz {str(choices.pop())[6:]} (auto: "
+        f"{'native' if hardware.native_bf16_matmul('cpu') else 'no native'} bf16 matmul on CPU {hardware.cpu_kind()})")
 
 
 @pytest.mark.parametrize("forced", ["float32", "bfloat16"])
-def test_forced_newton_schulz_dtype_is_not_measured(monkeypatch, forced):
-    monkeypatch.setattr(optim, "measure_newton_schulz_dtype", lambda *a: pytest.fail("measured a forced dtype"))
-    assert newton_schulz_dtype({(8, 8): 1}, "cpu", forced) == (getattr(torch, forced), None)
+def test_forced_newton_schulz_dtype(forced):
+    assert newton_schulz_dtype("cpu", forced) == getattr(torch, forced)
     muon = configure_optimizer(Kimi(tiny_config()), "muon", muon_dtype=forced).optimizers[1]
     assert muon.ns_dtype == getattr(torch, forced) and muon.precision().endswith("(as set)")
 

@@ -2,8 +2,11 @@
 runs the user's path from a folder outside the repository."""
 
 import os
+import site
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -13,10 +16,15 @@ from tests.conftest import ROOT
 @pytest.mark.slow
 def test_installed_package_runs_from_an_empty_folder(tmp_path, shakespeare_text):
     venv = tmp_path / "venv"
-    # system site-packages: torch, the other dependencies and the build backend as installed here, no download
-    # (without pip in the venv: its bundled setuptools would shadow them)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    # this interpreter's site-packages (torch, the other dependencies, the build backend; no download), through a
+    # .pth file: `--system-site-packages` would give the *base* interpreter's when this one is itself a virtualenv's,
+    # which lacks them (and has an older setuptools). Without pip in the venv: its bundled setuptools would shadow them
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python, nanokimi = venv / "bin" / "python", venv / "bin" / "nanokimi"
+    inner = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    outer = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
+    (Path(inner) / "outer.pth").write_text("".join(f"{p}\n" for p in sorted(outer)))
     build = subprocess.run([sys.executable, "-m", "pip", f"--python={python}", "install", "-q", "--no-deps",
                             "--no-index", "--no-build-isolation", str(ROOT)], capture_output=True, text=True,
                            timeout=600)

@@ -12,7 +12,7 @@ import nanokimi.prepare
 import nanokimi.tokenizer
 from nanokimi.cli import main
 from nanokimi.tokenizer import load_tokenizer, read_meta
-from tests.conftest import cli_error, disk_full
+from tests.conftest import cli_error, disk_full, readme_lines, run_as_user
 
 
 def test_prepare_shakespeare_char(char_data, shakespeare_text):
@@ -278,3 +278,21 @@ def test_bad_corpus_is_one_line_naming_the_file(case, tmp_path, capsys):
     err = cli_error(capsys, "prepare", "text", *args, f"--out={tmp_path / 'd'}")
     assert all(w in err for w in words), err
     assert not (tmp_path / "d" / "train.bin").exists() and not (tmp_path / "d" / ".prepare.tmp").exists()
+
+
+@pytest.mark.slow
+def test_readme_own_data_lines_run_as_written(tmp_path, shakespeare_text):
+    """The README's own-text lines, from a folder of .jsonl and .txt documents to samples and bits per byte."""
+    lines = readme_lines("Your own text, from a folder")
+    assert len(lines) == 4
+    user = tmp_path / "user"
+    docs = documents_of(shakespeare_text, 2000)
+    (user / "my_docs" / "stories").mkdir(parents=True)
+    (user / "my_docs" / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:1500]))
+    for i, d in enumerate(docs[1500:]):
+        (user / "my_docs" / "stories" / f"{i:03}.txt").write_text(d)
+    outputs = run_as_user(lines, user, tmp_path)
+    assert "(1,800 + 200 documents), bpe vocabulary of 2048" in outputs[0]
+    assert outputs[2].startswith("Once upon a time") and len(outputs[2]) > 100
+    result = json.loads(outputs[3])
+    assert 0 < result["bits_per_byte"] < result["bits_per_token"] and result["loss"] < 6.0

@@ -15,7 +15,8 @@ from nanokimi.cli import main
 from nanokimi.config import TrainConfig
 from nanokimi.tokenizer import load_tokenizer
 from nanokimi.train import learning_rate
-from tests.conftest import ROOT, TINY, cli_error, metrics, run_cli, step_losses, train, wait_for_steps
+from tests.conftest import (ROOT, TINY, cli_error, metrics, readme_lines, run_as_user, run_cli, step_losses, train,
+                            wait_for_steps)
 
 
 @pytest.mark.slow
@@ -154,22 +155,12 @@ def test_compiled_run_checkpoint_loads_uncompiled(char_data, tmp_path):
 def test_readme_finetuning_recipe_runs_as_written(tmp_path, shakespeare_text):
     """The README's finetuning lines, run by bash as written from an empty folder outside the repository (named runs
     ship inside the package), TinyShakespeare placed where `prepare shakespeare_char` downloads it."""
-    readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index("```bash\n", readme.index("Finetuning example")) + 8:]
-    lines = block[:block.index("\n```")].splitlines()
-    assert len(lines) == 6 and "../shared" not in block
+    lines = readme_lines("Finetuning example")
+    assert len(lines) == 6
     user = tmp_path / "user"
     (user / "data" / "shakespeare_char").mkdir(parents=True)
     (user / "data" / "shakespeare_char" / "input.txt").write_text(shakespeare_text)  # instead of the download
-    nanokimi = tmp_path / "bin" / "nanokimi"  # the console script, with this interpreter, whether installed or not
-    nanokimi.parent.mkdir()
-    nanokimi.write_text(f"#!/bin/sh\nexec {sys.executable} -m nanokimi \"$@\"\n")
-    nanokimi.chmod(0o755)
-    env = os.environ | {"PATH": f"{nanokimi.parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
-    for line in lines:
-        result = subprocess.run(["bash", "-c", line], cwd=user, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, (line, result.stderr[-2000:])
-    assert "dropped" in subprocess.run(["bash", "-c", lines[4]], cwd=user, env=env, capture_output=True,
-                                       text=True).stdout
+    outputs = run_as_user(lines, user, tmp_path)
+    assert "dropped" in outputs[4]
     finetuned = metrics(user / "out" / "finetune")
     assert finetuned[-1]["summary"]["status"] == "finished" and finetuned[-1]["summary"]["val_loss"] < 3.0

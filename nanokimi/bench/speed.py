@@ -250,7 +250,7 @@ def bench_step(args):
             f"tokens, fp32 unless marked: `{args.preset}` and `{args.baseline}`, dropout 0. Each contender's median of "
             f"{args.repeats} steps, measured in {args.rounds} interleaved rounds; the table gives the median "
             f"(min..max) of the rounds. Unless marked, nanoKimi's Newton-Schulz runs in the precision the trainer "
-            f"measures at start-up on this machine: {chosen.precision()[len('Newton-Schulz '):]}.\n\n"
+            f"chooses on this machine by its capability: {chosen.precision()[len('Newton-Schulz '):]}.\n\n"
             + table(["batch x block", "model + optimizer", "ms per step", "tokens/s", "vs baseline"], rows)
             + "\n\nWhere nanoKimi's MuonClip step goes (ms, medians of separate timings of each part, so they do "
               "not add up exactly to the step):\n\n"
