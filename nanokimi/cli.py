@@ -71,11 +71,21 @@ def bench_command(args):
     bench_main(args)
 
 
+START = """start here:
+  nanokimi prepare shakespeare_char              # TinyShakespeare (or --input=FILE), char-level, into data/
+  nanokimi train shakespeare-char-cpu            # the CPU run, ~3 min on 2 cores (what `make demo` runs)
+  nanokimi sample out/shakespeare-char-cpu       # its samples
+your own documents: nanokimi prepare text --input=FOLDER --tokenizer=bpe --vocab_size=8192
+`nanokimi COMMAND --help` for a command's options; README.md and docs/ for each topic."""
+
+
 def build_parser(train_help=True):
     """The command line; train_help=False leaves out train's generated lists, whose imports (torch, the model) a
     `prepare` does not need (they were most of its start-up time)."""
-    parser = OneLineParser(prog="nanokimi", description="Train, finetune and sample Kimi-K2-style models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="nanokimi", description="Train, finetune and sample Kimi-K2-style models.",
+                           epilog=START, formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+                               prog, max_help_position=14, width=120))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
 
     p = sub.add_parser("prepare", help="tokenize a corpus into train.bin/val.bin + tokenizer",
                        description="Prepare data, streamed in bounded memory. shakespeare_char: TinyShakespeare, "
@@ -175,8 +185,10 @@ def build_parser(train_help=True):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    try:  # building the parser imports torch: a Ctrl-C there is caught too
-        parser = build_parser(train_help=not argv or argv[0] != "prepare")
+    try:  # a Ctrl-C while the commands import torch is caught too
+        parser = build_parser(train_help=bool(argv) and argv[0] == "train")
+        if not argv:  # what there is and where to start, rather than a missing-argument error
+            return parser.print_help()
         if argv and argv[0] == "bench":
             return bench_command(argv[1:])
         if argv and argv[0] == "torchrun":

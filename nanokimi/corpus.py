@@ -92,20 +92,23 @@ class Corpus:
 
     def txt(self, path, stream):
         """One document per file, or per --doc_separator; a long document in pieces cut after a newline."""
-        sep, pending, number = self.doc_separator, "", 0  # pending: text not yet yielded
-        continuing, yielded = False, False
-        for number, lines in enumerate(line_batches(stream), 1):
+        sep, pending, offset = self.doc_separator, "", 0  # pending: text read but not yet yielded
+        continuing, yielded = False, False  # continuing: the next text yielded continues a document
+        for lines in line_batches(stream):
             try:
                 pending += lines.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{path} is not UTF-8 text (byte {e.start} of the batch of lines near line "
-                                f"{number}): convert it to UTF-8 first") from None
+                raise UserError(f"{path} is not UTF-8 text (at byte {offset + e.start:,}): convert it to UTF-8 "
+                                f"first") from None
+            offset += len(lines)
             if sep is not None:
                 *docs, pending = pending.split(sep)
                 for doc in docs:
                     yield not continuing, doc
                     continuing, yielded = False, True
-            if len(pending) > PIECE_BYTES and (cut := piece_end(pending)) > 0:
+            # a separator may begin in the last len(sep) - 1 characters: never cut there
+            keep = len(sep) - 1 if sep else 0
+            if len(pending) > PIECE_BYTES and (cut := piece_end(pending[:len(pending) - keep])) > 0:
                 yield not continuing, pending[:cut]
                 pending, continuing, yielded = pending[cut:], True, True
         if pending or not yielded:

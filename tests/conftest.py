@@ -104,9 +104,10 @@ def train(data, out, *extra, preset="shakespeare-char-cpu"):
     main(["train", preset, f"--data={data}", f"--out_dir={out}", *TINY, *map(str, extra)])
 
 
-def readme_lines(marker):
-    """The lines of the README's first ```bash block after `marker`: the commands a user copies."""
-    readme = (ROOT / "README.md").read_text()
+def readme_lines(marker, page="README.md"):
+    """The lines of the first ```bash block after `marker` in `page` (README.md or docs/NAME.md): the commands a
+    user copies."""
+    readme = (ROOT / page).read_text()
     block = readme[readme.index("```bash\n", readme.index(marker)) + 8:]
     block = block[:block.index("\n```")]
     assert "../shared" not in block
