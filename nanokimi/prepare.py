@@ -53,11 +53,14 @@ class SplitFile:
         self.file.write(ids.astype(self.dtype).tobytes())
         self.tokens += len(ids)
 
-    def move_tail(self, start, end, to):
-        """Move this split's tokens [start:] to split `to` (as one document), keeping [:end] here."""
+    def move_tail(self, start, end, to, chunk=1 << 24):
+        """Move this split's tokens [start:] to split `to` (as one document), keeping [:end] here; in chunks, so
+        that a long tail is never held whole."""
         self.file.flush()
-        tail = np.fromfile(self.path, dtype=self.dtype, offset=start * np.dtype(self.dtype).itemsize)
-        to.add(tail, new_document=True)
+        tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        for i in range(start, len(tokens), chunk):
+            to.add(np.asarray(tokens[i:i + chunk]), new_document=i == start)
+        del tokens
         self.file.truncate(end * np.dtype(self.dtype).itemsize)
         self.file.seek(0, os.SEEK_END)
         self.tokens = end
@@ -128,8 +131,8 @@ def write_dataset(corpus, tokenizer, out, val_fraction=0.1, val_corpus=None, tok
             elif val_corpus is None and val.documents == 0:  # too few documents for the stride: the last one
                 train.move_tail(train.last_start, train.last_start - (boundary is not None), val)
             if val.tokens == 0:
-                raise UserError(f"the validation documents {describe(val_corpus)} hold no text: pass --val_input "
-                                f"with text in it")
+                raise UserError(f"the validation split is empty (its documents hold no text): pass more text, or "
+                                f"--val_input with text in it")
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp)
         else:

@@ -44,7 +44,8 @@ def test_speed_sections(tmp_path):
     for needle in ("| 2x16 | nanoKimi + MuonClip |", "| 3x8 | nanoGPT baseline + AdamW |", "of which Newton-Schulz",
                    "routing and dispatch", "| 2x16 | 3x8 |", "Goal: nanoKimi + MuonClip <= 1.3x",
                    "matmul peak in its dtype (its floor)", "Newton-Schulz's floor alone is",
-                   "| 2x16 | nanoKimi + MuonClip, Newton-Schulz ", "the precision the trainer measures at start-up",
+                   "| 2x16 | nanoKimi + MuonClip, Newton-Schulz ",
+                   "the precision the trainer chooses on this machine by its capability",
                    f"CPU {cpu_kind()}, {torch.get_num_threads()} threads"):
         assert needle in found[step], needle
     assert "| 16 | 2 |" in found["moe-scaling"] and "Command: `nanokimi bench" in found["moe-scaling"]

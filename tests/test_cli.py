@@ -100,7 +100,7 @@ def test_named_run_is_the_shipped_toml_from_any_folder(tmp_path, monkeypatch):
 def test_train_help_lists_every_setting():
     result = run_cli("train", "--help")
     assert result.returncode == 0
-    for run in ("shakespeare-char-cpu", "shakespeare-char", "finetune-shakespeare-char"):
+    for run in ("shakespeare-char-cpu", "shakespeare-char", "finetune-shakespeare-char", "gutenberg-bpe-cpu"):
         assert f"\n  {run} " in result.stdout, run
     assert "The tuned CPU run" in result.stdout
     for setting in ("--max_iters=2000", "--qk_clip_tau=100.0", "--n_routed_experts=8", "--n_positions=256",

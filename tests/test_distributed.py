@@ -162,6 +162,12 @@ def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
     out = tmp_path / "run"
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = start_endless_torchrun(char_data, out, 29537)
+    second = subprocess.run([sys.executable, "-m", "nanokimi", "torchrun", "--nproc_per_node=2", "--master_port=29579",
+                             "train", "shakespeare-char-cpu", *TINY, f"--data={char_data}", f"--out_dir={out}",
+                             "--grad_accum=2"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr  # the lock: every rank says so
+    assert "another nanokimi run is training in" in second.stderr and "rank 0 could not take" in second.stderr
+    assert "lost its connection" not in second.stderr, second.stderr
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
@@ -171,7 +177,7 @@ def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
             "grad_accum (3) must be divisible by the number of processes (2)"),
            (["shakespeare-char-cpu", *TINY, "--n_routed_experts=3", "--grad_accum=2", "--fsdp", "--ep"],
             "a process count that divides 3"),
-           (["shakespeare-char-cpu", "--grad_accum=2", "--ep"], "--fsdp --ep`"),
+           (["shakespeare-char-cpu", "--grad_accum=2", "--ep"], "add --fsdp"),
            (["gpt-shakespeare-char-cpu", "--grad_accum=2", "--fsdp", "--ep"], "has none: drop --ep")]
     for port, (args, expected) in enumerate(bad, 29580):
         failed = subprocess.run([sys.executable, "-m", "nanokimi", "torchrun", "--nproc_per_node=2",

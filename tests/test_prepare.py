@@ -12,7 +12,7 @@ import nanokimi.prepare
 import nanokimi.tokenizer
 from nanokimi.cli import main
 from nanokimi.tokenizer import load_tokenizer, read_meta
-from tests.conftest import cli_error, disk_full, readme_lines, run_as_user
+from tests.conftest import cli_error, disk_full, metrics, readme_lines, run_as_user
 
 
 def test_prepare_shakespeare_char(char_data, shakespeare_text):
@@ -296,3 +296,15 @@ def test_readme_own_data_lines_run_as_written(tmp_path, shakespeare_text):
     assert outputs[2].startswith("Once upon a time") and len(outputs[2]) > 100
     result = json.loads(outputs[3])
     assert 0 < result["bits_per_byte"] < result["bits_per_token"] and result["loss"] < 6.0
+
+
+def test_the_bpe_run_trains_on_a_folder_of_books(tmp_path, shakespeare_text):
+    books = tmp_path / "books"
+    books.mkdir()
+    for i, d in enumerate(documents_of(shakespeare_text, 300)):
+        (books / f"{i:03}.txt").write_text(d)
+    main(["prepare", "text", f"--input={books}", "--tokenizer=bpe", "--vocab_size=1024", f"--out={tmp_path / 'data'}"])
+    main(["train", "gutenberg-bpe-cpu", f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'run'}",
+          "--max_iters=3", "--eval_iters=1", "--progress=false"])
+    summary = metrics(tmp_path / "run")[-1]["summary"]
+    assert summary["status"] == "finished" and summary["step"] == 3

@@ -209,7 +209,7 @@ def bench_step(args):
     longest = max(t for _, t in args.shapes)
     kimi_config = make_config("kimi", PRESETS[args.preset], {"max_position_embeddings": longest, "dropout": 0.0})
     gpt_config = make_config("gpt", BASELINE_PRESETS[args.baseline], {"n_positions": longest, "dropout": 0.0})
-    # Newton-Schulz's precision as the trainer chooses it (measured), and the other one forced, to show the choice
+    # Newton-Schulz's precision as the trainer chooses it (capability), and the other one forced, to show the choice
     chosen = configure_optimizer(Kimi(kimi_config), "muonclip").optimizers[-1]
     other = "bfloat16" if chosen.ns_dtype == torch.float32 else "float32"
     builds = {"nanoKimi + MuonClip": (Kimi, kimi_config, "muonclip", torch.float32, False, "auto"),
