@@ -282,7 +282,8 @@ def test_bad_corpus_is_one_line_naming_the_file(case, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_readme_own_data_lines_run_as_written(tmp_path, shakespeare_text):
-    """The README's own-text lines (docs/data.md's main example), from a folder of .jsonl and .txt documents to samples and bits per byte."""
+    """The README's own-text lines (docs/data.md's main example): a folder of .jsonl and .txt documents to samples
+    and bits per byte."""
     lines = readme_lines("Your own text, from a folder")
     assert len(lines) == 4 and lines == readme_lines("Your own text, from a folder", "docs/data.md")  # one example
     user = tmp_path / "user"
