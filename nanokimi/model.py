@@ -16,6 +16,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .generation import generate_tokens
 from .hardware import expert_gemm_path
+from .kda import KDA, KDACache
+
+LAYER_TYPES = ("full_attention", "linear_attention")  # transformers' names: softmax attention, KDA
 
 
 @dataclass
@@ -49,6 +52,13 @@ class KimiConfig:
     dropout: float = 0.0
     aux_loss_alpha: float = 1e-4  # sequence-wise balance loss coefficient (0 disables)
     attention: str = "mla"  # "mha": the MLA -> MHA ablation (standard multi-head attention, same head dims)
+    # Kimi Linear: per layer "full_attention" (MLA, or MHA per `attention`) or "linear_attention" (KDA); None: all
+    # full_attention, as Kimi-K2. Kimi-Linear-48B-A3B: 3 KDA layers, then 1 MLA, repeated
+    layer_types: list | None = None  # e.g. ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
+    linear_num_heads: int = 4  # KDA heads
+    linear_head_dim: int = 32  # KDA head dim (keys and values)
+    linear_conv_kernel_dim: int = 4  # KDA's short causal convolution, in tokens
+    mla_use_nope: bool = False  # full-attention layers without rotary position (Kimi Linear: KDA carries order)
     extra: dict = field(default_factory=dict, repr=False)  # unknown keys kept from imported configs
     context_field: ClassVar[str] = "max_position_embeddings"  # the setting that bounds the context (as GPTConfig)
 
@@ -85,6 +95,14 @@ class KimiConfig:
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         if not self.aux_loss_alpha >= 0:
             raise ValueError(f"aux_loss_alpha must be >= 0, got {self.aux_loss_alpha}")
+        if self.layer_types is not None:
+            kinds = self.layer_types
+            if not isinstance(kinds, list) or len(kinds) != self.num_hidden_layers or not set(kinds) <= set(LAYER_TYPES):
+                raise ValueError(f"layer_types must list {self.num_hidden_layers} entries (num_hidden_layers), each "
+                                 f"{' or '.join(map(repr, LAYER_TYPES))}, got {kinds!r}")
+        for name in ("linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         rs = self.rope_scaling
         if rs is not None:
             yarn = '{"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, ...}'
@@ -98,6 +116,9 @@ class KimiConfig:
     @property
     def qk_head_dim(self):
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def layer_type(self, layer_id):
+        return "full_attention" if self.layer_types is None else self.layer_types[layer_id]
 
     @property
     def context_length(self):
@@ -236,10 +257,11 @@ class MLA(Attention):
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, self.nh, -1).transpose(1, 2)  # [B, nh, T, d_nope + d_rope]
         q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.d_c, self.d_rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, T, d_c]: the latent that is cached
-        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin)  # [B, 1, T, d_rope]: ONE rope key shared by all heads
+        k_pe = k_pe.unsqueeze(1)  # [B, 1, T, d_rope]: ONE rope key shared by all heads
+        if cos is not None:  # None: mla_use_nope (Kimi Linear), the slice stays shared but unrotated
+            q_pe, k_pe = apply_rope(q_pe, cos, sin), apply_rope(k_pe, cos, sin)
         if cache is not None:
             cache.kv[:B, start_pos:start_pos + T] = c_kv
             cache.pe[:B, start_pos:start_pos + T] = k_pe.squeeze(1)
@@ -306,7 +328,8 @@ class MHA(Attention):
     def forward(self, x, cos, sin, cache=None, start_pos=0, record_max_logit=False):
         B, T, _ = x.shape
         q, k = (proj(x).view(B, T, self.nh, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj))
-        q, k = (torch.cat([t[..., :self.d_nope], apply_rope(t[..., self.d_nope:], cos, sin)], dim=-1) for t in (q, k))
+        if cos is not None:
+            q, k = (torch.cat([t[..., :self.d_nope], apply_rope(t[..., self.d_nope:], cos, sin)], -1) for t in (q, k))
         v = self.v_proj(x).view(B, T, self.nh, -1).transpose(1, 2)  # [B, nh, T, d_v]
         if cache is not None:
             cache.k[:B, :, start_pos:start_pos + T], cache.v[:B, :, start_pos:start_pos + T] = k, v
@@ -340,6 +363,13 @@ class AttentionKind(NamedTuple):
 
 # config.attention -> its attention layer and inference cache
 ATTENTION = {"mla": AttentionKind(MLA, MLACache), "mha": AttentionKind(MHA, KVCache)}
+
+
+def attention_kind(config, layer_id):
+    """Layer layer_id's attention and cache: KDA for a "linear_attention" layer, else config.attention's."""
+    if config.layer_type(layer_id) == "linear_attention":
+        return AttentionKind(KDA, KDACache)
+    return ATTENTION[config.attention]
 
 
 class MLP(nn.Module):
@@ -523,7 +553,7 @@ class Block(nn.Module):
     def __init__(self, config, layer_id):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = ATTENTION[config.attention].layer(config)
+        self.self_attn = attention_kind(config, layer_id).layer(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = (MLP(config.hidden_size, config.intermediate_size) if layer_id < config.first_k_dense_replace
                     else MoE(config))
@@ -558,11 +588,14 @@ class Kimi(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
-        angles = torch.outer(positions, rope_frequencies(config))  # [max_pos, d_rope/2]
-        magnitude = 1.0 if config.rope_scaling is None else yarn_magnitudes(config.rope_scaling)[1]
-        self.register_buffer("rope_cos", angles.cos() * magnitude, persistent=False)
-        self.register_buffer("rope_sin", angles.sin() * magnitude, persistent=False)
+        cos = sin = None  # no rotary position anywhere (mla_use_nope)
+        if not config.mla_use_nope:
+            positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+            angles = torch.outer(positions, rope_frequencies(config))  # [max_pos, d_rope/2]
+            magnitude = 1.0 if config.rope_scaling is None else yarn_magnitudes(config.rope_scaling)[1]
+            cos, sin = angles.cos() * magnitude, angles.sin() * magnitude
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):  # as HF DeepseekV3: N(0, initializer_range) for every matrix, norms = 1
@@ -581,32 +614,36 @@ class Kimi(nn.Module):
         return list(self.layers)
 
     def attention_layers(self):
-        """The layers QK-Clip rescales (`qk_clip_`), in the order of forward's max logits."""
-        return [b.self_attn for b in self.layers]
+        """The layers QK-Clip rescales (`qk_clip_`: the softmax-attention ones, not KDA), in the order of forward's
+        max logits."""
+        return [b.self_attn for b in self.layers if hasattr(b.self_attn, "qk_clip_")]
 
     def forward(self, idx, targets=None, cache=None, start_pos=0, record_max_logits=False):
         """idx: [B, T] token ids -> (logits [B, T, vocab], loss or None). With `cache`, runs absorbed MLA over the
         cached latents, the new tokens sitting at positions start_pos..start_pos+T-1. The loss adds the MoE balance
         loss in training mode only. With record_max_logits (for QK-Clip), returns a third value: every layer's
-        per-head max attention logit [layers, heads]."""
+        per-head max attention logit [softmax-attention layers, heads]."""
         T = idx.shape[1]
         if start_pos + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        cos, sin = (None, None) if self.rope_cos is None else (self.rope_cos[start_pos:start_pos + T],
+                                                                self.rope_sin[start_pos:start_pos + T])
         x = F.dropout(self.embed_tokens(idx), self.config.dropout, self.training)
         aux_losses, max_logits = [], []
         for i, layer in enumerate(self.layers):
             x, aux_loss, max_logit = layer(x, cos, sin, None if cache is None else cache[i], start_pos,
                                            record_max_logits)
             aux_losses += [] if aux_loss is None else [aux_loss]
-            max_logits.append(max_logit)
+            max_logits += [] if max_logit is None else [max_logit]  # KDA layers have none
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
             loss = loss + sum(aux_losses) if aux_losses else loss
-        return (logits, loss, torch.stack(max_logits)) if record_max_logits else (logits, loss)
+        if not record_max_logits:
+            return logits, loss
+        return logits, loss, torch.stack(max_logits) if max_logits else logits.new_empty(0, 0)
 
     @torch.no_grad()
     def update_expert_bias(self, gamma=1e-3):
@@ -633,17 +670,23 @@ class Kimi(nn.Module):
         """Training FLOPs per token: 6 x active parameters that do matmuls (the embedding is a lookup; the untied
         lm_head counts) + attention's QK^T and PV over the context (nanoGPT's MFU estimate)."""
         c, params = self.config, self.num_params()
-        attn = c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
-        return 6 * (params["active"] - params["embedding"]) + 6 * attn * seq_len
+        kinds = [c.layer_type(i) for i in range(c.num_hidden_layers)]
+        attn = kinds.count("full_attention") * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq_len
+        # KDA per token and head: the chunk's decayed q.k and k.k scores, their products with values (~ 4 C d), and
+        # reading, correcting and updating the d x d state (~ 4 d^2); grows with the chunk, not with seq_len
+        kda = kinds.count("linear_attention") * c.linear_num_heads * (4 * 64 * c.linear_head_dim
+                                                                      + 4 * c.linear_head_dim ** 2) // 2
+        return 6 * (params["active"] - params["embedding"]) + 6 * (attn + kda)
 
     @property
     def context_length(self):
         return self.config.context_length
 
     def make_cache(self, batch_size, max_len):
+        """One cache per layer: MLA's latents grow with max_len, KDA's state does not."""
         p = self.lm_head.weight
-        cache = ATTENTION[self.config.attention].cache
-        return [cache(self.config, batch_size, max_len, p.device, p.dtype) for _ in self.layers]
+        return [attention_kind(self.config, i).cache(self.config, batch_size, max_len, p.device, p.dtype)
+                for i in range(len(self.layers))]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,

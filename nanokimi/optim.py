@@ -198,14 +198,18 @@ def configure_optimizer(model, name="muonclip", lr=1e-3, weight_decay=0.1, betas
 
     Muon: every hidden matrix (attention projections, dense FFN, shared experts, each routed expert separately) and
     the router gate: like torchtitan's K2 recipe, since the gate is a hidden [E, H] matrix too and Moonlight found
-    Muon helps such matrices (its Figure 4). AdamW: embeddings and lm_head (their rows are looked up / scored one
-    token at a time, not used as a whole linear map), norms and biases; decay only on matrices, as nanoGPT.
+    Muon helps such matrices (its Figure 4); in KDA layers its q/k/v/o, beta and low-rank gate projections. AdamW:
+    embeddings and lm_head (their rows are looked up / scored one token at a time, not used as a whole linear map),
+    KDA's short-convolution filters, norms, biases and KDA's decay rates (A_log, dt_bias); decay only on matrices,
+    as nanoGPT.
     `e_score_correction_bias` is a buffer: never optimised."""
     if name not in ("muonclip", "muon", "adamw"):
         raise ValueError(f"unknown optimizer {name!r}: use muonclip, muon or adamw")
     model = unwrap(model)
     table = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     table |= {id(p) for p in getattr(model, "lm_head", torch.nn.Identity()).parameters()}
+    # KDA's depthwise convolution: each channel's own few taps, not a linear map between spaces
+    table |= {id(p) for m in model.modules() if isinstance(m, torch.nn.Conv1d) for p in m.parameters()}
     matrices, decay, no_decay = [], [], []
     for p in model.parameters():
         if not p.requires_grad:

@@ -1,6 +1,6 @@
 """The package's layering: no import circle between its modules (function-level imports included), and the model
-file imports no other nanokimi module but the token-sampling helper and the machine's capabilities (no file I/O,
-no training code)."""
+file imports no other nanokimi module but the token-sampling helper, the machine's capabilities and its own KDA layer
+(no file I/O, no training code)."""
 
 import ast
 from pathlib import Path
@@ -47,8 +47,9 @@ def test_no_import_circle():
         visit(module, [])
 
 
-def test_model_imports_only_the_sampling_helper_and_hardware():
-    assert imports(PACKAGE / "model.py") == {"nanokimi.generation", "nanokimi.hardware"}
+def test_model_imports_only_the_sampling_helper_hardware_and_kda():
+    assert imports(PACKAGE / "model.py") == {"nanokimi.generation", "nanokimi.hardware", "nanokimi.kda"}
+    assert imports(PACKAGE / "kda.py") == set()  # the layer stands alone beside MLA
     assert imports(PACKAGE / "baseline.py") == {"nanokimi.generation"}
     assert imports(PACKAGE / "optim.py") == {"nanokimi.hardware"}  # the optimizer asks layers to rescale themselves
     assert imports(PACKAGE / "hardware.py") == set()
