@@ -1,5 +1,6 @@
 """Hugging Face interop: nanoKimi <-> `DeepseekV3ForCausalLM` folders (config.json + safetensors), the format of
-Kimi-K2's own checkpoints. Needs no `transformers`: the folder format is plain JSON and safetensors.
+Kimi-K2's own checkpoints, and `KimiLinearForCausalLM` folders for the KDA hybrid (names in hf_linear.py). Needs no
+`transformers`: the folder format is plain JSON and safetensors.
 
 nanoKimi's parameter names already are HF's (minus the `model.` prefix); the one layout difference is that nanoKimi
 stacks routed experts as [E, out, in] tensors while HF checkpoints hold one key per expert (transformers 5 loads
@@ -14,7 +15,7 @@ import safetensors.torch
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from . import checkpoint
+from . import checkpoint, hf_linear
 from .errors import UserError, check_fields, write_failure
 from .folders import check_apart, check_destination, read_config
 from .model import Kimi, KimiConfig
@@ -34,6 +35,8 @@ def is_hf_folder(path):
 
 
 def to_hf_config(config):
+    if hf_linear.is_hybrid(config):
+        return hf_linear.to_hf_config(config)
     if config.attention != "mla":
         raise UserError("DeepseekV3 attention is MLA: a model trained with the attention='mha' ablation cannot be "
                         "exported")
@@ -51,10 +54,12 @@ def to_hf_config(config):
 
 def from_hf_config(hf):
     """A KimiConfig from an HF config.json dict, refusing what nanoKimi cannot represent."""
+    if hf_linear.is_kimi_linear(hf):
+        return hf_linear.from_hf_config(hf)
     if hf.get("model_type") not in ("deepseek_v3", "kimi_k2") and "DeepseekV3ForCausalLM" not in hf.get(
             "architectures", []):
         raise UserError(f"config.json describes {hf.get('architectures') or hf.get('model_type')}, not "
-                        f"DeepseekV3ForCausalLM: nanoKimi imports only that architecture")
+                        f"DeepseekV3ForCausalLM or KimiLinearForCausalLM: nanoKimi imports only those")
     checks = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "hidden_act": "silu", "attention_bias": False,
               "moe_layer_freq": 1, "rope_interleave": True}
     for key, supported in checks.items():
@@ -79,15 +84,18 @@ def from_hf_config(hf):
 
 def to_hf_state_dict(model):
     """nanoKimi state dict -> HF keys, one key per expert."""
-    out = {}
-    for key, tensor in model.state_dict().items():
-        name = key if key.startswith("lm_head") else f"model.{key}"
-        if ".mlp.experts." in key:
-            prefix, proj = name.rsplit(".", 1)
-            for e, matrix in enumerate(tensor):
-                out[f"{prefix}.{e}.{proj}.weight"] = matrix.contiguous()
-        else:
-            out[name] = tensor.contiguous()
+    state = {key if key.startswith("lm_head") else f"model.{key}": t for key, t in model.state_dict().items()}
+    if hf_linear.is_hybrid(model.config):
+        out = hf_linear.to_hf_names(state, model.config)
+    else:
+        out = {}
+        for name, tensor in state.items():
+            if ".mlp.experts." in name:
+                prefix, proj = name.rsplit(".", 1)
+                for e, matrix in enumerate(tensor):
+                    out[f"{prefix}.{e}.{proj}.weight"] = matrix.contiguous()
+            else:
+                out[name] = tensor.contiguous()
     if model.config.tie_word_embeddings:
         out.pop("lm_head.weight")
     return out
@@ -105,6 +113,8 @@ def layer_weight_name(parts):
 
 def from_hf_state_dict(tensors, config, folder="the folder"):
     """HF tensors (per-expert or fused experts) -> nanoKimi state dict. MTP layers are skipped with a warning."""
+    if hf_linear.is_hybrid(config):
+        tensors = hf_linear.from_hf_names(tensors, config)
     state, experts = {}, {}
     skipped = set()
     for name, tensor in tensors.items():
@@ -276,8 +286,9 @@ def export(checkpoint_path, out_dir):
     check_destination(out_dir, "export", "a Hugging Face model folder", EXPORT_FILES)
     model, _, ckpt = checkpoint.load_model(ckpt_path)
     if not isinstance(model, Kimi):
-        raise UserError(f"{ckpt.path} holds the {ckpt.arch} baseline: only Kimi models export to DeepseekV3")
-    return save_hf(model, out_dir, ckpt.path)
+        raise UserError(f"{ckpt.path} holds the {ckpt.arch} baseline: only Kimi models export (to DeepseekV3 or "
+                        f"Kimi Linear)")
+    return save_hf(model, out_dir, ckpt.path if (ckpt.path / "meta.json").is_file() else None)  # imported: maybe none
 
 
 def import_folder(hf_dir, out):

@@ -234,6 +234,10 @@ def decode_mask(T, end, device):
     return None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=device).tril(end - T)
 
 
+LATENT_NORM_EPS = 1e-6  # the q and kv latents' norms: DeepSeek-V3's RMSNorm default, whatever rms_norm_eps (so in
+# DeepSeek's and transformers' code; Kimi Linear's rms_norm_eps is 1e-5, K2's 1e-6)
+
+
 class MLA(Attention):
     """Multi-head Latent Attention: low-rank q and kv latents, decoupled RoPE with one shared rope key."""
 
@@ -245,10 +249,10 @@ class MLA(Attention):
             self.q_proj = nn.Linear(c.hidden_size, self.nh * c.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(c.q_lora_rank, self.nh * c.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, self.d_c + self.d_rope, bias=False)
-        self.kv_a_layernorm = RMSNorm(self.d_c, c.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.d_c, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.d_c, self.nh * (self.d_nope + self.d_v), bias=False)
         self.o_proj = nn.Linear(self.nh * self.d_v, c.hidden_size, bias=False)
 

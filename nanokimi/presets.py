@@ -1,4 +1,5 @@
-"""Named model configs. `kimi-k2` is the real Kimi-K2-Instruct (0711) config; the others are small enough to train."""
+"""Named model configs. `kimi-k2` is the real Kimi-K2-Instruct (0711) config, `kimi-linear-48b-a3b` the real Kimi Linear
+(KDA + MLA hybrid); the others are small enough to train."""
 
 import dataclasses
 
@@ -21,6 +22,18 @@ PRESETS = {
         rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
                       "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
         rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.02, aux_loss_alpha=1e-3),
+    # moonshotai/Kimi-Linear-48B-A3B config.json: 27 layers, KDA in all but 4, 8, ..., 24 and 27 (1-indexed, MLA
+    # without rotary position there), the same DeepSeekMoE. Model card: 48B total, 3B active; counted here (meta
+    # device): 49.1B total, 3.5B active per token, 3.1B without the embedding table (a lookup).
+    "kimi-linear-48b-a3b": KimiConfig(
+        vocab_size=163840, hidden_size=2304, num_hidden_layers=27, num_attention_heads=32,
+        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        intermediate_size=9216, moe_intermediate_size=1024, n_routed_experts=256, n_shared_experts=1,
+        num_experts_per_tok=8, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+        routed_scaling_factor=2.446, max_position_embeddings=1048576, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        layer_types=["full_attention" if i + 1 in (4, 8, 12, 16, 20, 24, 27) else "linear_attention"
+                     for i in range(27)],
+        linear_num_heads=32, linear_head_dim=128, linear_conv_kernel_dim=4, mla_use_nope=True),
     # Character-level Shakespeare on a 2-core laptop CPU (the run of the same name trains 3 of its layers, ~3 min).
     "shakespeare-char-cpu": KimiConfig(
         vocab_size=65, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,

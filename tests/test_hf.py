@@ -90,3 +90,61 @@ def test_import_refuses_what_it_cannot_represent(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["import", str(tmp_path / "hf"), str(tmp_path / "x")])
     assert "scoring_func" in capsys.readouterr().err
+
+
+def kimi_linear_config(**kw):
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4,
+                num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=4,
+                qk_nope_head_dim=8, v_head_dim=8, num_local_experts=4, num_experts_per_tok=2, linear_num_heads=2,
+                linear_head_dim=8, linear_conv_kernel_dim=4, model_max_length=512, pad_token_id=None,
+                bos_token_id=None, eos_token_id=None)
+    return transformers.KimiLinearConfig(**(base | kw))
+
+
+LINEAR, FULL = "linear_attention", "full_attention"
+
+
+@pytest.mark.parametrize("kw", [
+    {"layer_types": [LINEAR, LINEAR, LINEAR, FULL]},
+    {"layer_types": [FULL, LINEAR, LINEAR, LINEAR], "q_lora_rank": 12, "linear_head_dim": 16, "linear_num_heads": 3,
+     "linear_conv_kernel_dim": 2},
+    {"num_hidden_layers": 3, "layer_types": [LINEAR, FULL, LINEAR], "mlp_layer_types": ["dense", "dense", "sparse"],
+     "n_group": 2, "topk_group": 1},
+], ids=["kda_kda_kda_mla", "mla_first_wide_kda", "two_dense_grouped"])
+def test_kimi_linear_imports_and_exports_with_transformers_logits_and_greedy_tokens(tmp_path, kw):
+    """A KimiLinearForCausalLM built by transformers -> nanoKimi (same logits past a 64-token chunk, same greedy
+    tokens) -> exported back and loaded by transformers (same logits)."""
+    torch.manual_seed(0)
+    reference = transformers.KimiLinearForCausalLM(kimi_linear_config(**kw)).eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if not name.endswith(("A_log", "dt_bias")):  # decay rates keep transformers' (fla's) init
+                p.normal_(0, 0.1)
+        for module in reference.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.normal_(0, 0.1)
+    reference.save_pretrained(tmp_path / "hf")
+    model = nanokimi.from_pretrained(tmp_path / "hf")
+    assert model.config.layer_types == reference.config.layer_types and model.config.mla_use_nope
+    idx = torch.randint(0, 64, (2, 150))
+    with torch.no_grad():
+        expected = reference(idx).logits
+        torch.testing.assert_close(model(idx)[0], expected, atol=1e-4, rtol=0)
+        prompt = idx[:1, :12]
+        hf_tokens = reference.generate(prompt, max_new_tokens=30, do_sample=False)
+    assert torch.equal(model.generate(prompt, 30, temperature=0), hf_tokens)
+    main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")])
+    main(["export", str(tmp_path / "imported"), str(tmp_path / "exported")])
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["architectures"] == ["KimiLinearForCausalLM"] and config["layer_types"] == model.config.layer_types
+    with torch.no_grad():
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+        torch.testing.assert_close(reloaded(idx).logits, expected, atol=1e-4, rtol=0)
+        assert torch.equal(reloaded.generate(prompt, max_new_tokens=30, do_sample=False), hf_tokens)
+
+
+def test_a_hybrid_with_rotary_mla_is_not_exported_as_kimi_linear(tmp_path, capsys):
+    from tests.conftest import tiny_config
+    model = nanokimi.Kimi(tiny_config(layer_types=[LINEAR, FULL]))
+    with pytest.raises(nanokimi.errors.UserError, match="mla_use_nope"):
+        nanokimi.save_pretrained(model, tmp_path / "hf", format="hf")
