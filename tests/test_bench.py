@@ -170,3 +170,18 @@ def test_ablate_quick_report(char_data, tmp_path):
         rows["nanoKimi (MLA + MoE + MuonClip)"][1].split(" (")[1]
     assert rows["nanoGPT, its recipe's settings"][2] == "0.001" and "The lr sweep" in body
     assert (tmp_path / "assets" / f"ablate_{hardware_kind()}.png").stat().st_size > 1000
+
+
+def test_long_context_section_counts_caches_that_grow_and_one_that_stays_flat(tmp_path):
+    from nanokimi.bench.long_context import cache_bytes, contenders
+    report = tmp_path / "B.md"
+    main(["bench", f"--report={report}", "long-context", "--contexts", "64", "256", "--new_tokens=3", "--rounds=1",
+          "--memory_up_to=64"])
+    section = report.read_text()
+    assert section.count("KDA hybrid 3:1 (Kimi Linear)") >= 3 and "cache GiB" in section
+    models = contenders("shakespeare-char-cpu", 4, 512)
+    mla, kda, _ = (m.config for m in models.values())
+    # MLA's latents grow 4x with 4x the tokens; the hybrid's 3 KDA states do not, only its one MLA layer's cache
+    assert cache_bytes(mla, 256) == 4 * cache_bytes(mla, 64)
+    kda_state = cache_bytes(kda, 64) - cache_bytes(mla, 64) // 4
+    assert kda_state > 0 and cache_bytes(kda, 256) == kda_state + cache_bytes(mla, 256) // 4

@@ -200,3 +200,13 @@ def test_a_killed_worker_is_named_without_tracebacks(char_data, tmp_path):
     assert proc.returncode == 128 + signal.SIGKILL and "Traceback" not in stderr, stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: worker rank ") and "was killed by SIGKILL" in last, last
+
+
+def test_a_kimi_linear_hybrid_trains_under_fsdp_and_expert_parallel_as_one_process(char_data, tmp_path):
+    """KDA layers beside MLA under --fsdp --ep over 2 processes: one process's losses."""
+    from tests.test_kda import HYBRID, HYBRID_FLAGS
+    cfg = {"data": str(char_data), "max_iters": 8, **DDP_TRAIN}
+    run_ddp(cfg | {"out_dir": str(tmp_path / "ep"), "fsdp": True, "ep": True}, TINY_MODEL | HYBRID, 29570)
+    train(char_data, tmp_path / "single", *[f"--{k}={v}" for k, v in cfg.items() if k != "data"], *HYBRID_FLAGS)
+    ep, single = step_losses(tmp_path / "ep"), step_losses(tmp_path / "single")
+    assert ep.keys() == single.keys() and all(ep[s] == pytest.approx(single[s], rel=2e-3) for s in single)

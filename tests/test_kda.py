@@ -139,3 +139,12 @@ def test_a_hybrid_trains_resumes_samples_and_evaluates(char_data, tmp_path):
     assert cached.stdout == uncached.stdout and len(cached.stdout) == len("ROMEO:") + 41
     evaluated = run_cli("eval", out, f"--data={char_data}", "--batches=4")
     assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["bits_per_byte"] > 0, evaluated.stderr
+
+
+@pytest.mark.slow
+def test_a_compiled_hybrid_trains_as_eager(char_data, tmp_path):
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        main(["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={tmp_path / name}", *TINY,
+              *HYBRID_FLAGS, "--max_iters=3", "--muon_dtype=float32", *extra])
+    eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() and all(compiled[s] == pytest.approx(eager[s], rel=1e-3) for s in eager)

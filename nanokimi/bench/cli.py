@@ -10,6 +10,7 @@ from ..presets import PRESETS
 from . import __doc__ as overview
 from .ablation import bench_ablate
 from .corpora import bench_prepare
+from .long_context import bench_long_context
 from .memory import bench_memory
 from .speed import bench_inference, bench_moe_scaling, bench_step
 from .training import RECIPES, bench_compare, bench_optim, bench_sweep
@@ -70,6 +71,15 @@ def build_parser():
     p.add_argument("--new_tokens", type=positive, default=64)
     p.add_argument("--repeats", type=positive, default=3)
     p.set_defaults(run=bench_inference)
+
+    p = sub.add_parser("long-context", parents=[model],
+                       help="prefill, decode, memory and cache from 1k to 32k tokens: MLA, the KDA hybrid, MHA")
+    p.add_argument("--layers", type=positive, default=4, help="layers of each model (the hybrid: 3 KDA, then MLA)")
+    p.add_argument("--contexts", type=positive, nargs="+", default=[1024, 4096, 16384, 32768])
+    p.add_argument("--new_tokens", type=positive, default=33, help="the first token and those decoded after it")
+    p.add_argument("--rounds", type=positive, default=2, help="interleaved runs of each layout per context")
+    p.add_argument("--memory_up_to", type=positive, default=8192, help="the longest context whose peak is tracked")
+    p.set_defaults(run=bench_long_context)
 
     p = sub.add_parser("optim", parents=[model, batch, data],
                        help="AdamW vs Muon vs MuonClip, plus a high-LR stress run")
