@@ -19,7 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CHUNK = 64  # positions per chunk of the parallel form (as fla's chunk_kda)
-SUB_CHUNK = 16  # positions whose decays are compared one by one inside a chunk (see decayed_scores)
+SUB_CHUNK = 8  # positions whose decays are compared one by one inside a chunk (see decayed_scores); 8 = sqrt(64)
+# balances the two parts' elementwise work
+SPAN = 64 * CHUNK  # tokens whose chunk-local tensors exist at once: a long prefill runs span by span, in bounded memory
 
 
 def l2_normalize(x, eps=1e-6):
@@ -27,9 +29,10 @@ def l2_normalize(x, eps=1e-6):
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def decayed_scores(a, b, log_decay, strict):
-    """out[i, j] = sum_c a[i, c] b[j, c] exp(G[i, c] - G[j, c]) for j <= i (j < i if strict), 0 above; a, b, G
-    [..., C, d] with G the within-chunk cumulative log decay (non-increasing in i) -> [..., C, C].
+def decayed_scores(a, b, log_decay):
+    """out[i, j] = sum_c a[i, c] b[j, c] exp(G[i, c] - G[j, c]) for j <= i, 0 above; b, G [..., C, d] with G the
+    within-chunk cumulative log decay (non-increasing in i), a [n_a, ..., C, d] (several queries, one pass over the
+    decays) -> [n_a, ..., C, C].
 
     exp(G_i - G_j) <= 1 for j <= i, but exp(G_i) and exp(-G_j) apart overflow fp32 once a chunk decays past e^-88,
     so no single matmul of the two. Across sub-chunks both factors are taken relative to G at the first position of
@@ -45,7 +48,7 @@ def decayed_scores(a, b, log_decay, strict):
     earlier = torch.arange(C, device=a.device) < starts[:, None]  # [n, C]: j lies before sub-chunk n
     b_rel = b.unsqueeze(-3) * (ref - G.unsqueeze(-3)).masked_fill(~earlier[:, :, None], -math.inf).exp()
     across = (a_sub * (G_sub - ref).exp()) @ b_rel.transpose(-1, -2)  # [..., n, s, C]: j in earlier sub-chunks
-    above = torch.ones(s, s, dtype=torch.bool, device=a.device).triu(0 if strict else 1)  # [s, s]: j past i
+    above = torch.ones(s, s, dtype=torch.bool, device=a.device).triu(1)  # [s, s]: j past i
     pair_decay = (G_sub.unsqueeze(-2) - G_sub.unsqueeze(-3)).masked_fill(above[:, :, None], -math.inf).exp()
     within = (a_sub.unsqueeze(-2) * b_sub.unsqueeze(-3) * pair_decay).sum(-1)  # [..., n, s, s]
     same = torch.eye(n, dtype=a.dtype, device=a.device)[:, None, :, None]  # [n, 1, n, 1]: row block = column block
@@ -58,6 +61,12 @@ def chunk_delta_rule(q, k, v, g, beta, state=None, chunk_size=CHUNK):
     [B, nh, T, d_k] log decays (<= 0), beta [B, nh, T]; state [B, nh, d_k, d_v] or None (zeros) -> (o [B, nh, T,
     d_v], final state). Everything in the dtype given (fp32 for training)."""
     B, nh, T, d_k = k.shape
+    if T > SPAN:  # span by span, the state carried: the same result, the chunk-local tensors of one span at a time
+        out = []
+        for start in range(0, T, SPAN):
+            o, state = chunk_delta_rule(*(t[:, :, start:start + SPAN] for t in (q, k, v, g, beta)), state, chunk_size)
+            out.append(o)
+        return torch.cat(out, dim=2), state
     pad = -T % chunk_size  # padded positions: k = v = 0 and g = 0 leave outputs and state untouched
     q, k, v, g = (F.pad(t, (0, 0, 0, pad)).unflatten(2, (-1, chunk_size)) for t in (q, k, v, g))  # [B,nh,N,C,d]
     beta = F.pad(beta, (0, pad)).unflatten(2, (-1, chunk_size)).unsqueeze(-1)  # [B, nh, N, C, 1]
@@ -65,10 +74,10 @@ def chunk_delta_rule(q, k, v, g, beta, state=None, chunk_size=CHUNK):
     # WY form: within a chunk the states are S_i = Diag(e^G_i) S_0 + sum_{j<=i} Diag(e^(G_i - G_j)) k_j u_j^T for
     # pseudo-values u that solve the delta rule, (I + A) u = beta (v - (e^G k) S_0), A_ij = beta_i k_i.k_j decayed
     # (j < i). Solving once per chunk for both right-hand sides: u = U - W S_0 (the UT transform).
-    A = beta * decayed_scores(k, k, G, strict=True)  # [B, nh, N, C, C], strictly lower
+    keys, scores = decayed_scores(torch.stack([k, q]), k, G)  # k_i.k_j and q_i.k_j decayed, j <= i [B,nh,N,C,C]
+    A = beta * keys.tril(-1)  # strictly lower
     rhs = torch.cat([beta * G.exp() * k, beta * v], dim=-1)
     W, U = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([d_k, v.shape[-1]], -1)
-    scores = decayed_scores(q, k, G, strict=False)  # [B, nh, N, C, C]: q_i.k_j decayed, j <= i
     q_decayed = q * G.exp()  # reads S_0 through the decay since the chunk's start
     k_to_end = k * (G[..., -1:, :] - G).exp()  # each key decayed to the chunk's end
     S = k.new_zeros(B, nh, d_k, v.shape[-1]) if state is None else state.to(k.dtype)

@@ -164,12 +164,19 @@ def test_ablate_quick_report(char_data, tmp_path):
     body = sections(report)[f"ablate-{hardware_kind()}"]
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in body.splitlines() if " | 16x64 | " in
             line or " | 12x64 | " in line}
-    assert len(rows) == 8 and "nanoKimi - MoE (dense, equal active params)" in rows and "nanoGPT + Muon" in rows
+    assert len(rows) == 9 and "nanoKimi - MoE (dense, equal active params)" in rows and "nanoGPT + Muon" in rows
+    assert "nanoKimi + KDA (Kimi Linear: 2 KDA + 1 MLA)" in rows and "KDA beside MLA" in body
     # the dense ablation has the MoE model's active parameters; the MoE model has more in all
     assert rows["nanoKimi - MoE (dense, equal active params)"][1].split(" (")[1] == \
         rows["nanoKimi (MLA + MoE + MuonClip)"][1].split(" (")[1]
     assert rows["nanoGPT, its recipe's settings"][2] == "0.001" and "The lr sweep" in body
     assert (tmp_path / "assets" / f"ablate_{hardware_kind()}.png").stat().st_size > 1000
+    # --contenders: the rows asked for, beside the shipped run they are measured against
+    main(["bench", f"--report={report}", "ablate", "--quick", f"--data={char_data}", f"--out={tmp_path / 'kda'}",
+          "--contenders", "kda"])
+    body = sections(report)[f"ablate-{hardware_kind()}"]
+    assert [line.split(" | ")[0].strip("| ") for line in body.splitlines() if " | 16x64 | " in line] == [
+        "nanoKimi (MLA + MoE + MuonClip)", "nanoKimi + KDA (Kimi Linear: 2 KDA + 1 MLA)"]
 
 
 def test_long_context_section_counts_caches_that_grow_and_one_that_stays_flat(tmp_path):

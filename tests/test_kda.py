@@ -50,6 +50,16 @@ def test_chunked_and_recurrent_forms_agree_with_and_without_a_carried_state(T):
     torch.testing.assert_close(chunked.double(), exact, atol=1e-5, rtol=0)
 
 
+def test_a_long_prefill_runs_span_by_span_to_the_same_result(monkeypatch):
+    from nanokimi import kda
+    q, k, v, g, beta = delta_inputs(T=300, decay=0.5)
+    whole, whole_state = chunk_delta_rule(q, k, v, g, beta)
+    monkeypatch.setattr(kda, "SPAN", 128)  # 300 tokens: spans of 128, 128, 44
+    spans, spans_state = chunk_delta_rule(q, k, v, g, beta)
+    torch.testing.assert_close(spans, whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(spans_state, whole_state, atol=1e-5, rtol=0)
+
+
 def test_gradients_flow_through_both_forms_alike():
     inputs = [t.clone().requires_grad_() for t in delta_inputs(T=100, decay=0.5)]
     twins = [t.detach().clone().requires_grad_() for t in inputs]

@@ -1,7 +1,7 @@
 """`nanokimi bench ablate`: what each Kimi-K2 idea buys on this machine. nanoKimi's shipped CPU run with one idea
-removed at a time (MoE, MLA, Muon, QK-Clip) and nanoGPT three ways (its recipe's settings, AdamW tuned, with Muon),
-each at its best lr from one shared sweep, over seeds, at equal wall-clock (two budgets) and at equal tokens, every
-final checkpoint scored by the one evaluator."""
+removed at a time (MoE, MLA, Muon, QK-Clip) or Kimi Linear's KDA added, and nanoGPT three ways (its recipe's
+settings, AdamW tuned, with Muon), each at its best lr from one shared sweep, over seeds, at equal wall-clock (two
+budgets) and at equal tokens, every final checkpoint scored by the one evaluator. `--contenders` picks rows."""
 
 import statistics
 import time
@@ -19,7 +19,8 @@ from .training import EVAL_BATCH_SIZE, RECIPES, nanokimi_settings, run_training,
 class Contender:
     """A model and optimizer trained with the shipped CPU run's settings (16x64, WSD, warmup 10, min_lr = lr/10),
     except what `train` changes; `swept`: its lr comes from the sweep (else from `train` if it sets one, else it is
-    nanoKimi's best)."""
+    nanoKimi's best); `key`: its name for --contenders."""
+    key: str
     preset: str
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
@@ -28,22 +29,27 @@ class Contender:
 
 RECIPE = RECIPES["cpu"]
 CONTENDERS = {
-    "nanoGPT, its recipe's settings": Contender(RECIPE.preset, RECIPE.model, {
+    "nanoGPT, its recipe's settings": Contender("gpt-recipe", RECIPE.preset, RECIPE.model, {
         k: v for k, v in RECIPE.train.items() if k in ("optimizer", "lr", "min_lr", "lr_schedule", "warmup_iters",
                                                        "beta2", "batch_size", "block_size")}, swept=False),
-    "nanoGPT, AdamW tuned": Contender(RECIPE.preset, RECIPE.model, {"optimizer": "adamw"}),
-    "nanoGPT + Muon": Contender(RECIPE.preset, RECIPE.model, {"optimizer": "muon"}),
-    "nanoKimi (MLA + MoE + MuonClip)": Contender("shakespeare-char-cpu"),
+    "nanoGPT, AdamW tuned": Contender("gpt-adamw", RECIPE.preset, RECIPE.model, {"optimizer": "adamw"}),
+    "nanoGPT + Muon": Contender("gpt-muon", RECIPE.preset, RECIPE.model, {"optimizer": "muon"}),
+    "nanoKimi (MLA + MoE + MuonClip)": Contender("kimi", "shakespeare-char-cpu"),
     # every layer dense: SwiGLU of intermediate_size 384 = (2 routed + 1 shared) x 128, the MoE's active width
-    "nanoKimi - MoE (dense, equal active params)": Contender("shakespeare-char-cpu", {"first_k_dense_replace": 3}),
-    "nanoKimi - MLA (MHA)": Contender("shakespeare-char-cpu", {"attention": "mha"}),
-    "nanoKimi - Muon (AdamW)": Contender("shakespeare-char-cpu", train={"optimizer": "adamw"}),
+    "nanoKimi - MoE (dense, equal active params)": Contender("dense", "shakespeare-char-cpu",
+                                                             {"first_k_dense_replace": 3}),
+    "nanoKimi - MLA (MHA)": Contender("mha", "shakespeare-char-cpu", {"attention": "mha"}),
+    "nanoKimi - Muon (AdamW)": Contender("adamw", "shakespeare-char-cpu", train={"optimizer": "adamw"}),
     # QK-Clip only rescales heads past tau: it does not move the lr optimum, so this keeps nanoKimi's lr
-    "nanoKimi - QK-Clip (Muon)": Contender("shakespeare-char-cpu", train={"optimizer": "muon"}, swept=False),
+    "nanoKimi - QK-Clip (Muon)": Contender("muon", "shakespeare-char-cpu", train={"optimizer": "muon"}, swept=False),
+    # Kimi Linear in the shipped run's 3 layers: KDA in the first two, MLA without rotary position in the last
+    "nanoKimi + KDA (Kimi Linear: 2 KDA + 1 MLA)": Contender("kda", "shakespeare-char-cpu", {
+        "layer_types": ["linear_attention", "linear_attention", "full_attention"], "mla_use_nope": True}),
 }
 FULL, DENSE, GPT_MUON = "nanoKimi (MLA + MoE + MuonClip)", "nanoKimi - MoE (dense, equal active params)", \
     "nanoGPT + Muon"
-LONG_BUDGET_CONTENDERS = (FULL, DENSE, GPT_MUON)  # the question of the long budget: does the sparse MoE pay?
+KDA = "nanoKimi + KDA (Kimi Linear: 2 KDA + 1 MLA)"
+LONG_BUDGET_CONTENDERS = (FULL, DENSE, GPT_MUON, KDA)  # the long budget's questions: do the sparse MoE and KDA pay?
 
 
 def bench_ablate(args):
@@ -55,9 +61,12 @@ def bench_ablate(args):
     base |= dict(data=args.data, eval_iters=1, eval_interval=10 ** 6, max_iters=10 ** 6)
     seeds = range(args.seeds)
     context = RECIPE.train["block_size"]
+    keys = set(args.contenders) | {CONTENDERS[FULL].key}  # the shipped run: every other row is measured against it
+    contenders = {name: c for name, c in CONTENDERS.items() if c.key in keys}
+    long_budget = [name for name in LONG_BUDGET_CONTENDERS if name in contenders]
 
     def settings(name, lr=None):
-        c = CONTENDERS[name]
+        c = contenders[name]
         s = base | c.train
         model = (shipped_model if c.preset == "shakespeare-char-cpu" else {}) | c.model
         if lr is not None:
@@ -76,9 +85,9 @@ def bench_ablate(args):
                 "params": (summary["params_total"], summary["params_active"])}
 
     # 1. the sweep at the short budget, seed 0: every swept contender tries every lr; its best run is its seed 0
-    short = {name: {} for name in CONTENDERS}
+    short = {name: {} for name in contenders}
     sweep_rows = []
-    for name, c in CONTENDERS.items():
+    for name, c in contenders.items():
         if not c.swept:
             continue
         tries = {lr: trained(name, "short", seeds[0], lr, max_time_s=args.budget_s) for lr in args.lrs}
@@ -86,26 +95,26 @@ def bench_ablate(args):
         short[name][seeds[0]] = tries[best]
         sweep_rows.append([name] + [f"{tries[lr]['val']:.4f}" + (" (best)" if lr == best else "")
                                     for lr in args.lrs])
-    lr_of = {name: short[name][seeds[0]]["lr"] for name in CONTENDERS if CONTENDERS[name].swept}
-    lr_of |= {name: None if "lr" in c.train else lr_of[FULL] for name, c in CONTENDERS.items() if not c.swept}
+    lr_of = {name: short[name][seeds[0]]["lr"] for name, c in contenders.items() if c.swept}
+    lr_of |= {name: None if "lr" in c.train else lr_of[FULL] for name, c in contenders.items() if not c.swept}
     if all(v["val"] == float("inf") for runs in short.values() for v in runs.values()):
         raise UserError("every run of the sweep diverged: pick smaller --lrs")
     # 2. the other seeds at the short budget; 3. equal tokens; 4. the long budget for the MoE question. Seed by seed,
     # every contender in turn: this shared machine's speed drifts by ~20% over minutes, and a contender run in one
     # stretch would take the drift of that stretch alone
     for seed in seeds:
-        for name in CONTENDERS:
+        for name in contenders:
             if seed not in short[name]:
                 short[name][seed] = trained(name, "short", seed, lr_of[name], max_time_s=args.budget_s)
-    tokens = {name: {} for name in CONTENDERS}
+    tokens = {name: {} for name in contenders}
     for seed in seeds:
-        for name in CONTENDERS:
+        for name in contenders:
             s, _ = settings(name, lr_of[name])
             steps = max(1, round(args.tokens / (s["batch_size"] * s["block_size"])))
             tokens[name][seed] = trained(name, "tokens", seed, lr_of[name], max_iters=steps)
-    long = {name: {} for name in LONG_BUDGET_CONTENDERS}
+    long = {name: {} for name in long_budget}
     for seed in seeds:
-        for name in LONG_BUDGET_CONTENDERS:
+        for name in long_budget:
             long[name][seed] = trained(name, "long", seed, lr_of[name], max_time_s=args.long_budget_s)
 
     def cell(runs):
@@ -113,7 +122,7 @@ def bench_ablate(args):
         return "diverged" if any(v == float("inf") for v in vals) else spread(vals)
 
     rows = []
-    for name in CONTENDERS:
+    for name in contenders:
         first = short[name][seeds[0]]
         per_step = statistics.median(r["seconds"] / r["steps"] for r in tokens[name].values() if r["steps"])
         s, _ = settings(name, lr_of[name])
@@ -122,7 +131,7 @@ def bench_ablate(args):
                      spread((r["steps"] for r in short[name].values()), "{:.0f}"), cell(short[name]),
                      cell(tokens[name]), cell(long[name]) if name in long else "-"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
-    names = list(CONTENDERS)
+    names = list(contenders)
     for ax, (title, runs) in zip(axes, ((f"{args.budget_s:g} s", short), (f"{args.tokens} tokens", tokens),
                                         (f"{args.long_budget_s:g} s", long))):
         for i, name in enumerate(names):
@@ -142,15 +151,24 @@ def bench_ablate(args):
 
     def apart(a, b):  # whether every seed of a is below every seed of b
         return max(r["val"] for r in a.values()) < min(r["val"] for r in b.values())
-    rivals = (long[DENSE], long[GPT_MUON])
-    pays = all(mean(long[FULL]) < mean(r) for r in rivals)
-    verdict = (f"At {args.long_budget_s:g} s the shipped config (sparse MoE) reaches {mean(long[FULL]):.4f}, every "
-               f"layer dense {mean(long[DENSE]):.4f}, nanoGPT + Muon {mean(long[GPT_MUON]):.4f}: the sparse MoE "
-               + ("pays" if pays else "does not pay") + " at this budget in the mean of the seeds"
-               + (", every seed below every rival seed" if pays and all(apart(long[FULL], r) for r in rivals) else
-                  ", with the seeds' ranges overlapping" if pays else "")
-               + f". At equal tokens ({args.tokens}): MoE {mean(tokens[FULL]):.4f} vs dense "
-               f"{mean(tokens[DENSE]):.4f}.")
+    verdicts = []
+    if DENSE in long and GPT_MUON in long:
+        rivals = (long[DENSE], long[GPT_MUON])
+        pays = all(mean(long[FULL]) < mean(r) for r in rivals)
+        verdicts.append(
+            f"At {args.long_budget_s:g} s the shipped config (sparse MoE) reaches {mean(long[FULL]):.4f}, every "
+            f"layer dense {mean(long[DENSE]):.4f}, nanoGPT + Muon {mean(long[GPT_MUON]):.4f}: the sparse MoE "
+            + ("pays" if pays else "does not pay") + " at this budget in the mean of the seeds"
+            + (", every seed below every rival seed" if pays and all(apart(long[FULL], r) for r in rivals) else
+               ", with the seeds' ranges overlapping" if pays else "")
+            + f". At equal tokens ({args.tokens}): MoE {mean(tokens[FULL]):.4f} vs dense {mean(tokens[DENSE]):.4f}.")
+    if KDA in long:
+        verdicts.append(
+            f"KDA beside MLA (Kimi Linear's layout in 3 layers) vs MLA everywhere: {mean(short[KDA]):.4f} vs "
+            f"{mean(short[FULL]):.4f} at {args.budget_s:g} s, {mean(tokens[KDA]):.4f} vs {mean(tokens[FULL]):.4f} at "
+            f"equal tokens, {mean(long[KDA]):.4f} vs {mean(long[FULL]):.4f} at {args.long_budget_s:g} s (mean of the "
+            f"seeds; lower is better).")
+    verdict = " ".join(verdicts)
     body = (f"Every contender trains on `{args.data}` with the shipped CPU run's settings (`shakespeare-char-cpu`: "
             f"16x64 tokens per step, WSD, warmup 10, min_lr = lr/10) except where named: nanoGPT's recipe row keeps "
             f"nanoGPT's own CPU settings (12x64, AdamW 1e-3, cosine, warmup 100, beta2 0.99). Each swept contender's "
@@ -160,7 +178,7 @@ def bench_ablate(args):
             f"tokens (`--max_iters`, rounded to whole steps; schedule fitted to the steps). {args.seeds} seed(s); "
             f"val loss of the final checkpoint on the same {args.eval_batches * EVAL_BATCH_SIZE} val windows of "
             f"{context} tokens, mean (min..max). ms/step: median over the equal-token runs. The long budget runs "
-            f"only the three contenders of the MoE question. The whole benchmark took "
+            f"only the contenders of the MoE and KDA questions. The whole benchmark took "
             f"{(time.perf_counter() - started) / 60:.0f} min.\n\n"
             + table(["contender", "params (active)", "lr", "batch", "ms/step", f"steps in {args.budget_s:g} s",
                      f"val @ {args.budget_s:g} s", f"val @ {args.tokens} tokens", f"val @ {args.long_budget_s:g} s"],

@@ -8,7 +8,7 @@ from ..data import TokenData
 from ..errors import OneLineParser
 from ..presets import PRESETS
 from . import __doc__ as overview
-from .ablation import bench_ablate
+from .ablation import CONTENDERS, bench_ablate
 from .corpora import bench_prepare
 from .long_context import bench_long_context
 from .memory import bench_memory
@@ -142,6 +142,8 @@ def build_parser():
                    help="the long budget for the MoE question, about the demo's 150 s of training")
     p.add_argument("--tokens", type=positive, default=204800, help="training tokens of the equal-token runs")
     p.add_argument("--eval_batches", type=positive, default=17, help="x 12 fixed val windows score every run")
+    p.add_argument("--contenders", nargs="+", choices=[c.key for c in CONTENDERS.values()],
+                   default=[c.key for c in CONTENDERS.values()], help="the rows to run (the shipped run always)")
     p.add_argument("--quick", action="store_true", help="a few seconds each: a smoke test of the report")
     p.set_defaults(run=bench_ablate)
 
