@@ -14,12 +14,17 @@ from .speed import decode_timing, peak_memory
 HYBRID_PATTERN = ["linear_attention"] * 3 + ["full_attention"]  # Kimi Linear's 3:1
 
 
-def cache_bytes(config, length):
-    """Bytes of the fp32 inference caches a model of `config` allocates for one sequence of `length` tokens, read off
-    the cache classes built on the meta device (no memory)."""
-    caches = [attention_kind(config, i).cache(config, 1, length, "meta", torch.float32)
-              for i in range(config.num_hidden_layers)]
-    return sum(t.nbytes for c in caches for t in vars(c).values() if isinstance(t, torch.Tensor) and t._base is None)
+def layer_cache_bytes(config, layer, length):
+    """Bytes of layer `layer`'s fp32 inference cache for one sequence of `length` tokens, read off the cache class
+    built on the meta device (no memory)."""
+    cache = attention_kind(config, layer).cache(config, 1, length, "meta", torch.float32)
+    return sum(t.nbytes for t in vars(cache).values() if isinstance(t, torch.Tensor) and t._base is None)
+
+
+def cache_bytes(config, length, kind=None):
+    """Every layer's cache bytes (kind: only the layers of that layer_type, e.g. "linear_attention")."""
+    return sum(layer_cache_bytes(config, i, length) for i in range(config.num_hidden_layers)
+               if kind in (None, config.layer_type(i)))
 
 
 def contenders(preset, layers, longest):
@@ -47,9 +52,11 @@ def bench_long_context(args):
             prefill[name, context] = statistics.median(r[0] for r in runs[name])
             speed[name, context] = statistics.median(r[1] for r in runs[name])
             peak = peak_memory(model, prompt, 2, use_cache=True) if context <= args.memory_up_to else None
+            length = context + args.new_tokens
             rows.append([context, name, f"{prefill[name, context]:.2f}", f"{speed[name, context]:.0f}",
                          "-" if peak is None else f"{peak / 2 ** 20:.0f}",
-                         f"{cache_bytes(model.config, context + args.new_tokens) / 2 ** 10:,.0f}"])
+                         f"{cache_bytes(model.config, length) / 2 ** 10:,.0f}",
+                         f"{cache_bytes(model.config, length, 'linear_attention') / 2 ** 10:,.0f}"])
     first, last = min(args.contexts), max(args.contexts)
     mla, kda, mha = models  # their names
     summary = [[name, f"{prefill[name, last] / prefill[name, first]:.1f}x",
@@ -69,7 +76,8 @@ def bench_long_context(args):
             f"interleaved runs. Peak memory = live tensors during prefill and one decoded token (torch's MemTracker; "
             f"measured up to {args.memory_up_to:,} tokens, where it stops being quick). Cache = what "
             f"`make_cache` allocates (fp32), read off the tensors.\n\n"
-            + table(["context", "layout", "prefill s", "decode tokens/s", "peak MiB", "cache KiB"], rows)
+            + table(["context", "layout", "prefill s", "decode tokens/s", "peak MiB", "cache KiB",
+                     "of which KDA states KiB"], rows)
             + f"\n\nGrowth from {first:,} to {last:,} tokens ({last // first}x the context):\n\n"
             + table(["layout", "prefill time", "decode time per token", "cache"], summary)
             + f"\n\nAt {last:,} tokens the hybrid decodes {speed[kda, last] / speed[mla, last]:.2f}x as fast as MLA "
