@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU path of nanoKimi in one call, in under 4 minutes on one GPU; one line per path:
 #   PASS|FAIL  path  seconds  what it printed last
-# bf16 and fp16 (GradScaler, per-expert GEMM loop) training, torch.compile, sampling, eval, FSDP2 over NCCL with one
-# rank, and nanoGPT's GPU recipe through `bench compare --quick`. Needs a prepared char dataset: DATA (default
-# data/shakespeare_char), or INPUT=path/to/tinyshakespeare.txt to prepare it first. OUT (default out/gpu-check)
-# receives the runs and the logs. Exit status: the number of failed paths.
+# bf16 and fp16 (GradScaler, per-expert GEMM loop) training, torch.compile, sampling, eval, a Kimi Linear (KDA) run,
+# FSDP2 over NCCL with one rank, and nanoGPT's GPU recipe through `bench compare --quick`. Needs a prepared char
+# dataset: DATA (default data/shakespeare_char), or INPUT=path/to/tinyshakespeare.txt to prepare it first. OUT
+# (default out/gpu-check) receives the runs and the logs. Exit status: the number of failed paths.
 #   bash scripts/gpu_check.sh     # DEVICE=cpu: the same paths, small, on the CPU (NCCL and the GPU recipe skip)
 set -u
 cd "$(dirname "$0")/.."
@@ -37,6 +37,10 @@ check train-bf16 $PYTHON -m nanokimi train "${RUN[@]}" --dtype=bfloat16 --out_di
 check train-fp16 $PYTHON -m nanokimi train "${RUN[@]}" --dtype=float16 --out_dir="$OUT/fp16"
 check train-compile $PYTHON -m nanokimi train "${RUN[@]}" --compile --out_dir="$OUT/compile"
 check sample $PYTHON -m nanokimi sample "$OUT/bf16" --device=$DEVICE --max_new_tokens=200
+# Kimi Linear: 3 KDA layers + 1 MLA (the CPU run's shape), bf16 autocast around KDA's fp32 delta rule, then decoding
+check train-kda-bf16 $PYTHON -m nanokimi train kimi-linear-shakespeare-char-cpu --data="$DATA" --device=$DEVICE \
+    --max_iters=20 --eval_interval=1000 --eval_iters=5 --progress=False --overwrite --dtype=bfloat16 --out_dir="$OUT/kda"
+check sample-kda $PYTHON -m nanokimi sample "$OUT/kda" --device=$DEVICE --max_new_tokens=200
 check eval $PYTHON -m nanokimi eval "$OUT/bf16" --data="$DATA" --device=$DEVICE --batches=20
 if [ "$DEVICE" = cuda ]; then
     check fsdp-nccl-1rank $PYTHON -m nanokimi torchrun --standalone --nproc_per_node=1 train "${RUN[@]}" --fsdp \
