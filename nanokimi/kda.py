@@ -3,7 +3,7 @@
 A gated delta rule with a forget gate per channel: each head keeps a state S [d_k, d_v] that every token first decays
 channel by channel, then corrects towards its value (a delta-rule step of strength beta), and reads with its query:
 
-    S_t = (I - beta_t k_t k_t^T) Diag(a_t) S_{t-1} + beta_t k_t v_t^T,    o_t = S_t^T q_t,    a_t = exp(g_t) in (0, 1]^d_k
+    S_t = (I - beta_t k_t k_t^T) Diag(a_t) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t,   a_t = exp(g_t) in (0, 1]^d_k
 
 so prefill costs O(T) and decoding keeps a state of fixed size, whatever the context. Training and prefill run the
 chunkwise-parallel form (chunks of 64: the WY/UT representation, one triangular solve per chunk); decoding runs the

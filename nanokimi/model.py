@@ -54,7 +54,7 @@ class KimiConfig:
     attention: str = "mla"  # "mha": the MLA -> MHA ablation (standard multi-head attention, same head dims)
     # Kimi Linear: per layer "full_attention" (MLA, or MHA per `attention`) or "linear_attention" (KDA); None: all
     # full_attention, as Kimi-K2. Kimi-Linear-48B-A3B: 3 KDA layers, then 1 MLA, repeated
-    layer_types: list | None = None  # e.g. ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
+    layer_types: list | None = None  # per layer, e.g. '["linear_attention", "full_attention"]'; None: all MLA
     linear_num_heads: int = 4  # KDA heads
     linear_head_dim: int = 32  # KDA head dim (keys and values)
     linear_conv_kernel_dim: int = 4  # KDA's short causal convolution, in tokens

@@ -69,9 +69,9 @@ def bench_long_context(args):
     saved = 1 - million[list(real)[1]] / million[list(real)[0]]
     c = models[mla].config
     sizes = " / ".join(f"{m.num_params()['total'] / 1e6:.2f}M" for m in models.values())
-    body = (f"Model: `{args.preset}` widths with {args.layers} layers (hidden {c.hidden_size}, MLA {c.num_attention_heads} "
-            f"heads, KDA {c.linear_num_heads} heads of {c.linear_head_dim}), fp32, batch 1, random weights; {sizes} "
-            f"parameters. Prefill = the prompt and the first token; "
+    body = (f"Model: `{args.preset}` widths with {args.layers} layers (hidden {c.hidden_size}, MLA "
+            f"{c.num_attention_heads} heads, KDA {c.linear_num_heads} heads of {c.linear_head_dim}), fp32, batch 1, "
+            f"random weights; {sizes} parameters. Prefill = the prompt and the first token; "
             f"decode = the next {args.new_tokens - 1} tokens, one at a time over the caches. Medians of {args.rounds} "
             f"interleaved runs. Peak memory = live tensors during prefill and one decoded token (torch's MemTracker; "
             f"measured up to {args.memory_up_to:,} tokens, where it stops being quick). Cache = what "
