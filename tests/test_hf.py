@@ -148,3 +148,30 @@ def test_a_hybrid_with_rotary_mla_is_not_exported_as_kimi_linear(tmp_path, capsy
     model = nanokimi.Kimi(tiny_config(layer_types=[LINEAR, FULL]))
     with pytest.raises(nanokimi.errors.UserError, match="mla_use_nope"):
         nanokimi.save_pretrained(model, tmp_path / "hf", format="hf")
+
+
+def test_kimi_linear_config_in_moonshots_own_spelling_imports_alike(tmp_path):
+    """moonshotai/Kimi-Linear-48B-A3B's config.json names things its own way: linear_attn_config with 1-indexed
+    kda_layers / full_attn_layers, first_k_dense_replace, num_experts, num_experts_per_token, moe_renormalize,
+    model_max_length; no layer_types. The same weights give the same logits under either spelling."""
+    torch.manual_seed(0)
+    reference = transformers.KimiLinearForCausalLM(kimi_linear_config(
+        layer_types=[LINEAR, LINEAR, LINEAR, FULL], mlp_layer_types=["dense", "sparse", "sparse", "sparse"])).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    moonshot = {k: v for k, v in config.items() if k not in ("layer_types", "mlp_layer_types", "linear_num_heads",
+                                                             "linear_head_dim", "linear_conv_kernel_dim")}
+    moonshot |= {"first_k_dense_replace": 1, "mla_use_nope": True, "moe_router_activation_func": "sigmoid",
+                 "linear_attn_config": {"kda_layers": [1, 2, 3], "full_attn_layers": [4], "num_heads": 2,
+                                        "head_dim": 8, "short_conv_kernel_size": 4}}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(moonshot))
+    model = nanokimi.from_pretrained(tmp_path / "hf")
+    assert model.config.layer_types == [LINEAR, LINEAR, LINEAR, FULL] and model.config.first_k_dense_replace == 1
+    idx = torch.randint(0, 64, (2, 70))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], reference(idx).logits, atol=1e-4, rtol=0)
+    for wrong, needle in (({"mla_use_nope": False}, "mla_use_nope"),
+                          ({"mlp_layer_types": ["sparse", "dense", "sparse", "sparse"]}, "dense layers after")):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(moonshot | wrong))
+        with pytest.raises(nanokimi.errors.UserError, match=needle):
+            nanokimi.from_pretrained(tmp_path / "hf")
