@@ -177,6 +177,17 @@ def test_ablate_quick_report(char_data, tmp_path):
     body = sections(report)[f"ablate-{hardware_kind()}"]
     assert [line.split(" | ")[0].strip("| ") for line in body.splitlines() if " | 16x64 | " in line] == [
         "nanoKimi (MLA + MoE + MuonClip)", "nanoKimi + KDA (Kimi Linear: 2 KDA + 1 MLA)"]
+    # --config: another run (here its 4-layer, 16x128 BPE sibling) as the base; the dense row follows its depth
+    main(["bench", f"--report={report}", "ablate", "--quick", f"--data={char_data}", f"--out={tmp_path / 'bpe'}",
+          "--config=gutenberg-bpe-cpu", "--contenders", "dense"])
+    body = sections(report)[f"ablate-{hardware_kind()}"]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in body.splitlines() if " | 16x128 | " in line}
+    assert list(rows) == ["nanoKimi (MLA + MoE + MuonClip)", "nanoKimi - MoE (dense, equal active params)"]
+    active = {name: float(row[1].split(" (")[1].rstrip("M)")) for name, row in rows.items()}
+    # 4 dense layers: the MoE run's active parameters, but for the routers' (8 x 128 per MoE layer)
+    assert active["nanoKimi - MoE (dense, equal active params)"] == pytest.approx(
+        active["nanoKimi (MLA + MoE + MuonClip)"], abs=0.011)  # shown to 0.01M
+    assert "settings of `gutenberg-bpe-cpu` (16x128" in body
 
 
 def test_long_context_section_counts_caches_that_grow_and_one_that_stays_flat(tmp_path):

@@ -5,45 +5,50 @@ budgets) and at equal tokens, every final checkpoint scored by the one evaluator
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..presets import PRESETS
 from .report import hardware_kind, pyplot, save_figure, table, write_section
 from .training import EVAL_BATCH_SIZE, RECIPES, nanokimi_settings, run_training, score, spread
 
 
 @dataclass(frozen=True)
 class Contender:
-    """A model and optimizer trained with the shipped CPU run's settings (16x64, WSD, warmup 10, min_lr = lr/10),
-    except what `train` changes; `swept`: its lr comes from the sweep (else from `train` if it sets one, else it is
-    nanoKimi's best); `key`: its name for --contenders."""
+    """A model and optimizer trained with the run's settings (--config; by default the shipped CPU run: 16x64, WSD,
+    warmup 10, min_lr = lr/10), except what `train` changes; `preset` RUN: the run's own model, with `model`'s
+    changes (a function of the run's layer count where they depend on it); `swept`: its lr comes from the sweep
+    (else from `train` if it sets one, else it is nanoKimi's best); `key`: its name for --contenders."""
     key: str
     preset: str
-    model: dict = field(default_factory=dict)
+    model: dict | Callable = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     swept: bool = True
 
 
 RECIPE = RECIPES["cpu"]
+RUN = "the run"  # the preset of --config's run, with its [model] settings
+CHAR_RUN = "shakespeare-char-cpu"  # the run the nanoGPT rows (its char recipe) and the KDA row are set for
 CONTENDERS = {
     "nanoGPT, its recipe's settings": Contender("gpt-recipe", RECIPE.preset, RECIPE.model, {
         k: v for k, v in RECIPE.train.items() if k in ("optimizer", "lr", "min_lr", "lr_schedule", "warmup_iters",
                                                        "beta2", "batch_size", "block_size")}, swept=False),
     "nanoGPT, AdamW tuned": Contender("gpt-adamw", RECIPE.preset, RECIPE.model, {"optimizer": "adamw"}),
     "nanoGPT + Muon": Contender("gpt-muon", RECIPE.preset, RECIPE.model, {"optimizer": "muon"}),
-    "nanoKimi (MLA + MoE + MuonClip)": Contender("kimi", "shakespeare-char-cpu"),
+    "nanoKimi (MLA + MoE + MuonClip)": Contender("kimi", RUN),
     # every layer dense: SwiGLU of intermediate_size 384 = (2 routed + 1 shared) x 128, the MoE's active width
-    "nanoKimi - MoE (dense, equal active params)": Contender("dense", "shakespeare-char-cpu",
-                                                             {"first_k_dense_replace": 3}),
-    "nanoKimi - MLA (MHA)": Contender("mha", "shakespeare-char-cpu", {"attention": "mha"}),
-    "nanoKimi - Muon (AdamW)": Contender("adamw", "shakespeare-char-cpu", train={"optimizer": "adamw"}),
+    "nanoKimi - MoE (dense, equal active params)": Contender("dense", RUN,
+                                                             lambda layers: {"first_k_dense_replace": layers}),
+    "nanoKimi - MLA (MHA)": Contender("mha", RUN, {"attention": "mha"}),
+    "nanoKimi - Muon (AdamW)": Contender("adamw", RUN, train={"optimizer": "adamw"}),
     # QK-Clip only rescales heads past tau: it does not move the lr optimum, so this keeps nanoKimi's lr
-    "nanoKimi - QK-Clip (Muon)": Contender("muon", "shakespeare-char-cpu", train={"optimizer": "muon"}, swept=False),
+    "nanoKimi - QK-Clip (Muon)": Contender("muon", RUN, train={"optimizer": "muon"}, swept=False),
     # Kimi Linear in the shipped run's 3 layers: KDA in the first two, MLA without rotary position in the last
-    "nanoKimi + KDA (Kimi Linear: 2 KDA + 1 MLA)": Contender("kda", "shakespeare-char-cpu", {
+    "nanoKimi + KDA (Kimi Linear: 2 KDA + 1 MLA)": Contender("kda", RUN, {
         "layer_types": ["linear_attention", "linear_attention", "full_attention"], "mla_use_nope": True}),
 }
 FULL, DENSE, GPT_MUON = "nanoKimi (MLA + MoE + MuonClip)", "nanoKimi - MoE (dense, equal active params)", \
@@ -55,23 +60,29 @@ LONG_BUDGET_CONTENDERS = (FULL, DENSE, GPT_MUON, KDA)  # the long budget's quest
 def bench_ablate(args):
     plt = pyplot()
     started = time.perf_counter()
-    shipped, shipped_model = nanokimi_settings("shakespeare-char-cpu")
+    shipped, shipped_model = nanokimi_settings(args.config)
     base = {k: shipped[k] for k in ("batch_size", "block_size", "lr_schedule", "warmup_iters", "optimizer", "beta1",
                                     "beta2", "weight_decay", "grad_clip", "qk_clip_tau", "muon_dtype")}
     base |= dict(data=args.data, eval_iters=1, eval_interval=10 ** 6, max_iters=10 ** 6)
     seeds = range(args.seeds)
-    context = RECIPE.train["block_size"]
-    keys = set(args.contenders) | {CONTENDERS[FULL].key}  # the shipped run: every other row is measured against it
+    context = shipped["block_size"]
+    layers = shipped_model.get("num_hidden_layers", PRESETS[shipped["preset"]].num_hidden_layers)
+    keys = set(args.contenders) | {CONTENDERS[FULL].key}  # the run itself: every other row is measured against it
     contenders = {name: c for name, c in CONTENDERS.items() if c.key in keys}
+    char_only = sorted(c.key for c in contenders.values() if c.preset != RUN or c.key == "kda")
+    if args.config != CHAR_RUN and char_only:
+        raise UserError(f"--contenders {' '.join(char_only)}: those rows are set for {CHAR_RUN} (nanoGPT's "
+                        f"char recipe, KDA in its 3 layers); with --config={args.config} pick from kimi dense mha "
+                        f"adamw muon")
     long_budget = [name for name in LONG_BUDGET_CONTENDERS if name in contenders]
 
     def settings(name, lr=None):
         c = contenders[name]
         s = base | c.train
-        model = (shipped_model if c.preset == "shakespeare-char-cpu" else {}) | c.model
+        model = (shipped_model if c.preset == RUN else {}) | (c.model(layers) if callable(c.model) else c.model)
         if lr is not None:
             s |= dict(lr=lr, min_lr=lr / 10)
-        return dict(s, preset=c.preset), model
+        return dict(s, preset=shipped["preset"] if c.preset == RUN else c.preset), model
 
     def trained(name, tag, seed, lr=None, **limits):
         s, model = settings(name, lr)
@@ -144,7 +155,8 @@ def bench_ablate(args):
     axes[0].set_yticks(range(len(names)), names)
     axes[0].invert_yaxis()
     kind = hardware_kind("cuda" if torch.cuda.is_available() else "cpu")  # where the runs' device=auto trains
-    save_figure(fig, "ablation on shakespeare_char: equal time and equal tokens", args.assets / f"ablate_{kind}.png")
+    save_figure(fig, f"ablation on {Path(args.data).name}: equal time and equal tokens",
+                args.assets / f"ablate_{kind}.png")
 
     def mean(runs):
         return statistics.mean(r["val"] for r in runs.values())
@@ -169,9 +181,11 @@ def bench_ablate(args):
             f"equal tokens, {mean(long[KDA]):.4f} vs {mean(long[FULL]):.4f} at {args.long_budget_s:g} s (mean of the "
             f"seeds; lower is better).")
     verdict = " ".join(verdicts)
-    body = (f"Every contender trains on `{args.data}` with the shipped CPU run's settings (`shakespeare-char-cpu`: "
-            f"16x64 tokens per step, WSD, warmup 10, min_lr = lr/10) except where named: nanoGPT's recipe row keeps "
-            f"nanoGPT's own CPU settings (12x64, AdamW 1e-3, cosine, warmup 100, beta2 0.99). Each swept contender's "
+    body = (f"Every contender trains on `{args.data}` with the settings of `{args.config}` ({shipped['batch_size']}x"
+            f"{shipped['block_size']} tokens per step, {shipped['lr_schedule']}, warmup {shipped['warmup_iters']}, "
+            f"min_lr = lr/10) except where named" + (": nanoGPT's recipe row keeps nanoGPT's own CPU settings (12x64, "
+            f"AdamW 1e-3, cosine, warmup 100, beta2 0.99)." if "nanoGPT, its recipe's settings" in contenders else ".")
+            + f" Each swept contender's "
             f"lr is the best of {', '.join(f'{lr:g}' for lr in args.lrs)} at the short budget (seed {seeds[0]}, "
             f"which is also its seed-{seeds[0]} run there); the no-QK-Clip row keeps nanoKimi's lr. Budgets are "
             f"training seconds (`--max_time_s`, schedule fitted to the time); equal tokens = {args.tokens} training "

@@ -142,6 +142,9 @@ def build_parser():
                    help="the long budget for the MoE question, about the demo's 150 s of training")
     p.add_argument("--tokens", type=positive, default=204800, help="training tokens of the equal-token runs")
     p.add_argument("--eval_batches", type=positive, default=17, help="x 12 fixed val windows score every run")
+    p.add_argument("--config", default="shakespeare-char-cpu",
+                   help="the nanoKimi run every row starts from: a named run or .toml (the nanoGPT and KDA rows: only "
+                        "shakespeare-char-cpu)")
     p.add_argument("--contenders", nargs="+", choices=[c.key for c in CONTENDERS.values()],
                    default=[c.key for c in CONTENDERS.values()], help="the rows to run (the shipped run always)")
     p.add_argument("--quick", action="store_true", help="a few seconds each: a smoke test of the report")
