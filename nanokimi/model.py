@@ -1,7 +1,8 @@
 """Kimi-K2 in one file: Multi-head Latent Attention + DeepSeekMoE, at any size.
 
 Names follow DeepSeek-V3 / Kimi-K2's config.json and Hugging Face's DeepseekV3 checkpoint layout, so a reader can
-hold this file next to the paper (arXiv 2507.20534) and `../shared/kimi-k2.md`.
+hold this file next to the paper (arXiv 2507.20534) and `../shared/kimi-k2.md`. Kimi Linear (arXiv 2510.26692) is the
+same model with `layer_types` naming KDA layers (kda.py) beside the MLA ones.
 Shapes in comments: B batch, T sequence, H hidden_size, nh heads, E routed experts, K experts per token.
 """
 
