@@ -7,7 +7,7 @@ channel by channel, then corrects towards its value (a delta-rule step of streng
 
 so prefill costs O(T) and decoding keeps a state of fixed size, whatever the context. Training and prefill run the
 chunkwise-parallel form (chunks of 64: the WY/UT representation, one triangular solve per chunk); decoding runs the
-recurrent form. Names and layout follow Hugging Face's `KimiLinearDeltaAttention`, so checkpoints map one to one.
+recurrent form. Names follow transformers' `KimiLinearDeltaAttention` (hf_linear.py maps the checkpoints' spelling).
 Shapes: B batch, T tokens, nh heads, d head dim (d_k = d_v = d), C chunk.
 
 It sits beside model.py's MLA (config.layer_types) and imports nothing from it."""
@@ -37,7 +37,7 @@ def decayed_scores(a, b, log_decay):
     exp(G_i - G_j) <= 1 for j <= i, but exp(G_i) and exp(-G_j) apart overflow fp32 once a chunk decays past e^-88,
     so no single matmul of the two. Across sub-chunks both factors are taken relative to G at the first position of
     i's sub-chunk (each factor <= 1, one matmul); within a sub-chunk the C x SUB_CHUNK pairs are compared channel
-    by channel (fla's kernels split the same way)."""
+    by channel."""
     *_, C, d = a.shape
     s = math.gcd(SUB_CHUNK, C)
     n = C // s
