@@ -114,7 +114,7 @@ def layer_weight_name(parts):
 def from_hf_state_dict(tensors, config, folder="the folder"):
     """HF tensors (per-expert or fused experts) -> nanoKimi state dict. MTP layers are skipped with a warning."""
     if hf_linear.is_hybrid(config):
-        tensors = hf_linear.from_hf_names(tensors, config)
+        tensors = hf_linear.from_hf_names(tensors)
     state, experts = {}, {}
     skipped = set()
     for name, tensor in tensors.items():
@@ -284,11 +284,11 @@ def export(checkpoint_path, out_dir):
     ckpt_path = checkpoint.resolve(checkpoint_path)
     check_apart(ckpt_path.parent if ckpt_path.name == checkpoint.NAME else ckpt_path, out_dir, "export")
     check_destination(out_dir, "export", "a Hugging Face model folder", EXPORT_FILES)
-    model, _, ckpt = checkpoint.load_model(ckpt_path)
+    model, tokenizer, ckpt = checkpoint.load_model(ckpt_path)
     if not isinstance(model, Kimi):
         raise UserError(f"{ckpt.path} holds the {ckpt.arch} baseline: only Kimi models export (to DeepseekV3 or "
                         f"Kimi Linear)")
-    return save_hf(model, out_dir, ckpt.path if (ckpt.path / "meta.json").is_file() else None)  # imported: maybe none
+    return save_hf(model, out_dir, ckpt.path if tokenizer is not None else None)  # an imported one may have none
 
 
 def import_folder(hf_dir, out):

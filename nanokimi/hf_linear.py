@@ -131,7 +131,7 @@ def to_hf_names(state, config):
     return out
 
 
-def from_hf_names(tensors, config):
+def from_hf_names(tensors):
     """Kimi Linear checkpoint tensors (Moonshot's or transformers' in-memory names) -> DeepseekV3-style names for
     MLA and MoE (`mlp.experts.E.PROJ.weight` or fused) and nanoKimi's KDA names; hf.from_hf_state_dict does the rest."""
     out, convs = {}, {}

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .generation import generate_tokens
 from .hardware import expert_gemm_path
-from .kda import KDA, KDACache
+from .kda import CHUNK, KDA, KDACache
 
 LAYER_TYPES = ("full_attention", "linear_attention")  # transformers' names: softmax attention, KDA
 
@@ -679,7 +679,7 @@ class Kimi(nn.Module):
         attn = kinds.count("full_attention") * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq_len
         # KDA per token and head: the chunk's decayed q.k and k.k scores, their products with values (~ 4 C d), and
         # reading, correcting and updating the d x d state (~ 4 d^2); grows with the chunk, not with seq_len
-        kda = kinds.count("linear_attention") * c.linear_num_heads * (4 * 64 * c.linear_head_dim
+        kda = kinds.count("linear_attention") * c.linear_num_heads * (4 * CHUNK * c.linear_head_dim
                                                                       + 4 * c.linear_head_dim ** 2) // 2
         return 6 * (params["active"] - params["embedding"]) + 6 * (attn + kda)
 

@@ -9,22 +9,16 @@ import torch
 from ..model import Kimi, attention_kind
 from ..presets import PRESETS, make_config
 from .report import table, write_section
-from .speed import decode_timing, peak_memory
+from .speed import cache_nbytes, decode_timing, peak_memory
 
 HYBRID_PATTERN = ["linear_attention"] * 3 + ["full_attention"]  # Kimi Linear's 3:1
 
 
-def layer_cache_bytes(config, layer, length):
-    """Bytes of layer `layer`'s fp32 inference cache for one sequence of `length` tokens, read off the cache class
-    built on the meta device (no memory)."""
-    cache = attention_kind(config, layer).cache(config, 1, length, "meta", torch.float32)
-    return sum(t.nbytes for t in vars(cache).values() if isinstance(t, torch.Tensor) and t._base is None)
-
-
 def cache_bytes(config, length, kind=None):
-    """Every layer's cache bytes (kind: only the layers of that layer_type, e.g. "linear_attention")."""
-    return sum(layer_cache_bytes(config, i, length) for i in range(config.num_hidden_layers)
-               if kind in (None, config.layer_type(i)))
+    """Bytes of the fp32 inference caches for one sequence of `length` tokens, every layer's (kind: only the layers
+    of that layer_type, e.g. "linear_attention"), read off the cache classes built on the meta device (no memory)."""
+    return sum(cache_nbytes(attention_kind(config, i).cache(config, 1, length, "meta", torch.float32))
+               for i in range(config.num_hidden_layers) if kind in (None, config.layer_type(i)))
 
 
 def contenders(preset, layers, longest):
@@ -43,7 +37,7 @@ def bench_long_context(args):
     models = contenders(args.preset, args.layers, longest)
     rows, prefill, speed = [], {}, {}
     for context in args.contexts:
-        prompt = torch.randint(0, 65, (1, context))
+        prompt = torch.randint(0, next(iter(models.values())).config.vocab_size, (1, context))
         runs = {name: [] for name in models}
         for _ in range(args.rounds):  # interleaved: the shared machine's drift hits every layout alike
             for name, model in models.items():

@@ -48,7 +48,11 @@ def moe_step(moe, inputs):
 
 def kv_bytes_per_token_layer(config, dtype=torch.bfloat16):
     """Bytes one token adds to one layer's inference cache, read off the cache nanoKimi allocates (on meta)."""
-    cache = ATTENTION[config.attention].cache(config, 1, 1, "meta", dtype)
+    return cache_nbytes(ATTENTION[config.attention].cache(config, 1, 1, "meta", dtype))
+
+
+def cache_nbytes(cache):
+    """Bytes an inference cache allocates: its tensors, not the views into them."""
     return sum(t.nbytes for t in vars(cache).values() if isinstance(t, torch.Tensor) and t._base is None)
 
 
