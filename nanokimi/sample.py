@@ -43,14 +43,12 @@ def sample(path, prompt=None, max_new_tokens=500, temperature=0.8, top_k=200, to
     for i in range(num_samples):
         generator = torch.Generator(device=device).manual_seed(seed + i)
         idx = torch.tensor([ids], device=device)
-        new, shown = [], ""
+        text_of, pieces = tokenizer.stream(), []
         out.write(prompt)
         for token in model.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator):
-            new.append(token.item())
-            text = tokenizer.decode(new)  # decode the whole tail: a BPE token may end mid-character
-            out.write(text[len(shown):])
+            pieces.append(text_of(token.item()))
+            out.write(pieces[-1])
             out.flush()
-            shown = text
         out.write("\n" + ("-" * 40 + "\n" if i < num_samples - 1 else ""))
-        texts.append(prompt + shown)
+        texts.append(prompt + "".join(pieces))
     return texts

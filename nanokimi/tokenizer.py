@@ -67,6 +67,10 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
 
+    def stream(self):
+        """One token id -> its text, for printing tokens as they are sampled (every id is whole characters)."""
+        return self.chars.__getitem__
+
     def token_bytes(self):
         """UTF-8 bytes of each token id's text (for bits per byte); the boundary token is no text."""
         return [0 if i == self.boundary_token_id else len(c.encode()) for i, c in enumerate(self.chars)]
@@ -126,6 +130,14 @@ class HFTokenizer:
 
     def decode(self, ids):
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def stream(self):
+        """One token id -> the text it completes ("" while a character is split across tokens), for printing tokens
+        as they are sampled: the library's incremental decoder, a constant cost per token where decoding the whole
+        tail again for each one is quadratic."""
+        from tokenizers.decoders import DecodeStream
+        decoder = DecodeStream(skip_special_tokens=False)
+        return lambda token: decoder.step(self.tokenizer, token) or ""
 
     def token_bytes(self):
         """Bytes of text each token id stands for (for bits per byte): special tokens none; a byte-level vocabulary

@@ -180,7 +180,11 @@ def test_ablate_quick_report(char_data, tmp_path):
     # --config: another run (here its 4-layer, 16x128 BPE sibling) as the base; the dense row follows its depth
     main(["bench", f"--report={report}", "ablate", "--quick", f"--data={char_data}", f"--out={tmp_path / 'bpe'}",
           "--config=gutenberg-bpe-cpu", "--contenders", "dense"])
-    body = sections(report)[f"ablate-{hardware_kind()}"]
+    # its own section and picture: the char run's ablation stays beside it
+    assert [name for name in sections(report) if name.startswith("ablate-")] == [
+        f"ablate-{hardware_kind()}", f"ablate-gutenberg-bpe-cpu-{hardware_kind()}"]
+    assert (tmp_path / "assets" / f"ablate_gutenberg-bpe-cpu-{hardware_kind()}.png").stat().st_size > 1000
+    body = sections(report)[f"ablate-gutenberg-bpe-cpu-{hardware_kind()}"]
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in body.splitlines() if " | 16x128 | " in line}
     assert list(rows) == ["nanoKimi (MLA + MoE + MuonClip)", "nanoKimi - MoE (dense, equal active params)"]
     active = {name: float(row[1].split(" (")[1].rstrip("M)")) for name, row in rows.items()}
@@ -188,6 +192,7 @@ def test_ablate_quick_report(char_data, tmp_path):
     assert active["nanoKimi - MoE (dense, equal active params)"] == pytest.approx(
         active["nanoKimi (MLA + MoE + MuonClip)"], abs=0.011)  # shown to 0.01M
     assert "settings of `gutenberg-bpe-cpu` (16x128" in body
+    assert "the sparse MoE " in body.split("every layer dense")[1]  # the MoE question answered without nanoGPT's row
 
 
 def test_long_context_section_counts_caches_that_grow_and_one_that_stays_flat(tmp_path):

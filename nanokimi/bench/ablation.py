@@ -155,8 +155,10 @@ def bench_ablate(args):
     axes[0].set_yticks(range(len(names)), names)
     axes[0].invert_yaxis()
     kind = hardware_kind("cuda" if torch.cuda.is_available() else "cpu")  # where the runs' device=auto trains
+    # one section and picture per base run and hardware kind: another run's ablation never replaces the char run's
+    name = kind if args.config == CHAR_RUN else f"{Path(args.config).stem}-{kind}"
     save_figure(fig, f"ablation on {Path(args.data).name}: equal time and equal tokens",
-                args.assets / f"ablate_{kind}.png")
+                args.assets / f"ablate_{name}.png")
 
     def mean(runs):
         return statistics.mean(r["val"] for r in runs.values())
@@ -164,15 +166,16 @@ def bench_ablate(args):
     def apart(a, b):  # whether every seed of a is below every seed of b
         return max(r["val"] for r in a.values()) < min(r["val"] for r in b.values())
     verdicts = []
-    if DENSE in long and GPT_MUON in long:
-        rivals = (long[DENSE], long[GPT_MUON])
+    if DENSE in long:
+        rivals = [long[n] for n in (DENSE, GPT_MUON) if n in long]
         pays = all(mean(long[FULL]) < mean(r) for r in rivals)
         verdicts.append(
             f"At {args.long_budget_s:g} s the shipped config (sparse MoE) reaches {mean(long[FULL]):.4f}, every "
-            f"layer dense {mean(long[DENSE]):.4f}, nanoGPT + Muon {mean(long[GPT_MUON]):.4f}: the sparse MoE "
+            f"layer dense {mean(long[DENSE]):.4f}"
+            + (f", nanoGPT + Muon {mean(long[GPT_MUON]):.4f}" if GPT_MUON in long else "") + ": the sparse MoE "
             + ("pays" if pays else "does not pay") + " at this budget in the mean of the seeds"
-            + (", every seed below every rival seed" if pays and all(apart(long[FULL], r) for r in rivals) else
-               ", with the seeds' ranges overlapping" if pays else "")
+            + ("" if not pays or args.seeds == 1 else ", every seed below every rival seed"
+               if all(apart(long[FULL], r) for r in rivals) else ", with the seeds' ranges overlapping")
             + f". At equal tokens ({args.tokens}): MoE {mean(tokens[FULL]):.4f} vs dense {mean(tokens[DENSE]):.4f}.")
     if KDA in long:
         verdicts.append(
@@ -197,7 +200,7 @@ def bench_ablate(args):
             + table(["contender", "params (active)", "lr", "batch", "ms/step", f"steps in {args.budget_s:g} s",
                      f"val @ {args.budget_s:g} s", f"val @ {args.tokens} tokens", f"val @ {args.long_budget_s:g} s"],
                     rows)
-            + f"\n\n{verdict}\n\n![ablation](assets/ablate_{kind}.png)\n\nThe lr sweep (val @ {args.budget_s:g} s, "
+            + f"\n\n{verdict}\n\n![ablation](assets/ablate_{name}.png)\n\nThe lr sweep (val @ {args.budget_s:g} s, "
               f"seed {seeds[0]}):\n\n" + table(["contender", *(f"lr {lr:g}" for lr in args.lrs)], sweep_rows))
     print(body)
-    write_section(args.report, f"ablate-{kind}", body, args.command)
+    write_section(args.report, f"ablate-{name}", body, args.command)
