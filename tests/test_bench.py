@@ -174,17 +174,18 @@ def test_ablate_quick_report(char_data, tmp_path):
     # --contenders: the rows asked for, beside the shipped run they are measured against
     main(["bench", f"--report={report}", "ablate", "--quick", f"--data={char_data}", f"--out={tmp_path / 'kda'}",
           "--contenders", "kda"])
-    body = sections(report)[f"ablate-{hardware_kind()}"]
+    body = sections(report)[f"ablate-kda-{hardware_kind()}"]
     assert [line.split(" | ")[0].strip("| ") for line in body.splitlines() if " | 16x64 | " in line] == [
         "nanoKimi (MLA + MoE + MuonClip)", "nanoKimi + KDA (Kimi Linear: 2 KDA + 1 MLA)"]
     # --config: another run (here its 4-layer, 16x128 BPE sibling) as the base; the dense row follows its depth
     main(["bench", f"--report={report}", "ablate", "--quick", f"--data={char_data}", f"--out={tmp_path / 'bpe'}",
           "--config=gutenberg-bpe-cpu", "--contenders", "dense"])
-    # its own section and picture: the char run's ablation stays beside it
-    assert [name for name in sections(report) if name.startswith("ablate-")] == [
-        f"ablate-{hardware_kind()}", f"ablate-gutenberg-bpe-cpu-{hardware_kind()}"]
-    assert (tmp_path / "assets" / f"ablate_gutenberg-bpe-cpu-{hardware_kind()}.png").stat().st_size > 1000
-    body = sections(report)[f"ablate-gutenberg-bpe-cpu-{hardware_kind()}"]
+    # each its own section and picture: the whole ablation of the char run stays beside them
+    assert list(sections(report)) == [f"ablate-{hardware_kind()}", f"ablate-kda-{hardware_kind()}",
+                                      f"ablate-gutenberg-bpe-cpu-dense-{hardware_kind()}"]
+    assert sections(report)[f"ablate-{hardware_kind()}"].count(" | 16x64 | ") == 8  # and the recipe's 12x64
+    assert (tmp_path / "assets" / f"ablate_gutenberg-bpe-cpu-dense-{hardware_kind()}.png").stat().st_size > 1000
+    body = sections(report)[f"ablate-gutenberg-bpe-cpu-dense-{hardware_kind()}"]
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in body.splitlines() if " | 16x128 | " in line}
     assert list(rows) == ["nanoKimi (MLA + MoE + MuonClip)", "nanoKimi - MoE (dense, equal active params)"]
     active = {name: float(row[1].split(" (")[1].rstrip("M)")) for name, row in rows.items()}

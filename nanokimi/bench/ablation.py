@@ -155,8 +155,11 @@ def bench_ablate(args):
     axes[0].set_yticks(range(len(names)), names)
     axes[0].invert_yaxis()
     kind = hardware_kind("cuda" if torch.cuda.is_available() else "cpu")  # where the runs' device=auto trains
-    # one section and picture per base run and hardware kind: another run's ablation never replaces the char run's
-    name = kind if args.config == CHAR_RUN else f"{Path(args.config).stem}-{kind}"
+    # one section and picture per base run, set of rows and hardware kind: an ablation of another run, or of some
+    # rows only, never replaces the whole one
+    name = "-".join(([] if args.config == CHAR_RUN else [Path(args.config).stem])
+                    + ([] if len(contenders) == len(CONTENDERS) else sorted(keys - {CONTENDERS[FULL].key}))
+                    + [kind])
     save_figure(fig, f"ablation on {Path(args.data).name}: equal time and equal tokens",
                 args.assets / f"ablate_{name}.png")
 
