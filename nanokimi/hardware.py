@@ -11,11 +11,22 @@ import torch
 
 
 def cpu_kind():
-    """torch's CPU capability (DEFAULT, AVX2, AVX512, ...) and the bf16/AMX matrix instructions it has, e.g.
-    "AVX512 + bf16" (AVX-512 with native bf16 dot products) or "AVX2" (bf16 only by emulation)."""
+    """The CPU level torch runs at (DEFAULT, AVX2, AVX512, ...) and the bf16/AMX matrix instructions it uses, e.g.
+    "AVX512 + bf16" (AVX-512 with native bf16 dot products) or "AVX2" (bf16 only by emulation). What torch runs, not
+    what CPUID reports: under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 an AVX-512 CPU says "AVX2"."""
     extras = [name for name, has in (("bf16", torch.cpu._is_avx512_bf16_supported),
-                                     ("AMX", torch.cpu._is_amx_tile_supported)) if has()]
+                                     ("AMX", torch.cpu._is_amx_tile_supported)) if has()] if cpu_bf16_matmul() else []
     return " + ".join([torch.backends.cpu.get_cpu_capability(), *extras])
+
+
+def cpu_bf16_matmul():
+    """Whether torch multiplies bf16 matrices on this CPU with native instructions: the CPU has them (CPUID: AVX-512
+    bf16 or AMX), ATen dispatches at an AVX-512 level (ATEN_CPU_CAPABILITY can lower it) and oneDNN, which runs CPU
+    bf16 matmuls, offers bf16 (ONEDNN_MAX_CPU_ISA can take it away; asked only where this torch has oneDNN). CPUID
+    alone is fooled by those variables: it chose bf16, which then ran emulated at ~50x fp32's cost."""
+    return ((torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+            and (not torch.backends.mkldnn.is_available() or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())))
 
 
 def describe(device):
@@ -36,7 +47,8 @@ def synchronize(device):
 
 def native_bf16_matmul(device):
     """Whether `device` multiplies bf16 matrices in hardware (and so faster than fp32), by capability: a CUDA GPU of
-    compute capability >= 8.0 (Ampere on), a CPU with AVX-512 bf16 or AMX instructions. Elsewhere bf16 is emulated:
+    compute capability >= 8.0 (Ampere on), a CPU where torch runs bf16 natively (`cpu_bf16_matmul`: AVX-512 bf16 or
+    AMX, at the level torch dispatches at). Elsewhere bf16 is emulated:
     ~7x slower than fp32 on an AVX2 CPU (BENCHMARKS, step). A rule, not a timing: a timing taken while other work
     loads the cores flipped from start to start (5 identical starts chose bf16, fp32, fp32, fp32, bf16)."""
     device = torch.device(device)
@@ -44,7 +56,7 @@ def native_bf16_matmul(device):
         index = device.index if device.index is not None else torch.cuda.current_device()
         return cuda_capability(index) >= (8, 0)
     if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return cpu_bf16_matmul()
     return False
 
 

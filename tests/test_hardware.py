@@ -2,6 +2,7 @@
 capability, and the line that says what was chosen."""
 
 import json
+import os
 import time
 
 import pytest
@@ -10,25 +11,43 @@ import torch
 from nanokimi import Kimi, hardware
 from nanokimi.model import grouped_matmul
 from nanokimi.optim import configure_optimizer, newton_schulz_dtype, zeropower_via_newtonschulz
-from tests.conftest import tiny_config, train
+from tests.conftest import TINY, run_cli, tiny_config, train
 from tests.test_optim import newton_schulz_fp32
 
 
-@pytest.mark.parametrize("device, avx512_bf16, amx, capability, expected", [
-    ("cpu", False, False, None, torch.float32),  # AVX2: bf16 emulated, ~7x slower
-    ("cpu", True, False, None, torch.bfloat16),  # Zen 4 / Ice Lake: AVX-512 bf16
-    ("cpu", False, True, None, torch.bfloat16),  # Sapphire Rapids: AMX
-    ("cuda", False, False, (9, 0), torch.bfloat16),  # H100
-    ("cuda", False, False, (8, 0), torch.bfloat16),  # A100
-    ("cuda", False, False, (7, 5), torch.float32),  # T4: no bf16 tensor cores
-    ("mps", False, False, None, torch.float32),
+@pytest.mark.parametrize("device, avx512_bf16, amx, aten, onednn_bf16, capability, expected", [
+    ("cpu", False, False, "AVX2", False, None, torch.float32),  # AVX2: bf16 emulated, ~7x slower
+    ("cpu", True, False, "AVX512", True, None, torch.bfloat16),  # Zen 4 / Ice Lake: AVX-512 bf16
+    ("cpu", False, True, "AVX512", True, None, torch.bfloat16),  # Sapphire Rapids: AMX
+    ("cpu", False, False, "AVX512", True, None, torch.float32),  # Skylake-X: AVX-512 without bf16 instructions
+    ("cpu", True, False, "AVX2", True, None, torch.float32),  # ATEN_CPU_CAPABILITY=avx2 on a Zen 4
+    ("cpu", True, True, "AVX512", False, None, torch.float32),  # ONEDNN_MAX_CPU_ISA=AVX2: oneDNN has no bf16 kernel
+    ("cuda", False, False, "AVX2", False, (9, 0), torch.bfloat16),  # H100
+    ("cuda", False, False, "AVX2", False, (8, 0), torch.bfloat16),  # A100
+    ("cuda", True, False, "AVX512", True, (7, 5), torch.float32),  # T4: no bf16 tensor cores
+    ("mps", True, False, "AVX512", True, None, torch.float32),
 ])
-def test_auto_newton_schulz_dtype_by_capability(monkeypatch, device, avx512_bf16, amx, capability, expected):
+def test_auto_newton_schulz_dtype_by_capability(monkeypatch, device, avx512_bf16, amx, aten, onednn_bf16, capability,
+                                                 expected):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: aten)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
     monkeypatch.setattr(hardware, "cuda_capability", lambda index: capability)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert newton_schulz_dtype(device) == expected
+
+
+def test_the_avx2_emulation_variables_choose_fp32_and_say_avx2(char_data, tmp_path):
+    """How this project measures the AVX2 kind on an AVX-512 machine: the rule reads what torch runs, not CPUID, so
+    the trainer takes fp32 Newton-Schulz and names the CPU "AVX2" (on an AVX2 CPU the same holds by itself)."""
+    env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    result = run_cli("train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={tmp_path / 'run'}", *TINY,
+                     "--max_iters=1", "--eval_interval=1", env=env)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert f"CPU AVX2, " in first and "Newton-Schulz float32 (auto: no native bf16 matmul on CPU AVX2)" in first, first
 
 
 def test_auto_newton_schulz_dtype_does_not_flip_with_load(monkeypatch):
@@ -55,14 +74,16 @@ def test_fp32_newton_schulz_equals_the_fp32_reference():
 
 
 def test_trainer_names_its_choices_and_resume_keeps_them(char_data, tmp_path, capsys):
+    """The run is started in the precision this machine would NOT choose, so a resume that re-chose would show."""
+    forced = "float32" if hardware.native_bf16_matmul("cpu") else "bfloat16"
     out = tmp_path / "run"
-    train(char_data, out, "--max_iters=3", "--eval_interval=3", "--muon_dtype=float32")
+    train(char_data, out, "--max_iters=3", "--eval_interval=3", f"--muon_dtype={forced}")
     first = capsys.readouterr().out.splitlines()[0]
     assert f"CPU {hardware.cpu_kind()}, {torch.get_num_threads()} threads" in first
-    assert "expert GEMM grouped" in first and "Newton-Schulz float32 (as set)" in first
-    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["muon_dtype"] == "float32"
+    assert "expert GEMM grouped" in first and f"Newton-Schulz {forced} (as set)" in first
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["muon_dtype"] == forced
     train(char_data, out, "--max_iters=5", "--eval_interval=3", "--resume")  # saved settings: muon_dtype kept
-    assert "Newton-Schulz float32" in capsys.readouterr().out
+    assert f"Newton-Schulz {forced} (as set)" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no grouped GEMM")

@@ -7,7 +7,7 @@ import torch
 import nanokimi
 from nanokimi.cli import main
 from nanokimi.sample import sample
-from tests.conftest import TINY
+from tests.conftest import TINY, assert_greedy, teacher_forced_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,9 +74,12 @@ def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(char_da
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"))
     prompt = "ROMEO:"
     ids = torch.tensor([tokenizer.encode(prompt)])
-    hf_tokens = reference.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
-    ours = sample(out, prompt, max_new_tokens=20, temperature=0, out=io.StringIO())[0]
-    assert tokenizer.decode(hf_tokens) == ours[len(prompt):]
+    start = ids.shape[1]
+    hf_seq = reference.generate(ids, max_new_tokens=20, do_sample=False)
+    ours = torch.tensor([tokenizer.encode(sample(out, prompt, max_new_tokens=20, temperature=0, out=io.StringIO())[0])])
+    assert ours.shape == hf_seq.shape and torch.equal(ours[:, :start], ids)
+    assert_greedy(hf_seq[:, start:], teacher_forced_logits(model, hf_seq, start))  # each side's greedy tokens are
+    assert_greedy(ours[:, start:], teacher_forced_logits(reference, ours, start))  # the other's, ties aside
     # and the nanoKimi round trip: nanokimi.save_pretrained(format="hf") -> nanokimi.from_pretrained
     nanokimi.save_pretrained(model, tmp_path / "again", format="hf")
     torch.testing.assert_close(nanokimi.from_pretrained(tmp_path / "again")(idx)[0], model(idx)[0])
@@ -132,7 +135,9 @@ def test_kimi_linear_imports_and_exports_with_transformers_logits_and_greedy_tok
         torch.testing.assert_close(model(idx)[0], expected, atol=1e-4, rtol=0)
         prompt = idx[:1, :12]
         hf_tokens = reference.generate(prompt, max_new_tokens=30, do_sample=False)
-    assert torch.equal(model.generate(prompt, 30, temperature=0), hf_tokens)
+    assert_greedy(hf_tokens[:, 12:], teacher_forced_logits(model, hf_tokens, 12))
+    ours = model.generate(prompt, 30, temperature=0)
+    assert_greedy(ours[:, 12:], teacher_forced_logits(reference, ours, 12))
     main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")])
     main(["export", str(tmp_path / "imported"), str(tmp_path / "exported")])
     config = json.loads((tmp_path / "exported" / "config.json").read_text())
@@ -140,7 +145,8 @@ def test_kimi_linear_imports_and_exports_with_transformers_logits_and_greedy_tok
     with torch.no_grad():
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
         torch.testing.assert_close(reloaded(idx).logits, expected, atol=1e-4, rtol=0)
-        assert torch.equal(reloaded.generate(prompt, max_new_tokens=30, do_sample=False), hf_tokens)
+        reloaded_tokens = reloaded.generate(prompt, max_new_tokens=30, do_sample=False)
+    assert_greedy(reloaded_tokens[:, 12:], teacher_forced_logits(reference, reloaded_tokens, 12))
 
 
 def test_a_hybrid_with_rotary_mla_is_not_exported_as_kimi_linear(tmp_path, capsys):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from nanokimi import PRESETS, Kimi
 from nanokimi.baseline import GPT, GPTConfig
 from nanokimi.model import MoE, grouped_mm
-from tests.conftest import tiny_config
+from tests.conftest import assert_greedy, teacher_forced_logits, tiny_config
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -60,14 +60,22 @@ def test_yarn_changes_frequencies_and_scale():
     assert not torch.allclose(plain.rope_cos, yarn.rope_cos)
 
 
-def test_greedy_generate_same_with_and_without_cache():
-    model = Kimi(tiny_config()).eval()
+def test_greedy_decoding_with_and_without_cache_follows_the_full_forward():
+    model = Kimi(tiny_config()).eval()  # context 64
     idx = torch.randint(0, 50, (1, 5))
-    with_cache = model.generate(idx, 30, temperature=0, use_cache=True)
-    without = model.generate(idx, 30, temperature=0, use_cache=False)
-    assert torch.equal(with_cache, without)
-    # past max_position_embeddings the cached generator refills its window and keeps going
-    assert model.generate(idx, 100, top_k=5, use_cache=True).shape == (1, 105)
+    for use_cache in (True, False):
+        seq = model.generate(idx, 30, temperature=0, use_cache=use_cache)
+        assert_greedy(seq[:, 5:], teacher_forced_logits(model, seq, 5))
+    # past the context, uncached decoding slides a window of 64 tokens; the cached one refills its cache with the
+    # newest 32 tokens each time it is full (from position 0: positions past the context were never trained)
+    seq = model.generate(idx, 100, temperature=0, use_cache=False)
+    assert_greedy(seq[:, 5:], teacher_forced_logits(model, seq, 5, max_context=64))
+    seq = model.generate(idx, 100, temperature=0, use_cache=True)
+    window_start = 0
+    for t in range(5, 105):
+        if t - window_start > 64:  # full: the newest half (the token just sampled included) prefilled again
+            window_start = t - 32
+        assert_greedy(seq[:, t:t + 1], teacher_forced_logits(model, seq[:, window_start:t + 1], t - window_start))
 
 
 def reference_moe(moe, x):

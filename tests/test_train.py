@@ -15,7 +15,7 @@ from nanokimi.cli import main
 from nanokimi.config import TrainConfig
 from nanokimi.tokenizer import load_tokenizer
 from nanokimi.train import learning_rate
-from tests.conftest import (ROOT, TINY, cli_error, metrics, readme_lines, run_as_user, run_cli, step_losses, train,
+from tests.conftest import (ROOT, TINY, assert_sampled_greedily, cli_error, metrics, readme_lines, run_as_user, run_cli, step_losses, train,
                             wait_for_steps)
 
 
@@ -34,11 +34,7 @@ def test_train_then_sample_end_to_end(char_data, tmp_path):
     assert {"model.safetensors", "config.json", "optimizer.safetensors", "meta.json"} <= {p.name for p in
                                                                                           ckpt.iterdir()}
     assert not any(k.startswith("_orig_mod") for k in safetensors.torch.load_file(ckpt / "model.safetensors"))
-    cached = run_cli("sample", out, "--prompt=ROMEO:", "--max_new_tokens=20", "--temperature=0")
-    uncached = run_cli("sample", out, "--prompt=ROMEO:", "--max_new_tokens=20", "--temperature=0", "--no_cache")
-    assert cached.returncode == 0, cached.stderr
-    assert cached.stdout.startswith("ROMEO:") and len(cached.stdout) == len("ROMEO:") + 20 + 1  # + final newline
-    assert cached.stdout == uncached.stdout
+    assert_sampled_greedily(out, "ROMEO:", 20)
     two = run_cli("sample", out, "--max_new_tokens=30", "--num_samples=2", "--seed=3", "--top_p=0.9")
     first, second = two.stdout.split("-" * 40)
     assert first.strip() != second.strip()
