@@ -54,8 +54,11 @@ def expand_inputs(inputs):
         else:
             raise UserError(f"input {path} not found: pass --input=PATH to existing files, folders or globs")
         files += found
-    if len(set(files)) != len(files):
-        raise UserError("an input file is named twice (by two --input arguments): each document would be read twice")
+    seen = {}
+    for f in files:  # the same file by two names (a folder given twice, a/../a, a link): read twice otherwise
+        if (same := seen.setdefault(f.resolve(), f)) is not f:
+            raise UserError(f"{f} is {same} again (named twice by --input, or a link to it): each document would be "
+                            f"read twice, pass each file once")
     return files
 
 
@@ -79,6 +82,8 @@ class Corpus:
         for path in self.files:
             start = self.bytes_read
             with open(path, "rb") as raw:
+                if path.suffix.lower() == ".gz" and path.stat().st_size == 0:
+                    raise UserError(f"{path} is empty (0 bytes), not a gzip file: is it damaged or truncated?")
                 stream = gzip.GzipFile(fileobj=raw) if path.suffix.lower() == ".gz" else raw
                 reader = {"txt": self.txt, "jsonl": self.jsonl, "parquet": self.parquet}[file_format(path)]
                 try:
@@ -96,7 +101,7 @@ class Corpus:
         continuing, yielded = False, False  # continuing: the next text yielded continues a document
         for lines in line_batches(stream):
             try:
-                pending += lines.decode("utf-8")
+                pending += lines.decode("utf-8-sig" if offset == 0 else "utf-8")  # a byte-order mark is no text
             except UnicodeDecodeError as e:
                 raise UserError(f"{path} is not UTF-8 text (at byte {offset + e.start:,}): convert it to UTF-8 "
                                 f"first") from None
@@ -159,6 +164,11 @@ def document_text(record, field, where):
                         f"--text_field=NAME")
     if not isinstance(record[field], str):
         raise UserError(f"{where}: {field!r} is {type(record[field]).__name__}, not a string of text")
+    try:
+        record[field].encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate escape ("\ud800"): no character, no UTF-8 byte
+        raise UserError(f"{where}: {field!r} holds {e.object[e.start:e.end]!r}, half of a UTF-16 surrogate pair and no "
+                        f"character: fix or drop that record") from None
     return record[field]
 
 

@@ -3,10 +3,13 @@ folder, `import` a checkpoint folder. Each writes only into a folder that is new
 never into another command's (nor the user's own files, where it owns whole folders): refused with one line, before
 anything is read or written."""
 
+import contextlib
+import fcntl
 import json
+import os
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, write_failure
 
 
 def read_config(folder):
@@ -63,3 +66,60 @@ def check_apart(source, destination, command):
     if Path.cwd().resolve().is_relative_to(destination):
         raise UserError(f"{destination} holds the current folder: `nanokimi {command}` replaces its destination "
                         f"whole, pick a new folder")
+
+
+# A command that replaces several files of a folder as one set (prepare's dataset: train.bin, val.bin, meta.json,
+# tokenizer.json) writes them into SWAP_FOLDER inside it, then marks that complete with SWAP_DONE listing them all
+SWAP_FOLDER, SWAP_DONE = ".prepare.tmp", "COMPLETE"
+
+
+def commit_swap(folder, replaces):
+    """Mark the files in folder/SWAP_FOLDER complete, then move them in (`finish_swap`): they replace the set
+    `replaces` (names), whose members not among them are removed (e.g. a previous dataset's tokenizer.json)."""
+    swap = Path(folder) / SWAP_FOLDER
+    names = sorted(p.name for p in swap.iterdir())
+    part = swap / f"{SWAP_DONE}.part"
+    with open(part, "w") as f:
+        f.write(json.dumps({"new": names, "replaces": sorted(replaces)}))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, swap / SWAP_DONE)
+    finish_swap(folder)
+
+
+def finish_swap(folder):
+    """Move a complete set of new files from folder/SWAP_FOLDER into `folder`, the mark last. Idempotent: after a kill
+    at any point the next call (every reader of the folder makes one) ends with the whole new set, never old and new
+    files side by side. A set not marked complete is left alone: the folder still holds the previous set whole."""
+    swap = Path(folder) / SWAP_FOLDER
+    done = swap / SWAP_DONE
+    if not done.is_file():
+        return
+    mark = json.loads(done.read_text())
+    for name in set(mark["replaces"]) - set(mark["new"]):
+        (Path(folder) / name).unlink(missing_ok=True)
+    for name in mark["new"]:
+        if (swap / name).exists():
+            os.replace(swap / name, Path(folder) / name)
+    done.unlink()
+    for leftover in swap.iterdir():
+        leftover.unlink()
+    swap.rmdir()
+
+
+@contextlib.contextmanager
+def command_lock(folder, command):
+    """One `nanokimi COMMAND` at a time writing into `folder`: an advisory lock on folder/.COMMAND.lock, released
+    when the process ends, however it ends. A second is refused in one line (it would delete the first's files)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        lock = open(Path(folder) / f".{command}.lock", "w")
+    except OSError as e:
+        raise UserError(f"cannot write in {folder} ({write_failure(e)}): pick a writable folder") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `nanokimi {command}` is writing to {folder}: wait for it to end or pick another "
+                            f"folder") from None
+        yield

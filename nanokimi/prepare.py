@@ -15,7 +15,8 @@ import numpy as np
 
 from .corpus import Corpus, HFDataset, file_format
 from .errors import UserError, write_failure
-from .folders import check_destination
+from .folders import (SWAP_DONE, SWAP_FOLDER, check_destination, command_lock, commit_swap, finish_swap,
+                      kind)
 from .tokenizer import (KNOWN_BOUNDARIES, TOKENIZER_FILES, CharTokenizer, HFTokenizer, bpe_sample, copy_tokenizer,
                         load_tokenizer, read_meta, write_json)
 
@@ -31,6 +32,7 @@ def download_shakespeare(dest):
                         f"with --input=PATH/tinyshakespeare.txt") from None
 
 
+DATASET_FILES = ("train.bin", "val.bin", *TOKENIZER_FILES)
 BATCH_CHARS = 1 << 22  # text encoded per encode_batch call: large enough to keep every core busy
 BATCH_DOCUMENTS = 4096
 
@@ -98,59 +100,62 @@ def write_dataset(corpus, tokenizer, out, val_fraction=0.1, val_corpus=None, tok
 
     val: the documents of `val_corpus`, else every (1/val_fraction)-th document (whole documents, the same ones at
     every run); a corpus of one document is split as nanoGPT does, its first 90% / last 10% of tokens.
-    Only those files in `out` are replaced, each by an atomic rename once all are written: whatever else `out`
-    holds (the input text, notes) stays, and a failure or Ctrl-C leaves the previous dataset whole."""
+    Only those files in `out` are replaced, as one set (folders.commit_swap) once all are written: whatever else
+    `out` holds (the input text, notes) stays, a failure or Ctrl-C before the set is complete leaves the previous
+    dataset whole, and a kill after it leaves the new one, finished by the next reader."""
     out = Path(out)
     dtype = np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.uint32
     boundary = tokenizer.boundary_token_id
-    tmp = out / ".prepare.tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        train, val = SplitFile(tmp / "train.bin", dtype, boundary), SplitFile(tmp / "val.bin", dtype, boundary)
-        with train.file, val.file:
-            index = -1
-            with progress_bar(corpus, "tokenize", progress) as bar:
-                for new_document, ids in encoded(corpus, tokenizer, drop_unknown, bar):
-                    if new_document:
-                        index += 1
-                        into = train if val_corpus is not None or int((index + 1) * val_fraction) == int(
-                            index * val_fraction) else val
-                    into.add(ids, new_document)
-                    bar.set_postfix(documents=f"{index + 1:,}", tokens=f"{train.tokens + val.tokens:,}",
-                                    refresh=False)
-            if val_corpus is not None:
-                with progress_bar(val_corpus, "tokenize val", progress) as bar:
-                    for new_document, ids in encoded(val_corpus, tokenizer, drop_unknown, bar):
-                        val.add(ids, new_document)
-            if train.tokens + val.tokens == 0:
-                raise UserError(f"the corpus {describe(corpus)} is empty (no text): pass files with text in them")
-            if val_corpus is None and train.documents + val.documents == 1:  # one document: split by tokens
-                n_train = int(train.tokens * (1 - val_fraction))
-                train.move_tail(n_train, n_train, val)
-            elif val_corpus is None and val.documents == 0:  # too few documents for the stride: the last one
-                train.move_tail(train.last_start, train.last_start - (boundary is not None), val)
-            if val.tokens == 0:
-                raise UserError(f"the validation split is empty (its documents hold no text): pass more text, or "
-                                f"--val_input with text in it")
-        if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, tmp)
-        else:
-            tokenizer.save(tmp)
-        meta = read_meta(tmp) | tokenizer.meta() | {
-            "dtype": np.dtype(dtype).name, "train_tokens": train.tokens, "val_tokens": val.tokens,
-            "train_documents": train.documents, "val_documents": val.documents}
-        write_json(tmp / "meta.json", meta)
-        for name in set(TOKENIZER_FILES) - {p.name for p in tmp.iterdir()}:  # a previous tokenizer's file
-            (out / name).unlink(missing_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    except OSError as e:
-        raise UserError(f"could not write the dataset to {out} ({write_failure(e)}): free some space or pick a "
-                        f"writable --out") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return meta
+    tmp = out / SWAP_FOLDER
+    with command_lock(out, "prepare"):  # a second prepare into `out` would delete this one's files
+        try:
+            finish_swap(out)  # a previous prepare killed after it completed
+            shutil.rmtree(tmp, ignore_errors=True)  # ... or before: its partial files
+            tmp.mkdir(parents=True)
+            train, val = SplitFile(tmp / "train.bin", dtype, boundary), SplitFile(tmp / "val.bin", dtype, boundary)
+            with train.file, val.file:
+                index = -1
+                with progress_bar(corpus, "tokenize", progress) as bar:
+                    for new_document, ids in encoded(corpus, tokenizer, drop_unknown, bar):
+                        if new_document:
+                            index += 1
+                            into = train if val_corpus is not None or int((index + 1) * val_fraction) == int(
+                                index * val_fraction) else val
+                        into.add(ids, new_document)
+                        bar.set_postfix(documents=f"{index + 1:,}", tokens=f"{train.tokens + val.tokens:,}",
+                                        refresh=False)
+                if val_corpus is not None:
+                    with progress_bar(val_corpus, "tokenize val", progress) as bar:
+                        for new_document, ids in encoded(val_corpus, tokenizer, drop_unknown, bar):
+                            val.add(ids, new_document)
+                if train.tokens + val.tokens == 0:
+                    raise UserError(f"the corpus {describe(corpus)} is empty (no text): pass files with text in "
+                                    f"them")
+                if val_corpus is None and train.documents + val.documents == 1:  # one document: split by tokens
+                    n_train = int(train.tokens * (1 - val_fraction))
+                    train.move_tail(n_train, n_train, val)
+                elif val_corpus is None and val.documents == 0:  # too few documents for the stride: the last one
+                    train.move_tail(train.last_start, train.last_start - (boundary is not None), val)
+                    train.documents -= 1  # moved whole: counted in val now
+                if val.tokens == 0:
+                    raise UserError(f"the validation split is empty (its documents hold no text): pass more text, "
+                                    f"or --val_input with text in it")
+            if tokenizer_dir is not None:
+                copy_tokenizer(tokenizer_dir, tmp)
+            else:
+                tokenizer.save(tmp)
+            meta = read_meta(tmp) | tokenizer.meta() | {
+                "dtype": np.dtype(dtype).name, "train_tokens": train.tokens, "val_tokens": val.tokens,
+                "train_documents": train.documents, "val_documents": val.documents}
+            write_json(tmp / "meta.json", meta)
+            commit_swap(out, DATASET_FILES)  # the new dataset is the one now: a kill is finished by the next reader
+        except OSError as e:
+            raise UserError(f"could not write the dataset to {out} ({write_failure(e)}): free some space or pick a "
+                            f"writable --out") from None
+        finally:
+            if not (tmp / SWAP_DONE).exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return meta
 
 
 def describe(corpus):
@@ -218,7 +223,15 @@ def prepare(dataset, out, inputs=None, tokenizer="char", vocab_size=None, tokeni
         raise UserError(f"--val_fraction={val_fraction}: give a fraction between 0 and 1, e.g. 0.1")
     if not tokenizer_chars >= 1:
         raise UserError(f"--tokenizer_chars={tokenizer_chars}: give how many characters BPE learns from, e.g. 1e9")
+    out = out.resolve()  # RUN/x/.. is RUN, and checked as such
+    if (out / SWAP_FOLDER).is_dir():
+        finish_swap(out)  # a prepare killed after its new dataset was complete: that one is the dataset now
     check_destination(out, "prepare", "a prepared dataset")
+    if out.is_dir() and kind(out) is None:
+        users = [name for name in DATASET_FILES if (out / name).exists()]
+        if users:  # a folder that is no dataset: a meta.json or tokenizer.json there is the user's own
+            raise UserError(f"{out} holds {', '.join(users)} that no prepare wrote (it is no prepared dataset): "
+                            f"`nanokimi prepare` would replace them, pick another --out")
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     if dataset == "shakespeare_char":
@@ -237,6 +250,11 @@ def prepare(dataset, out, inputs=None, tokenizer="char", vocab_size=None, tokeni
     else:
         corpus = Corpus(inputs, text_field, doc_separator)
     val_corpus = Corpus(val_inputs, text_field, doc_separator) if val_inputs else None
+    if val_corpus is not None and isinstance(corpus, Corpus):
+        shared = {f.resolve() for f in corpus.files} & {f.resolve() for f in val_corpus.files}
+        if shared:
+            raise UserError(f"{sorted(shared)[0]} is in both --input and --val_input: validation would score text the "
+                            f"model trains on, give --val_input files apart from --input")
     if tokenizer_dir is not None:
         reused = load_tokenizer(tokenizer_dir)
         if not (corpus.single_document and val_corpus is None) and reused.boundary_token_id is None:

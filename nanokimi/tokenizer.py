@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError, check_fields
+from .folders import finish_swap
 
 TOKENIZER_FILES = ("meta.json", "tokenizer.json")
 BOUNDARY = "<|endoftext|>"  # the document boundary token nanoKimi's own vocabularies reserve
@@ -124,9 +125,14 @@ class HFTokenizer:
 
     def encode_batch(self, texts, drop_unknown=False):
         """Token ids of each text as arrays: the tokenizer's own ids, without its special-token template (nanoKimi
-        marks documents with the boundary token itself)."""
-        return [np.array(e.ids, dtype=np.int64)
-                for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        marks documents with the boundary token itself), and a special token's text inside a document encoded as
+        the text it is: a book that quotes "<|endoftext|>" holds no document boundary."""
+        self.tokenizer.encode_special_tokens = True
+        try:
+            return [np.array(e.ids, dtype=np.int64)
+                    for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        finally:
+            self.tokenizer.encode_special_tokens = False
 
     def decode(self, ids):
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -207,6 +213,11 @@ def write_json(path, obj):
 
 
 def read_meta(folder):
+    try:
+        finish_swap(folder)  # a prepare killed after its new dataset was complete: move it in before reading
+    except OSError as e:
+        raise UserError(f"{folder} holds a new dataset a stopped prepare left to move in, and it cannot be moved here "
+                        f"({e.strerror}): make the folder writable, or prepare again") from None
     path = Path(folder) / "meta.json"
     if not path.is_file():
         raise UserError(f"{path} not found: run `nanokimi prepare` to create the dataset in {folder}")

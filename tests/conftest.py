@@ -96,7 +96,8 @@ def assert_greedy(tokens, logits, tol=LOGIT_TOLERANCE):
 
 def assert_sampled_greedily(out_dir, prompt, max_new_tokens):
     """`nanokimi sample --temperature=0` of a run, cached and --no_cache, as a user types it, within the model's
-    context: each prints the prompt and max_new_tokens greedy tokens (checked against the checkpoint's teacher-forced logits) and a newline."""
+    context: each prints the prompt and max_new_tokens greedy tokens (checked against the checkpoint's
+    teacher-forced logits) and a newline."""
     from nanokimi.checkpoint import load_model
     model, tokenizer, _ = load_model(out_dir)
     context = model.config.max_position_embeddings  # past it the two paths part by design (test_model.py)

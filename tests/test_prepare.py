@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import nanokimi.corpus
+import nanokimi.folders
 import nanokimi.prepare
 import nanokimi.tokenizer
 from nanokimi.cli import main
@@ -266,10 +267,32 @@ def bad(tmp_path, case):
         Tokenizer(models.WordLevel({"[UNK]": 0, "fine": 1}, unk_token="[UNK]")).save(str(tmp_path / "t.json"))
         f.write_text(good * 2)
         return [f"--input={f}", f"--tokenizer={tmp_path / 't.json'}"], ["--boundary_token"]
+    if case == "empty gzip":
+        (tmp_path / "g.jsonl.gz").write_bytes(b"")
+        f.write_text(good * 3)
+        return [f"--input={f}", f"--input={tmp_path / 'g.jsonl.gz'}"], ["g.jsonl.gz", "0 bytes"]
+    if case == "lone surrogate":
+        f.write_text(good + '{"text": "half \\ud800 a pair"}\n')
+        return [f"--input={f}", "--tokenizer=bpe", "--vocab_size=300"], [f"{f}:2", "surrogate"]
+    if case == "a folder twice":
+        (tmp_path / "docs").mkdir()
+        (tmp_path / "docs" / "a.jsonl").write_text(good * 3)
+        return [f"--input={tmp_path / 'docs'}", f"--input={tmp_path / 'docs' / '..' / 'docs'}"], ["a.jsonl", "twice"]
+    if case == "a link to a file given":
+        f.write_text(good * 3)
+        (tmp_path / "link.jsonl").symlink_to(f)
+        return [f"--input={f}", f"--input={tmp_path / 'link.jsonl'}"], ["link.jsonl", "twice"]
+    if case == "val inside input":
+        (tmp_path / "docs").mkdir()
+        (tmp_path / "docs" / "a.jsonl").write_text(good * 3)
+        (tmp_path / "docs" / "v.jsonl").write_text(good * 3)
+        return [f"--input={tmp_path / 'docs'}", f"--val_input={tmp_path / 'docs' / 'v.jsonl'}"], [
+            "v.jsonl", "both --input and --val_input"]
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["missing field", "not json", "not utf-8 jsonl", "not utf-8 txt", "not a string",
+@pytest.mark.parametrize("case", ["empty gzip", "lone surrogate", "a folder twice", "a link to a file given",
+                                  "val inside input", "missing field", "not json", "not utf-8 jsonl", "not utf-8 txt", "not a string",
                                   "empty corpus", "parquet without the column", "damaged parquet", "damaged gzip",
                                   "unknown format", "empty folder", "glob of nothing", "fifo",
                                   "tokenizer without a boundary"])
@@ -309,3 +332,71 @@ def test_the_bpe_run_trains_on_a_folder_of_books(tmp_path, shakespeare_text):
           "--max_iters=3", "--eval_iters=1", "--progress=false"])
     summary = metrics(tmp_path / "run")[-1]["summary"]
     assert summary["status"] == "finished" and summary["step"] == 3
+
+
+def test_the_users_own_tokenizer_or_meta_json_in_out_is_refused_and_kept(tmp_path, capsys):
+    (tmp_path / "docs.txt").write_text("some text to prepare\n" * 50)
+    for name in ("tokenizer.json", "meta.json"):
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        (out / name).write_text('{"mine": true}')
+        err = cli_error(capsys, "prepare", "text", f"--input={tmp_path / 'docs.txt'}", f"--out={out}")
+        assert name in err and "no prepare wrote" in err
+        assert (out / name).read_text() == '{"mine": true}' and not (out / "train.bin").exists()
+
+
+def test_an_out_that_walks_back_into_a_run_folder_is_refused(made, tmp_path, capsys):
+    (tmp_path / "docs.txt").write_text("some text to prepare\n" * 50)
+    err = cli_error(capsys, "prepare", "text", f"--input={tmp_path / 'docs.txt'}", f"--out={made / 'run' / 'x' / '..'}")
+    assert "holds a training run" in err and not (made / "run" / "train.bin").exists()
+
+
+def test_a_kill_between_the_final_renames_leaves_the_new_dataset_whole(tmp_path, shakespeare_text, monkeypatch):
+    """The four files are one set: killed after the first is moved in, the next reader finishes the move (never a new
+    train.bin beside the old meta.json); killed before the set is complete, the old dataset stays (test above)."""
+    docs = documents_of(shakespeare_text, 60)
+    for name, part in (("old", docs[:30]), ("new", docs[30:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    main(["prepare", "text", f"--input={tmp_path / 'new.jsonl'}", "--tokenizer=bpe", "--vocab_size=300",
+          f"--out={tmp_path / 'straight'}"])
+    main(["prepare", "text", f"--input={tmp_path / 'old.jsonl'}", f"--out={tmp_path / 'd'}"])  # char, no tokenizer.json
+    real_replace = os.replace
+    moved = []
+
+    def killed_after_one(src, dst):
+        if len(moved) == 2:
+            raise KeyboardInterrupt  # as kill -9 there: nothing after it runs
+        moved.append(dst)
+        real_replace(src, dst)
+    monkeypatch.setattr(nanokimi.folders.os, "replace", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        nanokimi.prepare.prepare("text", tmp_path / "d", tmp_path / "new.jsonl", tokenizer="bpe", vocab_size=300)
+    monkeypatch.setattr(nanokimi.folders.os, "replace", real_replace)
+    assert len(moved) == 2  # the mark and one file
+    meta = read_meta(tmp_path / "d")  # any reader: the new set moved in whole first
+    assert meta == read_meta(tmp_path / "straight") and not (tmp_path / "d" / ".prepare.tmp").exists()
+    for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
+        assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_two_prepares_into_one_folder_the_second_is_refused(tmp_path, capsys):
+    (tmp_path / "docs.txt").write_text("some text to prepare\n" * 50)
+    with nanokimi.folders.command_lock(tmp_path / "d", "prepare"):  # a prepare writing there now
+        err = cli_error(capsys, "prepare", "text", f"--input={tmp_path / 'docs.txt'}", f"--out={tmp_path / 'd'}")
+    assert "another `nanokimi prepare` is writing to" in err and not (tmp_path / "d" / "train.bin").exists()
+
+
+def test_document_text_is_text_boundaries_and_counts_are_exact(tmp_path):
+    """A document quoting "<|endoftext|>" holds no boundary; a byte-order mark is no character; the document moved to
+    val for want of a stride is counted once."""
+    docs = [f"document {i} quotes <|endoftext|> inside" for i in range(5)]
+    for i, d in enumerate(docs):
+        (tmp_path / "docs").mkdir(exist_ok=True)
+        (tmp_path / "docs" / f"{i}.txt").write_bytes(b"\xef\xbb\xbf" + d.encode())
+    meta = nanokimi.prepare.prepare("text", tmp_path / "bpe", tmp_path / "docs", tokenizer="bpe", vocab_size=270)
+    tok = load_tokenizer(tmp_path / "bpe")
+    parts = split_documents(tmp_path / "bpe", tok, meta)
+    assert parts["train"] + parts["val"] == docs  # 5 documents, 4 boundaries, no BOM
+    assert meta["train_documents"] == 4 and meta["val_documents"] == 1  # 5: the stride of 10 takes none, the last
+    char = nanokimi.prepare.prepare("text", tmp_path / "char", tmp_path / "docs")
+    assert "\ufeff" not in char["chars"] and char["train_documents"] + char["val_documents"] == 5

@@ -15,8 +15,8 @@ from nanokimi.cli import main
 from nanokimi.config import TrainConfig
 from nanokimi.tokenizer import load_tokenizer
 from nanokimi.train import learning_rate
-from tests.conftest import (ROOT, TINY, assert_sampled_greedily, cli_error, metrics, readme_lines, run_as_user, run_cli, step_losses, train,
-                            wait_for_steps)
+from tests.conftest import (ROOT, TINY, assert_sampled_greedily, cli_error, metrics, readme_lines, run_as_user,
+                            run_cli, step_losses, train, wait_for_steps)
 
 
 @pytest.mark.slow
