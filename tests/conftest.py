@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +54,13 @@ def made(tmp_path_factory, char_data):
           "--max_iters=2"])
     assert run_cli("export", root / "run", root / "hf").returncode == 0
     return root
+
+
+def free_port():
+    """A TCP port the OS says is free now, for a torchrun rendezvous (fixed ports collide between tests and runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(*args, cwd=None, env=None, timeout=600):
