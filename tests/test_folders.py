@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from nanokimi import checkpoint
 from tests.conftest import cli_error, run_cli, train
@@ -47,6 +48,7 @@ def test_import_into_a_new_folder_and_again_over_its_own(made, tmp_path):
         result = run_cli("import", made / "hf", tmp_path / "imported")
         assert result.returncode == 0, result.stderr
     assert run_cli("sample", tmp_path / "imported", "--max_new_tokens=3", "--prompt=A").returncode == 0
+    assert_same_logits(tmp_path / "imported", made / "hf")
 
 
 @pytest.mark.parametrize("target", ["run_checkpoint", "hf", "run"])
@@ -70,6 +72,7 @@ def test_export_refuses_a_dataset_and_the_users_own_files(made, char_data, tmp_p
     assert (own / "config.json").read_text() == '{"my": "settings"}'
     for _ in range(2):  # an earlier export is its own
         assert run_cli("export", made / "run", tmp_path / "hf").returncode == 0
+    assert_same_logits(tmp_path / "hf", made / "run")
 
 
 def test_train_refuses_a_dataset_or_export_as_out_dir(made, char_data, tmp_path, capsys):
@@ -92,3 +95,12 @@ def test_a_symlinked_checkpoint_is_followed_not_replaced(char_data, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "checkpoint", "experts.png", "loss.png",
                                                              "max_logit.png", "metrics.jsonl"])
     assert sorted(p.name for p in elsewhere.iterdir()) == ["ckpt"]
+
+
+def assert_same_logits(folder, reference):
+    """The model in `folder` (checkpoint, run or HF folder) computes what `reference`'s does: equal logits."""
+    from nanokimi.hf import from_pretrained
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(folder)(idx)[0], from_pretrained(reference)(idx)[0], atol=1e-5,
+                                   rtol=0)

@@ -1,12 +1,14 @@
 """Round 3 of "nothing wrong in silence": each case run the way a user types it gives one line and a non-zero exit,
 or works as a user expects; nothing written is lost or silently wrong."""
 
+import contextlib
 import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -51,9 +53,12 @@ def test_a_sharded_folder_is_read_through_its_index(stale, made, tmp_path):
         assert torch.equal(a, b), name  # the shards' weights, not the stale file's
 
 
+@contextlib.contextmanager
 def _no_warning():
-    import contextlib
-    return contextlib.nullcontext()
+    """A clean folder loads silently: any warning inside is an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
 
 
 def test_a_missing_shard_is_named(made, tmp_path, capsys):
@@ -77,7 +82,9 @@ def test_rotary_inv_freq_buffers_are_ignored(made, tmp_path):
     tensors = safetensors.torch.load_file(hf / "model.safetensors")
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # older transformers saved it
     safetensors.torch.save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
-    from_pretrained(hf)
+    model, reference = from_pretrained(hf), from_pretrained(made / "hf")
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
 
 
 def test_weights_are_written_with_the_json_files_mode(made):
