@@ -90,36 +90,46 @@ def commit_swap(folder, replaces):
 def finish_swap(folder):
     """Move a complete set of new files from folder/SWAP_FOLDER into `folder`, the mark last. Idempotent: after a kill
     at any point the next call (every reader of the folder makes one) ends with the whole new set, never old and new
-    files side by side. A set not marked complete is left alone: the folder still holds the previous set whole."""
+    files side by side. A set not marked complete is left alone: the folder still holds the previous set whole.
+    A move that cannot be made (a read-only folder) is one line."""
     swap = Path(folder) / SWAP_FOLDER
     done = swap / SWAP_DONE
     if not done.is_file():
         return
-    mark = json.loads(done.read_text())
-    for name in set(mark["replaces"]) - set(mark["new"]):
-        (Path(folder) / name).unlink(missing_ok=True)
-    for name in mark["new"]:
-        if (swap / name).exists():
-            os.replace(swap / name, Path(folder) / name)
-    done.unlink()
-    for leftover in swap.iterdir():
-        leftover.unlink()
-    swap.rmdir()
+    try:
+        mark = json.loads(done.read_text())
+        for name in set(mark["replaces"]) - set(mark["new"]):
+            (Path(folder) / name).unlink(missing_ok=True)
+        for name in mark["new"]:
+            if (swap / name).exists():
+                os.replace(swap / name, Path(folder) / name)
+        done.unlink()
+        for leftover in swap.iterdir():
+            leftover.unlink()
+        swap.rmdir()
+    except OSError as e:
+        raise UserError(f"{folder} holds a new dataset a stopped prepare left to move in, and it cannot be moved here "
+                        f"({write_failure(e)}): make the folder writable, or prepare again") from None
 
 
 @contextlib.contextmanager
-def command_lock(folder, command):
-    """One `nanokimi COMMAND` at a time writing into `folder`: an advisory lock on folder/.COMMAND.lock, released
-    when the process ends, however it ends. A second is refused in one line (it would delete the first's files)."""
+def folder_lock(folder, lock_name, busy, fix):
+    """An advisory lock on folder/lock_name (the folder made if need be), released when the process ends, however it
+    ends. Held by another process: UserError(busy); the folder not writable: one line ending in `fix`."""
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        lock = open(Path(folder) / f".{command}.lock", "w")
+        lock = open(Path(folder) / lock_name, "w")
     except OSError as e:
-        raise UserError(f"cannot write in {folder} ({write_failure(e)}): pick a writable folder") from None
+        raise UserError(f"cannot write in {folder} ({write_failure(e)}): {fix}") from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"another `nanokimi {command}` is writing to {folder}: wait for it to end or pick another "
-                            f"folder") from None
+            raise UserError(busy) from None
         yield
+
+
+def command_lock(folder, command):
+    """One `nanokimi COMMAND` at a time writing into `folder` (a second would delete the first's files)."""
+    return folder_lock(folder, f".{command}.lock", f"another `nanokimi {command}` is writing to {folder}: wait for it "
+                       f"to end or pick another folder", "pick a writable folder")

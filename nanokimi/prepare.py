@@ -224,8 +224,7 @@ def prepare(dataset, out, inputs=None, tokenizer="char", vocab_size=None, tokeni
     if not tokenizer_chars >= 1:
         raise UserError(f"--tokenizer_chars={tokenizer_chars}: give how many characters BPE learns from, e.g. 1e9")
     out = out.resolve()  # RUN/x/.. is RUN, and checked as such
-    if (out / SWAP_FOLDER).is_dir():
-        finish_swap(out)  # a prepare killed after its new dataset was complete: that one is the dataset now
+    finish_swap(out)  # a prepare killed after its new dataset was complete: that one is the dataset now
     check_destination(out, "prepare", "a prepared dataset")
     if out.is_dir() and kind(out) is None:
         users = [name for name in DATASET_FILES if (out / name).exists()]

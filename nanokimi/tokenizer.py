@@ -213,11 +213,7 @@ def write_json(path, obj):
 
 
 def read_meta(folder):
-    try:
-        finish_swap(folder)  # a prepare killed after its new dataset was complete: move it in before reading
-    except OSError as e:
-        raise UserError(f"{folder} holds a new dataset a stopped prepare left to move in, and it cannot be moved here "
-                        f"({e.strerror}): make the folder writable, or prepare again") from None
+    finish_swap(folder)  # a prepare killed after its new dataset was complete: move it in before reading
     path = Path(folder) / "meta.json"
     if not path.is_file():
         raise UserError(f"{path} not found: run `nanokimi prepare` to create the dataset in {folder}")

@@ -5,7 +5,6 @@ Every step's batches and dropout come from RNG seeds derived from (seed, rank, s
 uninterrupted run exactly from the weights, optimizer state and step number alone."""
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from . import checkpoint, sharding
 from .config import check_device, plan_run, saved_settings
 from .errors import UserError, write_failure
 from .evaluate import evaluate
-from .folders import check_destination
+from .folders import check_destination, folder_lock
 from .hardware import describe, expert_gemm_path
 from .model import MoE
 from .optim import Muon, configure_optimizer, unwrap
@@ -121,20 +120,11 @@ def run_lock(out_dir):
     out = Path(out_dir).absolute()
     created = [p for p in [out, *out.parents] if not p.exists()]  # out_dir and the parents this makes, innermost first
     try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        lock = open(Path(out_dir) / ".lock", "w")
-    except OSError as e:
-        raise UserError(f"cannot write in {out_dir} ({write_failure(e)}): pick a writable --out_dir") from None
-    try:
-        with lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UserError(f"another nanokimi run is training in {out_dir}: wait for it to end or pick another "
-                                f"--out_dir") from None
+        with folder_lock(out_dir, ".lock", f"another nanokimi run is training in {out_dir}: wait for it to end or "
+                         f"pick another --out_dir", "pick a writable --out_dir"):
             yield
     finally:  # a run refused before its first write leaves no folder behind
-        if created and [p.name for p in out.iterdir()] == [".lock"]:
+        if created and out.is_dir() and [p.name for p in out.iterdir()] == [".lock"]:
             (out / ".lock").unlink()
             for folder in created:
                 with contextlib.suppress(OSError):  # another process may have written there meanwhile

@@ -108,15 +108,14 @@ def assert_sampled_greedily(out_dir, prompt, max_new_tokens):
     teacher-forced logits) and a newline."""
     from nanokimi.checkpoint import load_model
     model, tokenizer, _ = load_model(out_dir)
-    context = model.config.max_position_embeddings  # past it the two paths part by design (test_model.py)
-    assert len(tokenizer.encode(prompt)) + max_new_tokens <= context
+    start = len(tokenizer.encode(prompt))
+    assert start + max_new_tokens <= model.config.max_position_embeddings  # past it the paths part (test_model.py)
     for extra in ([], ["--no_cache"]):
         result = run_cli("sample", out_dir, f"--prompt={prompt}", f"--max_new_tokens={max_new_tokens}",
                          "--temperature=0", *extra)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(prompt) and result.stdout.endswith("\n"), result.stdout
         seq = torch.tensor([tokenizer.encode(result.stdout[:-1])])
-        start = len(tokenizer.encode(prompt))
         assert seq.shape[1] == start + max_new_tokens, result.stdout
         assert_greedy(seq[:, start:], teacher_forced_logits(model, seq, start))
 
@@ -184,7 +183,6 @@ def run_as_user(lines, user, tmp_path):
     return outputs
 
 
-
 # A fresh clone on a CPU machine runs every test: a skip fails the session unless its reason is one of these
 STATED_SKIPS = ("needs a GPU", "needs a browser")
 _skipped = []
@@ -199,5 +197,5 @@ def pytest_sessionfinish(session, exitstatus):
     unstated = [(node, reason) for node, reason in _skipped if not any(s in reason for s in STATED_SKIPS)]
     if unstated and exitstatus == 0:
         session.exitstatus = 1
-        print(f"\n{len(unstated)} tests skipped for a reason not in tests/conftest.py's STATED_SKIPS (a missing install "
-              f"step or file?):\n" + "\n".join(f"  {node}: {reason}" for node, reason in unstated[:20]))
+        print(f"\n{len(unstated)} tests skipped for a reason not in tests/conftest.py's STATED_SKIPS (a missing "
+              f"install step or file?):\n" + "\n".join(f"  {node}: {reason}" for node, reason in unstated[:20]))

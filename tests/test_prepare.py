@@ -292,9 +292,9 @@ def bad(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["empty gzip", "lone surrogate", "a folder twice", "a link to a file given",
-                                  "val inside input", "missing field", "not json", "not utf-8 jsonl", "not utf-8 txt", "not a string",
-                                  "empty corpus", "parquet without the column", "damaged parquet", "damaged gzip",
-                                  "unknown format", "empty folder", "glob of nothing", "fifo",
+                                  "val inside input", "missing field", "not json", "not utf-8 jsonl", "not utf-8 txt",
+                                  "not a string", "empty corpus", "parquet without the column", "damaged parquet",
+                                  "damaged gzip", "unknown format", "empty folder", "glob of nothing", "fifo",
                                   "tokenizer without a boundary"])
 def test_bad_corpus_is_one_line_naming_the_file(case, tmp_path, capsys):
     args, words = bad(tmp_path, case)

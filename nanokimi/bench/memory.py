@@ -240,11 +240,11 @@ def k2_projection(tokens, rank_counts=(64, 256, 1024)):
             p = project(config, groups, ranks, tokens, expert_parallel)
             rows.append([str(ranks), "FSDP+EP" if expert_parallel else "FSDP", f"{p['state'] / GB:.1f}",
                          f"{p['gathered'] / GB:.1f}", *(f"{p[k] / GB:.1f}" for k in COLLECTIVES[:3])])
-    return (f"Projected to `kimi-k2` ({groups['total'] / 1e12:.3f}T parameters, 61 layers, 384 experts of which 8 per token; EP degree = "
-            f"the ranks, as `--fsdp --ep` does), per rank per step of {tokens} tokens per rank: bf16 compute and "
-            f"gathers, fp32 master weights, gradients and reduce-scatters, MuonClip state, even routing; GB. "
-            f"'gathered' = the parameters a rank holds whole at its peak (the block computing and the prefetched "
-            f"one), on top of its state.\n\n"
+    return (f"Projected to `kimi-k2` ({groups['total'] / 1e12:.3f}T parameters, 61 layers, 384 experts of which 8 "
+            f"per token; EP degree = the ranks, as `--fsdp --ep` does), per rank per step of {tokens} tokens per "
+            f"rank: bf16 compute and gathers, fp32 master weights, gradients and reduce-scatters, MuonClip state, "
+            f"even routing; GB. 'gathered' = the parameters a rank holds whole at its peak (the block computing and "
+            f"the prefetched one), on top of its state.\n\n"
             + table(["ranks", "layout", "state per rank", "gathered", "all-gather", "reduce-scatter",
                      "all-to-all"], rows))
 
