@@ -88,13 +88,14 @@ def build_model(arch, config, device="cpu", batch_tokens=0, shards=1, context=""
     return ARCHS[arch][1](config)
 
 
-def check_fits(arch, config, device, batch_tokens=0, shards=1, context=""):
+def check_fits(arch, config, device, batch_tokens=0, shards=1, context="", fix=None):
     """A UserError naming the setting to lower, unless the model fits in `device`'s available memory: 4 bytes per
     parameter to hold it; when training `batch_tokens` per micro-batch, 16 bytes per parameter (weights, gradients,
     two optimizer states; divided over `shards` FSDP ranks) plus activations, ~68 bytes x width x layers per token
     (fp32; Korthikanti et al. 2022, without attention scores, which SDPA does not keep) and 12 bytes per token per
     vocabulary entry (logits, their float copy and gradient). An estimate for refusing the impossible before any
-    allocation, not a promise that what passes fits. Buffers (RoPE tables) count at their size."""
+    allocation, not a promise that what passes fits. Buffers (RoPE tables) count at their size. `fix`: the advice, where
+    the command's own options differ from train's."""
     with torch.device("meta"):  # counts without allocating (a K2-sized config builds here in seconds)
         model = ARCHS[arch][1](config)
     params = sum(p.numel() for p in model.parameters())
@@ -106,7 +107,7 @@ def check_fits(arch, config, device, batch_tokens=0, shards=1, context=""):
         need = buffers + params * 16 // shards + batch_tokens * (68 * width * layers + 12 * config.vocab_size)
     free = available_memory(device)
     if free is not None and need > free:
-        fix = "lower --batch_size or --block_size, or the model's size" if batch_tokens else "a smaller model"
+        fix = fix or ("lower --batch_size or --block_size, or the model's size" if batch_tokens else "a smaller model")
         raise UserError(f"{context or 'the model'} needs about {need / 2 ** 30:.1f} GiB ({params / 1e6:,.1f}M "
                         f"parameters{', training' if batch_tokens else ''}) but {device} has {free / 2 ** 30:.1f} GiB "
                         f"available: {fix}")

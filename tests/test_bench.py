@@ -12,6 +12,7 @@ from nanokimi.bench.speed import newton_schulz_flops
 from nanokimi.hardware import cpu_kind
 from nanokimi.bench.training import RECIPES, check_reproduced
 from nanokimi.cli import main
+from tests.conftest import SHAKESPEARE, cli_error
 from nanokimi.config import parse_value
 from nanokimi.errors import UserError
 from nanokimi.optim import zeropower_via_newtonschulz
@@ -185,6 +186,12 @@ def test_ablate_quick_report(char_data, tmp_path):
                                       f"ablate-gutenberg-bpe-cpu-dense-{hardware_kind()}"]
     assert sections(report)[f"ablate-{hardware_kind()}"].count(" | 16x64 | ") == 8  # and the recipe's 12x64
     assert (tmp_path / "assets" / f"ablate_gutenberg-bpe-cpu-dense-{hardware_kind()}.png").stat().st_size > 1000
+    # the shipped run's row alone is a section of its own too, not the whole ablation's
+    whole = sections(report)[f"ablate-{hardware_kind()}"]
+    main(["bench", f"--report={report}", "ablate", "--quick", f"--data={char_data}", f"--out={tmp_path / 'kimi'}",
+          "--contenders", "kimi"])
+    assert sections(report)[f"ablate-{hardware_kind()}"] == whole
+    assert sections(report)[f"ablate-kimi-{hardware_kind()}"].count(" | 16x64 | ") == 1
     body = sections(report)[f"ablate-gutenberg-bpe-cpu-dense-{hardware_kind()}"]
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in body.splitlines() if " | 16x128 | " in line}
     assert list(rows) == ["nanoKimi (MLA + MoE + MuonClip)", "nanoKimi - MoE (dense, equal active params)"]
@@ -209,3 +216,49 @@ def test_long_context_section_counts_caches_that_grow_and_one_that_stays_flat(tm
     assert cache_bytes(mla, 256) == 4 * cache_bytes(mla, 64)
     kda_state = cache_bytes(kda, 64) - cache_bytes(mla, 64) // 4
     assert kda_state > 0 and cache_bytes(kda, 256) == kda_state + cache_bytes(mla, 256) // 4
+
+
+def test_prepare_report_times_each_format_with_a_tokenizer_of_the_asked_size(tmp_path):
+    report, out = tmp_path / "B.md", tmp_path / "runs"
+    for vocab in (300, 400):  # a tokenizer left in --out by another --vocab_size is not reused
+        main(["bench", f"--report={report}", "prepare", f"--source={SHAKESPEARE}", "--sizes_mb", "0.2",
+              "--formats", "txt", "jsonl", "--vocab_size", str(vocab), "--limit_mb", "1", f"--out={out}"])
+        body = sections(report)["prepare"]
+        assert f"tokenizer.json of {vocab} tokens learnt from 0.2 MB" in body, body
+        rows = [line.split(" | ") for line in body.splitlines() if line.startswith("| 0.2 MB")]
+        assert [row[1] for row in rows] == ["txt", "jsonl"] and rows[0][3] == rows[1][3]  # the same documents
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["long-context", "--new_tokens=1"], "--new_tokens: '1' is not an integer >= 2"),
+    (["ablate", "--budget_s=nan"], "--budget_s: 'nan' is not a finite number > 0"),
+    (["ablate", "--lrs", "0.01", "-1"], "--lrs: '-1' is not a finite number > 0"),
+    (["optim", "--fractions", "inf"], "--fractions: 'inf' is not a finite number > 0"),
+    (["prepare", "--source=TEXT", "--sizes_mb", "0"], "--sizes_mb: '0' is not a finite number > 0"),
+    (["prepare", "--source=MISSING"], "cannot be read (No such file or directory)"),
+    (["prepare", "--source=BINARY"], "is not UTF-8 text"),
+    (["prepare", "--source=EMPTY"], "holds no text"),
+    (["long-context", "--preset=kimi-k2"], "--preset=kimi-k2 needs about"),
+    (["inference", "--preset=kimi-k2"], "--preset=kimi-k2 needs about"),
+    (["step", "--preset=kimi-k2"], "--preset=kimi-k2 needs about"),
+    (["memory", "--preset=kimi-k2"], "--preset=kimi-k2 needs about"),
+])
+def test_bad_benchmark_options_are_one_line_errors_before_any_work(argv, message, tmp_path, capsys):
+    files = {"TEXT": SHAKESPEARE, "MISSING": tmp_path / "missing", "BINARY": tmp_path / "binary",
+             "EMPTY": tmp_path / "empty"}
+    files["BINARY"].write_bytes(bytes(range(256)) * 4)
+    files["EMPTY"].write_text("\n\n  \n")
+    argv = [a.split("=")[0] + f"={files[a.split('=')[1]]}" if a.split("=")[-1] in files else a for a in argv]
+    out = [f"--out={tmp_path / 'o'}"] if argv[0] in ("ablate", "optim", "prepare") else []
+    report = tmp_path / "B.md"
+    assert message in cli_error(capsys, "bench", f"--report={report}", *argv, *out)
+    assert not report.exists() and not (tmp_path / "o").exists()
+
+
+def test_an_unwritable_report_is_refused_before_the_benchmark_runs(tmp_path, capsys, monkeypatch):
+    ran = []
+    monkeypatch.setattr("nanokimi.bench.cli.bench_step", lambda args: ran.append(args))
+    (tmp_path / "folder.md").mkdir()
+    assert "is a folder" in cli_error(capsys, "bench", f"--report={tmp_path / 'folder.md'}", "step")
+    assert "cannot write --report" in cli_error(capsys, "bench", f"--report={tmp_path / 'no' / 'B.md'}", "step")
+    assert not ran

@@ -47,7 +47,7 @@ def test_the_avx2_emulation_variables_choose_fp32_and_say_avx2(char_data, tmp_pa
                      "--max_iters=1", "--eval_interval=1", env=env)
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
-    assert f"CPU AVX2, " in first and "Newton-Schulz float32 (auto: no native bf16 matmul on CPU AVX2)" in first, first
+    assert "CPU AVX2, " in first and "Newton-Schulz float32 (auto: no native bf16 matmul on CPU AVX2)" in first, first
 
 
 def test_auto_newton_schulz_dtype_does_not_flip_with_load(monkeypatch):

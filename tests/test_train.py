@@ -1,7 +1,6 @@
 """The training loop end to end: train, sample, resume, time budget, stop signals, finetune, compile."""
 
 import dataclasses
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from nanokimi.cli import main
 from nanokimi.config import TrainConfig
 from nanokimi.tokenizer import load_tokenizer
 from nanokimi.train import learning_rate
-from tests.conftest import (ROOT, TINY, assert_sampled_greedily, cli_error, metrics, readme_lines, run_as_user,
+from tests.conftest import (TINY, assert_sampled_greedily, cli_error, metrics, readme_lines, run_as_user,
                             run_cli, step_losses, train, wait_for_steps)
 
 

@@ -158,7 +158,7 @@ def bench_ablate(args):
     # one section and picture per base run, set of rows and hardware kind: an ablation of another run, or of some
     # rows only, never replaces the whole one
     name = "-".join(([] if args.config == CHAR_RUN else [Path(args.config).stem])
-                    + ([] if len(contenders) == len(CONTENDERS) else sorted(keys - {CONTENDERS[FULL].key}))
+                    + ([] if len(contenders) == len(CONTENDERS) else sorted(keys - {CONTENDERS[FULL].key}) or ["kimi"])
                     + [kind])
     save_figure(fig, f"ablation on {Path(args.data).name}: equal time and equal tokens",
                 args.assets / f"ablate_{name}.png")

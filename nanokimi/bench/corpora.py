@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import UserError
 from .report import table, write_section
 
 SEPARATOR = "<|endoftext|>"
@@ -20,9 +21,17 @@ FILE_BYTES = 100 * 10 ** 6
 
 
 def passages(source):
-    text = Path(source).read_text(encoding="utf-8")
+    """The source's paragraphs (its lines, if it has one paragraph): what documents are cut from."""
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot be read ({e.strerror})"
+        raise UserError(f"--source={source} {why}: name a UTF-8 text file, e.g. TinyShakespeare") from None
     found = [p for p in text.split("\n\n") if p.strip()]
-    return found if len(found) > 1 else text.splitlines(keepends=True)
+    found = found if len(found) > 1 else [line for line in text.splitlines(keepends=True) if line.strip()]
+    if not found:
+        raise UserError(f"--source={source} holds no text: name a UTF-8 text file, e.g. TinyShakespeare")
+    return found
 
 
 def documents(source, size, seed=0):
@@ -102,9 +111,12 @@ def timed_prepare(args):
 def bench_prepare(args):
     from tokenizers import Tokenizer
     out = Path(args.out)
-    tok_dir = out / "tokenizer"
+    passages(args.source)  # a bad --source said before anything is written
+    sample_mb = min(10, max(args.sizes_mb))  # what the BPE is learnt from: 10 MB, or the largest corpus if smaller
+    tok_dir = out / f"tokenizer-{args.vocab_size}-{sample_mb:g}MB"  # a kept tokenizer serves its own settings only
     if not (tok_dir / "tokenizer.json").is_file():  # one BPE for every corpus, learnt from documents of the source
-        write_corpus(out / "tokenizer-corpus", "jsonl", documents(args.source, 10 ** 7, seed=1))
+        shutil.rmtree(out / "tokenizer-corpus", ignore_errors=True)  # a larger sample's files left by an earlier run
+        write_corpus(out / "tokenizer-corpus", "jsonl", documents(args.source, int(sample_mb * 1e6), seed=1))
         timed_prepare(["text", f"--input={out / 'tokenizer-corpus'}", "--tokenizer=bpe",
                        f"--vocab_size={args.vocab_size}", f"--out={tok_dir}"])
     tokenizer_json = tok_dir / "tokenizer.json"
@@ -141,7 +153,7 @@ def bench_prepare(args):
                      f"{sum(len(d.encode()) for d in limit_docs) / 1e6:.0f} MB of the same documents, in memory")
     body = (f"Corpora generated from {Path(args.source).name} (documents of 1..40 consecutive passages at seeded "
             f"random places, files of at most 100 MB), prepared with one byte-level BPE tokenizer.json of "
-            f"{tok.get_vocab_size()} tokens learnt from 10 MB of such documents (`--tokenizer=PATH`), each in its "
+            f"{tok.get_vocab_size()} tokens learnt from {sample_mb:g} MB of such documents (`--tokenizer=PATH`), each in its "
             f"own process (peak RSS: the process's own VmHWM). 'vs limit' = prepare's MB/s over tokenizers' own "
             f"`encode_batch_fast` rate on the same documents held in memory, the mean of its rates measured just "
             f"before and just after that size's runs.\n\n"

@@ -6,8 +6,8 @@ import statistics
 
 import torch
 
-from ..model import Kimi, attention_kind
-from ..presets import PRESETS, make_config
+from ..model import attention_kind
+from ..presets import PRESETS, build_model, make_config
 from .report import table, write_section
 from .speed import cache_nbytes, decode_timing, peak_memory
 
@@ -29,7 +29,8 @@ def contenders(preset, layers, longest):
                "KDA hybrid 3:1 (Kimi Linear)": base | {"layer_types": pattern, "mla_use_nope": True},
                "MHA ablation": base | {"attention": "mha"}}
     torch.manual_seed(0)
-    return {name: Kimi(make_config("kimi", PRESETS[preset], overrides)).eval() for name, overrides in configs.items()}
+    return {name: build_model("kimi", make_config("kimi", PRESETS[preset], overrides), context=f"--preset={preset}")
+            .eval() for name, overrides in configs.items()}
 
 
 def bench_long_context(args):

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..model import Experts, Kimi
 from ..optim import Muon, configure_optimizer, local_part
-from ..presets import PRESETS, make_config
+from ..presets import PRESETS, check_fits, make_config
 from ..sharding import data_parallel, shard_model
 from .report import table, write_section
 from .speed import training_step
@@ -183,6 +183,8 @@ def run_layout(command, reports, name, timeout_s, env, grace_s=60):
 def bench_memory(args):
     rows, traffic, measured = [], [], {}
     config = make_config("kimi", PRESETS[args.preset], {})
+    check_fits("kimi", config, "cpu", args.batch_size * args.block_size, context=f"--preset={args.preset}",
+               fix="pick a smaller --preset, --batch_size or --block_size")
     groups = parameter_groups(config)
     with tempfile.TemporaryDirectory() as tmp:
         for name, (procs, layout) in LAYOUTS.items():

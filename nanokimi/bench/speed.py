@@ -11,7 +11,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from ..baseline import GPT
 from ..model import ATTENTION, Kimi, MoE
 from ..optim import configure_optimizer, zeropower_via_newtonschulz
-from ..presets import BASELINE_PRESETS, PRESETS, make_config
+from ..presets import BASELINE_PRESETS, PRESETS, build_model, check_fits, make_config
 from .report import hardware_kind, interleaved_medians, spread_ms, table, timings, write_section
 
 
@@ -82,9 +82,12 @@ def bench_inference(args):
     kimi_base, gpt_base = PRESETS[args.preset], BASELINE_PRESETS[args.baseline]
     longest = max(args.contexts) + args.new_tokens
     torch.manual_seed(0)
-    kimi = Kimi(make_config("kimi", kimi_base, {"max_position_embeddings": longest, "dropout": 0.0})).eval()
-    mha = Kimi(make_config("kimi", kimi.config, {"attention": "mha"})).eval()
-    gpt = GPT(make_config("gpt", gpt_base, {"n_positions": longest, "dropout": 0.0})).eval()
+    kimi_config = make_config("kimi", kimi_base, {"max_position_embeddings": longest, "dropout": 0.0})
+    kimi = build_model("kimi", kimi_config, context=f"--preset={args.preset}").eval()
+    mha = build_model("kimi", make_config("kimi", kimi_config, {"attention": "mha"}),
+                      context=f"--preset={args.preset} as MHA").eval()
+    gpt = build_model("gpt", make_config("gpt", gpt_base, {"n_positions": longest, "dropout": 0.0}),
+                      context=f"--baseline={args.baseline}").eval()
     contenders = (("nanoKimi, MLA cache", kimi, True), ("nanoKimi, no cache", kimi, False),
                   ("nanoKimi-MHA ablation, KV cache", mha, True), ("nanoGPT baseline, no cache", gpt, False))
     rows = []
@@ -213,6 +216,10 @@ def bench_step(args):
     longest = max(t for _, t in args.shapes)
     kimi_config = make_config("kimi", PRESETS[args.preset], {"max_position_embeddings": longest, "dropout": 0.0})
     gpt_config = make_config("gpt", BASELINE_PRESETS[args.baseline], {"n_positions": longest, "dropout": 0.0})
+    most = max(b * t for b, t in args.shapes)  # the largest batch, refused before any model is built
+    fix = "pick a smaller --preset or --baseline, or smaller --shapes"
+    check_fits("kimi", kimi_config, "cpu", most, context=f"--preset={args.preset}", fix=fix)
+    check_fits("gpt", gpt_config, "cpu", most, context=f"--baseline={args.baseline}", fix=fix)
     # Newton-Schulz's precision as the trainer chooses it (capability), and the other one forced, to show the choice
     chosen = configure_optimizer(Kimi(kimi_config), "muonclip").optimizers[-1]
     other = "bfloat16" if chosen.ns_dtype == torch.float32 else "float32"
