@@ -98,10 +98,10 @@ def build_parser(train_help=True):
     p.add_argument("--input", nargs="+", action="extend",
                    help="files, folders or globs (repeatable); for hf, local data_files for a builder such as json")
     p.add_argument("--out", help="output folder (default data/DATASET)")
-    p.add_argument("--tokenizer", default="char",
+    p.add_argument("--tokenizer",
                    help="char, bpe (byte-level, trained on a sample) or PATH/tokenizer.json (default char)")
     p.add_argument("--vocab_size", type=int, help="BPE vocabulary size (e.g. 4096)")
-    p.add_argument("--tokenizer_chars", type=float, default=1e9,
+    p.add_argument("--tokenizer_chars", type=float,
                    help="characters of the corpus BPE learns from: a seeded sample, each document at most 1%% of it "
                         "(default 1e9)")
     p.add_argument("--boundary_token", help="the document boundary token of a given tokenizer.json (default: its "
@@ -205,11 +205,12 @@ def main(argv=None):
             if source and not (Path(source) / "meta.json").is_file():
                 from .checkpoint import resolve  # imports torch: only for a run's out_dir
                 source = resolve(source)
-            if not math.isfinite(args.val_fraction) or not math.isfinite(args.tokenizer_chars):
+            if not math.isfinite(args.val_fraction) or not math.isfinite(args.tokenizer_chars or 0):
                 raise UserError("--val_fraction and --tokenizer_chars must be finite numbers")
             meta = prepare(args.dataset, out, args.input, args.tokenizer, args.vocab_size, source, args.drop_unknown,
                            args.text_field, args.doc_separator, args.val_fraction, args.val_input,
-                           int(args.tokenizer_chars), args.boundary_token, args.hf_name, args.hf_config,
+                           args.tokenizer_chars, args.boundary_token, args.hf_name,
+                           args.hf_config,
                            args.hf_split, progress=not args.no_progress and sys.stderr.isatty())
             print(f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
                   f"({meta['train_documents']:,} + {meta['val_documents']:,} documents), {meta['tokenizer']} "

@@ -9,6 +9,7 @@ BPE encodes the pieces exactly as it would the whole)."""
 import glob
 import gzip
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -27,37 +28,41 @@ def file_format(path):
     return FORMATS.get(suffixes[-1]) if suffixes else None
 
 
-def expand_inputs(inputs):
+def expand_inputs(inputs, flag="--input", skip=()):
     """The files named by `inputs` (files, folders searched recursively, globs), in a fixed order: each argument's
     files sorted by path, arguments in the order given. A file given by name must have a known format; a folder or
-    glob keeps only files of known formats."""
-    files = []
+    glob keeps only files of known formats, and none of `skip` (the files a prepare writes: a dataset written into
+    the input folder is no input to the next prepare). `flag` names the option in messages."""
+    files, skip = [], {Path(f).resolve() for f in skip}
+
+    def listed(paths):
+        return sorted(p for p in paths if p.is_file() and file_format(p) and p.resolve() not in skip)
     for spec in inputs:
         path = Path(spec)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p)
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = listed(p for p in path.rglob("*") if not any(part.startswith(".")
+                                                                 for part in p.relative_to(path).parts))
             if not found:
-                raise UserError(f"folder {path} holds no .txt, .jsonl, .json or .parquet file (also .gz): pass a "
-                                f"folder of documents")
+                raise UserError(f"{flag}: folder {path} holds no .txt, .jsonl, .json or .parquet file (also .gz): "
+                                f"pass a folder of documents")
         elif path.exists() and not path.is_file():
-            raise UserError(f"--input {path} is not a regular file (a fifo or device?): pass a file, folder or glob")
+            raise UserError(f"{flag} {path} is not a regular file (a fifo or device?): pass a file, folder or glob")
         elif path.is_file():
             if file_format(path) is None:
                 raise UserError(f"{path}: unknown format {''.join(path.suffixes) or '(no suffix)'}: name it .txt, "
                                 f".jsonl, .json or .parquet (optionally .gz)")
             found = [path]
         elif glob.has_magic(spec):
-            found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file() and file_format(p))
+            found = listed(Path(p) for p in glob.glob(spec, recursive=True))
             if not found:
-                raise UserError(f"--input {spec} matches no .txt, .jsonl, .json or .parquet file")
+                raise UserError(f"{flag} {spec} matches no .txt, .jsonl, .json or .parquet file")
         else:
-            raise UserError(f"input {path} not found: pass --input=PATH to existing files, folders or globs")
+            raise UserError(f"{flag} {path} not found: pass {flag}=PATH to existing files, folders or globs")
         files += found
     seen = {}
     for f in files:  # the same file by two names (a folder given twice, a/../a, a link): read twice otherwise
         if (same := seen.setdefault(f.resolve(), f)) is not f:
-            raise UserError(f"{f} is {same} again (named twice by --input, or a link to it): each document would be "
+            raise UserError(f"{f} is {same} again (named twice by {flag}, or a link to it): each document would be "
                             f"read twice, pass each file once")
     return files
 
@@ -66,10 +71,11 @@ class Corpus:
     """The documents of local files, in order. `bytes_read` is how many bytes of the files have been read so far
     (for progress); `total_bytes` their size on disk."""
 
-    def __init__(self, inputs, text_field="text", doc_separator=None):
-        self.files = expand_inputs(inputs)
+    def __init__(self, inputs, text_field="text", doc_separator=None, flag="--input", skip=()):
+        self.files = expand_inputs(inputs, flag, skip)
         self.text_field, self.doc_separator = text_field, doc_separator or None
-        self.total_bytes = sum(f.stat().st_size for f in self.files)
+        self.listed = {f: stamp(f) for f in self.files}  # what each file was when listed: every pass reads that
+        self.total_bytes = sum(size for size, _ in self.listed.values())
         self.bytes_read = 0
 
     @property
@@ -81,8 +87,14 @@ class Corpus:
         self.bytes_read = 0
         for path in self.files:
             start = self.bytes_read
-            with open(path, "rb") as raw:
-                if path.suffix.lower() == ".gz" and path.stat().st_size == 0:
+            try:
+                raw = open(path, "rb")
+            except OSError as e:
+                raise UserError(f"cannot open {path} ({e.strerror}): it was there when prepare started; was it moved "
+                                f"or deleted? Prepare again") from None
+            with raw:
+                self.check_unchanged(path)
+                if path.suffix.lower() == ".gz" and self.listed[path][0] == 0:
                     raise UserError(f"{path} is empty (0 bytes), not a gzip file: is it damaged or truncated?")
                 stream = gzip.GzipFile(fileobj=raw) if path.suffix.lower() == ".gz" else raw
                 reader = {"txt": self.txt, "jsonl": self.jsonl, "parquet": self.parquet}[file_format(path)]
@@ -93,7 +105,19 @@ class Corpus:
                 except (OSError, EOFError, gzip.BadGzipFile) as e:
                     raise UserError(f"cannot read {path} ({e.__class__.__name__}: {str(e)[:80]}): is it damaged "
                                     f"or truncated?") from None
-            self.bytes_read = start + path.stat().st_size
+                self.check_unchanged(path)
+            self.bytes_read = start + self.listed[path][0]
+
+    def check_unchanged(self, path):
+        """A UserError if `path` changed since it was listed: its documents would differ between the passes over
+        the corpus (the tokenizer's, the dataset's) or from its size in the progress and checks."""
+        try:
+            now = stamp(path)
+        except OSError:
+            now = None
+        if now != self.listed[path]:
+            raise UserError(f"{path} changed while prepare read it (written to, replaced or deleted): prepare again "
+                            f"once it is complete")
 
     def txt(self, path, stream):
         """One document per file, or per --doc_separator; a long document in pieces cut after a newline."""
@@ -149,9 +173,17 @@ class Corpus:
         if self.text_field not in names:
             raise UserError(f"{path} has no column {self.text_field!r} (its columns: {', '.join(names[:8])}): pass "
                             f"--text_field=NAME")
-        row = 0
-        for batch in table.iter_batches(batch_size=BATCH_ROWS, columns=[self.text_field]):
-            for text in batch.column(0).to_pylist():
+        row, batches = 0, table.iter_batches(batch_size=BATCH_ROWS, columns=[self.text_field])
+        while True:
+            try:  # a damaged page or a string column that is not UTF-8 fails here, not when the file opens
+                texts = next(batches, None)
+                texts = None if texts is None else texts.column(0).to_pylist()
+            except Exception as e:  # pyarrow's ArrowInvalid, OSError, UnicodeDecodeError, ...
+                raise UserError(f"cannot read {path} after row {row} ({e.__class__.__name__}: {str(e)[:80]}): is "
+                                f"it damaged, or is its {self.text_field!r} column not UTF-8 text?") from None
+            if texts is None:
+                return
+            for text in texts:
                 row += 1
                 yield True, document_text({self.text_field: text}, self.text_field, f"{path} row {row}")
 
@@ -170,6 +202,12 @@ def document_text(record, field, where):
         raise UserError(f"{where}: {field!r} holds {e.object[e.start:e.end]!r}, half of a UTF-16 surrogate pair and no "
                         f"character: fix or drop that record") from None
     return record[field]
+
+
+def stamp(path):
+    """A file's size and modification time: a file that was written to or replaced has another."""
+    info = Path(path).stat()
+    return info.st_size, info.st_mtime_ns
 
 
 def line_batches(stream, size=PIECE_BYTES // 4):
@@ -199,6 +237,7 @@ class HFDataset:
         except ImportError:
             raise UserError("`prepare hf` needs the datasets library: pip install datasets (or nanokimi[data])") \
                 from None
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its failures become one line here, not logs
         try:
             self.dataset = datasets.load_dataset(name, name=config, split=split, streaming=True,
                                                  data_files=data_files)
@@ -209,8 +248,15 @@ class HFDataset:
         self.files, self.total_bytes, self.bytes_read, self.single_document = [name], None, 0, False
 
     def __iter__(self):
-        self.bytes_read = 0
-        for row, record in enumerate(self.dataset, 1):
+        self.bytes_read, records = 0, iter(self.dataset)
+        for row in itertools.count(1):
+            try:  # a builder's failure to read a record (a bad JSON line, a damaged file) comes as it streams
+                record = next(records, None)
+            except Exception as e:
+                raise UserError(f"dataset {self.name} cannot be read after {row - 1} rows ({e.__class__.__name__}: "
+                                f"{str(e).splitlines()[0][:120] if str(e) else ''}): fix or drop that record") from None
+            if record is None:
+                return
             text = document_text(record, self.text_field, f"dataset {self.name} row {row}")
             self.bytes_read += len(text)  # characters: a streamed dataset's bytes on disk are not known
             yield True, text

@@ -17,7 +17,7 @@ from .corpus import Corpus, HFDataset, file_format
 from .errors import UserError, write_failure
 from .folders import (SWAP_DONE, SWAP_FOLDER, check_destination, command_lock, commit_swap, finish_swap,
                       kind)
-from .tokenizer import (KNOWN_BOUNDARIES, TOKENIZER_FILES, CharTokenizer, HFTokenizer, bpe_sample, copy_tokenizer,
+from .tokenizer import (BOUNDARY, KNOWN_BOUNDARIES, TOKENIZER_FILES, CharTokenizer, HFTokenizer, bpe_sample, copy_tokenizer,
                         load_tokenizer, read_meta, write_json)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -196,9 +196,11 @@ def build_tokenizer(kind, corpus, val_corpus, vocab_size, tokenizer_chars, bound
                     yield text
             tokenizer = HFTokenizer.train(sample(), vocab_size, boundary)
         if tokenizer.vocab_size < vocab_size:
+            sampled = corpus.total_bytes is None or tokenizer_chars < corpus.total_bytes
             raise UserError(f"the text taught byte-level BPE only {tokenizer.vocab_size} tokens, fewer than "
-                            f"--vocab_size={vocab_size}: lower --vocab_size to {tokenizer.vocab_size} or give it "
-                            f"more text")
+                            f"--vocab_size={vocab_size}: lower --vocab_size to {tokenizer.vocab_size} or "
+                            + (f"let it learn from more than --tokenizer_chars={tokenizer_chars} characters"
+                               if sampled else "give it more text"))
         return tokenizer
     if kind.endswith(".json") or Path(kind).is_file():
         tokenizer = HFTokenizer.from_file(kind, boundary_token)
@@ -209,20 +211,51 @@ def build_tokenizer(kind, corpus, val_corpus, vocab_size, tokenizer_chars, bound
     raise UserError(f"unknown tokenizer {kind!r}: use char, bpe or PATH/tokenizer.json")
 
 
-def prepare(dataset, out, inputs=None, tokenizer="char", vocab_size=None, tokenizer_dir=None, drop_unknown=False,
-            text_field="text", doc_separator=None, val_fraction=0.1, val_inputs=None, tokenizer_chars=10 ** 9,
+def check_tokenizer_options(dataset, tokenizer, vocab_size, tokenizer_dir, tokenizer_chars, boundary_token):
+    """A UserError for a tokenizer option that the others make meaningless: an option is never silently ignored.
+    `tokenizer` None: not given (char, unless --tokenizer_from reuses one)."""
+    if tokenizer_dir is not None:
+        given = [f for f, v in (("--tokenizer", tokenizer), ("--vocab_size", vocab_size),
+                                ("--tokenizer_chars", tokenizer_chars), ("--boundary_token", boundary_token)) if v is not None]
+        if given:
+            raise UserError(f"--tokenizer_from={tokenizer_dir} reuses that tokenizer, so {', '.join(given)} would "
+                            f"be ignored: drop {'it' if len(given) == 1 else 'them'}, or --tokenizer_from to make a "
+                            f"new tokenizer")
+        return
+    kind = tokenizer or "char"
+    if dataset == "shakespeare_char" and kind != "char":
+        raise UserError(f"shakespeare_char is char-level: for --tokenizer={kind} use `nanokimi prepare text "
+                        f"--input=tinyshakespeare.txt --tokenizer={kind} ...`")
+    unused = {"char": ("--vocab_size", "--tokenizer_chars", "--boundary_token"), "bpe": ("--boundary_token",)}.get(
+        kind, ("--vocab_size", "--tokenizer_chars"))  # a tokenizer.json has its vocabulary already
+    given = [f for f, v in (("--vocab_size", vocab_size), ("--tokenizer_chars", tokenizer_chars),
+                            ("--boundary_token", boundary_token)) if v is not None and f in unused]
+    if given:
+        why = {"char": "a char vocabulary is every character of the text, and its boundary token is nanoKimi's own",
+               "bpe": f"nanoKimi's BPE reserves its own boundary token {BOUNDARY}"}.get(
+            kind, "a given tokenizer.json brings its own vocabulary")
+        raise UserError(f"{', '.join(given)} would be ignored with --tokenizer={kind} ({why}): drop "
+                        f"{'it' if len(given) == 1 else 'them'}" + (", or pass --tokenizer=bpe" if kind == "char"
+                                                                     and "--boundary_token" not in given else ""))
+
+
+def prepare(dataset, out, inputs=None, tokenizer=None, vocab_size=None, tokenizer_dir=None, drop_unknown=False,
+            text_field="text", doc_separator=None, val_fraction=0.1, val_inputs=None, tokenizer_chars=None,
             boundary_token=None, hf_name=None, hf_config=None, hf_split="train", progress=False):
     """`dataset` is "shakespeare_char" (TinyShakespeare, char-level), "text" (local files, folders, globs) or "hf"
-    (a Hugging Face dataset, streamed). With tokenizer_dir (a dataset or checkpoint folder), reuse that tokenizer
-    instead of making one: the way to finetune a model on new text; drop_unknown drops the characters a char
-    vocabulary lacks (else they are an error)."""
+    (a Hugging Face dataset, streamed). `tokenizer`: char (the default), bpe or a tokenizer.json path. With
+    tokenizer_dir (a dataset or checkpoint folder), reuse that tokenizer instead of making one: the way to finetune a
+    model on new text; drop_unknown drops the characters a char vocabulary lacks (else they are an error).
+    tokenizer_chars: how many characters BPE learns from (default 1e9)."""
     out = Path(out)
     if dataset not in ("shakespeare_char", "text", "hf"):
         raise UserError(f"unknown dataset {dataset!r}: use shakespeare_char, text or hf")
     if not 0 < val_fraction < 1:
         raise UserError(f"--val_fraction={val_fraction}: give a fraction between 0 and 1, e.g. 0.1")
-    if not tokenizer_chars >= 1:
+    if tokenizer_chars is not None and not tokenizer_chars >= 1:
         raise UserError(f"--tokenizer_chars={tokenizer_chars}: give how many characters BPE learns from, e.g. 1e9")
+    check_tokenizer_options(dataset, tokenizer, vocab_size, tokenizer_dir, tokenizer_chars, boundary_token)
+    tokenizer = tokenizer or "char"
     out = out.resolve()  # RUN/x/.. is RUN, and checked as such
     finish_swap(out)  # a prepare killed after its new dataset was complete: that one is the dataset now
     check_destination(out, "prepare", "a prepared dataset")
@@ -233,8 +266,8 @@ def prepare(dataset, out, inputs=None, tokenizer="char", vocab_size=None, tokeni
                             f"`nanokimi prepare` would replace them, pick another --out")
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
+    own_files = [out / name for name in TOKENIZER_FILES]  # a dataset in an input folder is not read as documents
     if dataset == "shakespeare_char":
-        tokenizer = "char"
         if not inputs:
             out.mkdir(parents=True, exist_ok=True)
             inputs = [out / "input.txt"]
@@ -247,8 +280,8 @@ def prepare(dataset, out, inputs=None, tokenizer="char", vocab_size=None, tokeni
     elif not inputs:
         raise UserError("prepare text needs --input=PATH (files, folders or globs of .txt, .jsonl, .parquet)")
     else:
-        corpus = Corpus(inputs, text_field, doc_separator)
-    val_corpus = Corpus(val_inputs, text_field, doc_separator) if val_inputs else None
+        corpus = Corpus(inputs, text_field, doc_separator, skip=own_files)
+    val_corpus = Corpus(val_inputs, text_field, doc_separator, "--val_input", own_files) if val_inputs else None
     if val_corpus is not None and isinstance(corpus, Corpus):
         shared = {f.resolve() for f in corpus.files} & {f.resolve() for f in val_corpus.files}
         if shared:
@@ -271,5 +304,6 @@ def prepare(dataset, out, inputs=None, tokenizer="char", vocab_size=None, tokeni
                             f"{reused.vocab_size}-character vocabulary of {tokenizer_dir}: pass --drop_unknown to "
                             f"drop them from the text")
         return write_dataset(corpus, reused, out, val_fraction, val_corpus, tokenizer_dir, False, progress)
-    made = build_tokenizer(tokenizer, corpus, val_corpus, vocab_size, tokenizer_chars, boundary_token, progress)
+    made = build_tokenizer(tokenizer, corpus, val_corpus, vocab_size, int(tokenizer_chars or 1e9), boundary_token,
+                           progress)
     return write_dataset(corpus, made, out, val_fraction, val_corpus, None, drop_unknown, progress)

@@ -31,19 +31,22 @@ def sample(path, prompt=None, max_new_tokens=500, temperature=0.8, top_k=200, to
     if tokenizer is None:
         raise UserError(f"checkpoint {ckpt.path} has no tokenizer (meta.json): copy one in from its dataset, or "
                         f"import the model from a folder that has tokenizer.json")
-    if prompt is None:  # as nanoGPT: start from a newline
+    given = prompt is not None
+    if not given:  # as nanoGPT: start from a newline
         prompt = "\n"
         if tokenizer.unknown(prompt):
             raise UserError("this model's vocabulary has no newline, the default prompt: pass --prompt=TEXT")
     ids = tokenizer.encode(prompt)
     if not ids:
-        raise UserError("the prompt is empty: pass --prompt=TEXT with at least one token")
+        raise UserError("the prompt is empty: pass --prompt=TEXT with at least one token" if given else
+                        "this model's tokenizer encodes a newline, the default prompt, to no token: pass "
+                        "--prompt=TEXT")
     use_cache = use_cache and model.has_kv_cache
     texts = []
     for i in range(num_samples):
         generator = torch.Generator(device=device).manual_seed(seed + i)
         idx = torch.tensor([ids], device=device)
-        text_of, pieces = tokenizer.stream(), []
+        text_of, pieces = tokenizer.stream(ids), []
         out.write(prompt)
         for token in model.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator):
             pieces.append(text_of(token.item()))

@@ -4,9 +4,11 @@ here from a bounded sample of the corpus, or a given tokenizer.json: GPT-2's, a 
 A tokenizer lives in a folder as meta.json (kind, vocab size, the char list, the document boundary token's id) plus,
 for the HF kind, tokenizer.json. Checkpoints and datasets carry a copy, so sampling needs no data folder."""
 
+import contextlib
 import hashlib
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -19,6 +21,9 @@ TOKENIZER_FILES = ("meta.json", "tokenizer.json")
 BOUNDARY = "<|endoftext|>"  # the document boundary token nanoKimi's own vocabularies reserve
 # a given tokenizer.json's boundary: the first of these it holds, unless --boundary_token names one
 KNOWN_BOUNDARIES = (BOUNDARY, "<|end_of_text|>", "</s>", "<｜end▁of▁sentence｜>", "<eos>", "[SEP]", "<|im_end|>")
+# BPE learns from words (runs between whitespace) no longer than this: the trainer's cost grows with the square of a
+# word's length (a 200 KB document with no whitespace took 11 s, 2 MB did not end), and no merge is that long
+LONGEST_WORD = 1000
 
 
 class CharTokenizer:
@@ -68,7 +73,7 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
 
-    def stream(self):
+    def stream(self, prompt_ids=()):
         """One token id -> its text, for printing tokens as they are sampled (every id is whole characters)."""
         return self.chars.__getitem__
 
@@ -102,7 +107,7 @@ class HFTokenizer:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       special_tokens=[BOUNDARY] if boundary else [], show_progress=False)
-        tok.train_from_iterator(texts, trainer)
+        tok.train_from_iterator(short_words(texts), trainer)
         return cls(tok, tok.token_to_id(BOUNDARY) if boundary else None)
 
     @classmethod
@@ -121,7 +126,8 @@ class HFTokenizer:
         return []  # a tokenizer.json maps every string somewhere (bytes, or its unknown token)
 
     def encode(self, text):
-        return self.tokenizer.encode(text).ids
+        with self.encoding():
+            return self.tokenizer.encode(text).ids
 
     def encode_batch(self, texts, drop_unknown=False):
         """Token ids of each text as arrays: the tokenizer's own ids, without its special-token template (nanoKimi
@@ -129,20 +135,35 @@ class HFTokenizer:
         the text it is: a book that quotes "<|endoftext|>" holds no document boundary."""
         self.tokenizer.encode_special_tokens = True
         try:
-            return [np.array(e.ids, dtype=np.int64)
-                    for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+            with self.encoding():
+                return [np.array(e.ids, dtype=np.int64)
+                        for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
         finally:
             self.tokenizer.encode_special_tokens = False
+
+    @contextlib.contextmanager
+    def encoding(self):
+        """The tokenizers library's failures to encode (a bare Exception, e.g. a word outside a WordLevel vocabulary
+        that has no [UNK]) as one-line UserErrors."""
+        try:
+            yield
+        except Exception as e:
+            raise UserError(f"the tokenizer{f' {self.source}' if self.source else ''} cannot encode this text "
+                            f"({str(e)[:100]}): give it an unknown token (e.g. \"unk_token\": \"[UNK]\" in its "
+                            f"model) or use another tokenizer") from None
 
     def decode(self, ids):
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
-    def stream(self):
+    def stream(self, prompt_ids=()):
         """One token id -> the text it completes ("" while a character is split across tokens), for printing tokens
-        as they are sampled: the library's incremental decoder, a constant cost per token where decoding the whole
-        tail again for each one is quadratic."""
+        as they are sampled after `prompt_ids`: the library's incremental decoder, a constant cost per token where
+        decoding the whole tail again for each one is quadratic. It reads the prompt first, so that the first token
+        joins it as decoding them together would (a WordLevel vocabulary puts a space between words)."""
         from tokenizers.decoders import DecodeStream
         decoder = DecodeStream(skip_special_tokens=False)
+        for token in prompt_ids:
+            decoder.step(self.tokenizer, token)
         return lambda token: decoder.step(self.tokenizer, token) or ""
 
     def token_bytes(self):
@@ -206,6 +227,19 @@ def bpe_sample(corpus, budget, seed=0):
         yield piece
         if taken >= budget:
             return
+
+
+def short_words(texts, longest=LONGEST_WORD):
+    """The texts, each cut after every `longest` characters of a run without whitespace (one text where there is
+    none), for BPE to learn from: the pieces are separate texts to the trainer, so no word of more than `longest`
+    characters reaches it, and no whitespace is added."""
+    run = re.compile(rf"\S{{{longest}}}")
+    for text in texts:
+        start = 0
+        for match in run.finditer(text):
+            yield text[start:match.end()]
+            start = match.end()
+        yield text[start:]
 
 
 def write_json(path, obj):

@@ -116,7 +116,7 @@ def test_a_folder_of_formats_gives_every_document_once(tokenizer, tmp_path, shak
     docs = write_corpus(tmp_path / "corpus", documents_of(shakespeare_text))
     out = tmp_path / "d"
     main(["prepare", "text", f"--input={tmp_path / 'corpus'}", f"--doc_separator={SEP}", f"--tokenizer={tokenizer}",
-          "--vocab_size=600", f"--out={out}"])
+          *(["--vocab_size=600"] if tokenizer == "bpe" else []), f"--out={out}"])
     meta, tok = read_meta(out), load_tokenizer(out)
     assert meta["train_documents"] + meta["val_documents"] == len(docs) and meta["val_documents"] == len(docs) // 10
     found = split_documents(out, tok, meta)
@@ -192,7 +192,7 @@ def test_val_input_and_few_documents(tmp_path, shakespeare_text):
         "train": docs[:2], "val": docs[2:3]}
 
 
-def test_hf_datasets_reader_on_local_files(tmp_path, shakespeare_text):
+def test_hf_datasets_reader_on_local_files(tmp_path, shakespeare_text, capsys):
     pytest.importorskip("datasets")
     docs = documents_of(shakespeare_text, 50)
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -200,6 +200,10 @@ def test_hf_datasets_reader_on_local_files(tmp_path, shakespeare_text):
     main(["prepare", "text", f"--input={tmp_path / 'docs.jsonl'}", f"--out={tmp_path / 'local'}"])
     for name in ("train.bin", "val.bin", "meta.json"):
         assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n{oops\n")  # datasets fails as it streams
+    err = cli_error(capsys, "prepare", "hf", "--dataset=json", f"--input={tmp_path / 'bad.jsonl'}",
+                    f"--out={tmp_path / 'bad'}")
+    assert "dataset json cannot be read" in err and "JSON parse error" in err
 
 
 def test_ctrl_c_while_preparing_leaves_the_old_dataset(tmp_path, shakespeare_text, capsys, monkeypatch):
@@ -288,6 +292,35 @@ def bad(tmp_path, case):
         (tmp_path / "docs" / "v.jsonl").write_text(good * 3)
         return [f"--input={tmp_path / 'docs'}", f"--val_input={tmp_path / 'docs' / 'v.jsonl'}"], [
             "v.jsonl", "both --input and --val_input"]
+    if case == "damaged parquet page":  # the footer reads; a page in the middle does not
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"text": [f"document {i} " * 50 for i in range(5000)]}), tmp_path / "p.parquet",
+                       row_group_size=1000)
+        data = bytearray((tmp_path / "p.parquet").read_bytes())
+        data[len(data) // 2:len(data) // 2 + 2000] = bytes(b ^ 0x5A for b in data[len(data) // 2:len(data) // 2 + 2000])
+        (tmp_path / "p.parquet").write_bytes(bytes(data))
+        return [f"--input={tmp_path / 'p.parquet'}"], ["p.parquet", "after row", "damaged"]
+    if case == "parquet strings not utf-8":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"text": pa.array([b"fine", b"caf\xe9"], type=pa.binary()).view(pa.string())}),
+                       tmp_path / "p.parquet")
+        return [f"--input={tmp_path / 'p.parquet'}"], ["p.parquet", "not UTF-8"]
+    if case == "word-level tokenizer without [UNK]":
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        tok = Tokenizer(models.WordLevel({"fine": 0, "<|endoftext|>": 1}))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.save(str(tmp_path / "t.json"))
+        f.write_text(good * 2 + json.dumps({"text": "fine words"}) + "\n")
+        return [f"--input={f}", f"--tokenizer={tmp_path / 't.json'}"], ["t.json", "cannot encode", "unk_token"]
+    if case == "missing val_input":
+        f.write_text(good * 3)
+        return [f"--input={f}", f"--val_input={tmp_path / 'v.jsonl'}"], ["--val_input", "v.jsonl", "not found"]
+    if case == "bpe sample too small":
+        f.write_text(good * 300)
+        return [f"--input={f}", "--tokenizer=bpe", "--vocab_size=300", "--tokenizer_chars=1"], [
+            "--tokenizer_chars=1", "lower --vocab_size"]
     raise AssertionError(case)
 
 
@@ -295,7 +328,8 @@ def bad(tmp_path, case):
                                   "val inside input", "missing field", "not json", "not utf-8 jsonl", "not utf-8 txt",
                                   "not a string", "empty corpus", "parquet without the column", "damaged parquet",
                                   "damaged gzip", "unknown format", "empty folder", "glob of nothing", "fifo",
-                                  "tokenizer without a boundary"])
+                                  "tokenizer without a boundary", "damaged parquet page", "parquet strings not utf-8",
+                                  "word-level tokenizer without [UNK]", "missing val_input", "bpe sample too small"])
 def test_bad_corpus_is_one_line_naming_the_file(case, tmp_path, capsys):
     args, words = bad(tmp_path, case)
     err = cli_error(capsys, "prepare", "text", *args, f"--out={tmp_path / 'd'}")
@@ -400,3 +434,62 @@ def test_document_text_is_text_boundaries_and_counts_are_exact(tmp_path):
     assert meta["train_documents"] == 4 and meta["val_documents"] == 1  # 5: the stride of 10 takes none, the last
     char = nanokimi.prepare.prepare("text", tmp_path / "char", tmp_path / "docs")
     assert "\ufeff" not in char["chars"] and char["train_documents"] + char["val_documents"] == 5
+
+
+@pytest.mark.parametrize("args, words", [
+    (["shakespeare_char", "--tokenizer=bpe"], ["shakespeare_char is char-level", "prepare text"]),
+    (["text", "--vocab_size=300"], ["--vocab_size would be ignored with --tokenizer=char", "--tokenizer=bpe"]),
+    (["text", "--boundary_token=</s>"], ["--boundary_token would be ignored with --tokenizer=char"]),
+    (["text", "--tokenizer=char", "--tokenizer_chars=1000"], ["--tokenizer_chars would be ignored"]),
+    (["text", "--tokenizer=bpe", "--vocab_size=300", "--boundary_token=</s>"], ["--boundary_token would be ignored"]),
+    (["text", "--tokenizer=TOKENIZER", "--vocab_size=300"], ["--vocab_size would be ignored", "its own vocabulary"]),
+    (["text", "--tokenizer_from=DATA", "--tokenizer=bpe"], ["reuses that tokenizer", "--tokenizer would be"]),
+    (["text", "--tokenizer_from=DATA", "--vocab_size=300"], ["reuses that tokenizer", "--vocab_size would be"]),
+])
+def test_an_option_the_others_make_meaningless_is_refused_not_ignored(args, words, char_data, tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1}, unk_token="[UNK]")).save(str(tmp_path / "t.json"))
+    (tmp_path / "docs.txt").write_text("some text to prepare\n" * 50)
+    args = [a.replace("=TOKENIZER", f"={tmp_path / 't.json'}").replace("=DATA", f"={char_data}") for a in args]
+    err = cli_error(capsys, "prepare", *args, f"--input={tmp_path / 'docs.txt'}", f"--out={tmp_path / 'd'}")
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("change", ["grown", "deleted"])
+def test_an_input_changed_during_prepare_is_said_so(change, tmp_path, capsys, monkeypatch):
+    """The char vocabulary is learnt in a first pass: a file grown (or gone) before the second is named, not blamed
+    on the vocabulary or the disk."""
+    docs = tmp_path / "docs.txt"
+    docs.write_text("some text to prepare\n" * 50)
+    learn = nanokimi.prepare.CharTokenizer.train
+
+    def then_changed(chars, boundary):
+        docs.unlink() if change == "deleted" else docs.write_text(docs.read_text() + "new words: xyz\n")
+        return learn(chars, boundary)
+    monkeypatch.setattr(nanokimi.prepare.CharTokenizer, "train", then_changed)
+    err = cli_error(capsys, "prepare", "text", f"--input={docs}", f"--out={tmp_path / 'd'}")
+    assert "docs.txt" in err and ("changed while prepare read it" if change == "grown" else "moved or deleted") in err
+    assert not (tmp_path / "d" / "train.bin").exists()
+
+
+def test_a_dataset_prepared_into_its_input_folder_is_not_read_as_documents(tmp_path, shakespeare_text):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents_of(shakespeare_text, 30)))
+    metas = [nanokimi.prepare.prepare("text", corpus, corpus, tokenizer="bpe", vocab_size=300) for _ in range(2)]
+    assert metas[0] == metas[1] and metas[1]["train_documents"] + metas[1]["val_documents"] == 30
+
+
+def test_bpe_learns_from_a_document_without_whitespace_in_linear_time(tmp_path, shakespeare_text):
+    """The trainer's cost grows with the square of a word's length: 2 MB without whitespace never ended. Words are
+    cut for learning (short_words), so this takes seconds; the encoding of the whole text stays exact."""
+    import re
+    letters = re.sub(r"[^A-Za-z]", "", shakespeare_text)
+    (tmp_path / "blob.txt").write_text(letters * (2_000_000 // len(letters) + 1))
+    nanokimi.prepare.prepare("text", tmp_path / "d", tmp_path / "blob.txt", tokenizer="bpe", vocab_size=1000)
+    tok = load_tokenizer(tmp_path / "d")
+    assert tok.decode(tok.encode(letters[:5000])) == letters[:5000] and tok.vocab_size == 1000
+    pieces = list(nanokimi.tokenizer.short_words(["ab " + "x" * 2500 + " cd", "plain text"], longest=1000))
+    assert "".join(pieces) == "ab " + "x" * 2500 + " cd" + "plain text" and pieces[-1] == "plain text"
+    assert max(len(w) for piece in pieces for w in piece.split()) == 1000
