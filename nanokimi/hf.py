@@ -288,7 +288,10 @@ def export(checkpoint_path, out_dir):
     if not isinstance(model, Kimi):
         raise UserError(f"{ckpt.path} holds the {ckpt.arch} baseline: only Kimi models export (to DeepseekV3 or "
                         f"Kimi Linear)")
-    return save_hf(model, out_dir, ckpt.path if tokenizer is not None else None)  # an imported one may have none
+    if tokenizer is None:  # an imported checkpoint may have none: an earlier export's must not stay beside it
+        for name in (*TOKENIZER_FILES, "tokenizer_config.json"):
+            (Path(out_dir) / name).unlink(missing_ok=True)
+    return save_hf(model, out_dir, ckpt.path if tokenizer is not None else None)
 
 
 def import_folder(hf_dir, out):

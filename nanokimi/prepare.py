@@ -15,10 +15,9 @@ import numpy as np
 
 from .corpus import Corpus, HFDataset, file_format
 from .errors import UserError, write_failure
-from .folders import (SWAP_DONE, SWAP_FOLDER, check_destination, command_lock, commit_swap, finish_swap,
-                      kind)
-from .tokenizer import (BOUNDARY, KNOWN_BOUNDARIES, TOKENIZER_FILES, CharTokenizer, HFTokenizer, bpe_sample, copy_tokenizer,
-                        load_tokenizer, read_meta, write_json)
+from .folders import SWAP_DONE, SWAP_FOLDER, check_destination, command_lock, commit_swap, finish_swap, kind
+from .tokenizer import (BOUNDARY, KNOWN_BOUNDARIES, TOKENIZER_FILES, CharTokenizer, HFTokenizer, bpe_sample,
+                        copy_tokenizer, load_tokenizer, read_meta, write_json)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 

@@ -287,9 +287,16 @@ def tokenizer_fingerprint(folder):
     digest = hashlib.sha256()
     meta = read_meta(folder)
     digest.update(json.dumps({k: meta[k] for k in ("tokenizer", "vocab_size", "chars") if k in meta}).encode())
-    if (Path(folder) / "tokenizer.json").is_file():
-        digest.update((Path(folder) / "tokenizer.json").read_bytes())
+    for path in tokenizer_files(folder)[1:]:
+        digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def tokenizer_files(folder):
+    """The files that make up the tokenizer in `folder`: meta.json, and tokenizer.json where meta.json names one
+    (a char vocabulary's tokenizer.json, written by `export` for transformers, is a copy, not part of it)."""
+    names = TOKENIZER_FILES if read_meta(folder).get("tokenizer") != "char" else ("meta.json",)
+    return [Path(folder) / name for name in names if (Path(folder) / name).is_file()]
 
 
 def check_same_tokenizer(checkpoint_dir, data_folder):
@@ -301,6 +308,5 @@ def check_same_tokenizer(checkpoint_dir, data_folder):
 
 
 def copy_tokenizer(src, dst):
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
+    for path in tokenizer_files(src):
+        shutil.copy2(path, Path(dst) / path.name)

@@ -1,6 +1,7 @@
 """Nothing lost: each command writes only into a folder it owns or that is new or empty, and never deletes what it
 did not write. Each case as a user types it; what was there is checked by listing the folders before and after."""
 
+import json
 import os
 import shutil
 
@@ -104,3 +105,26 @@ def assert_same_logits(folder, reference):
     with torch.no_grad():
         torch.testing.assert_close(from_pretrained(folder)(idx)[0], from_pretrained(reference)(idx)[0], atol=1e-5,
                                    rtol=0)
+
+
+def test_a_char_model_exported_and_imported_evaluates_on_its_own_dataset(made, char_data, tmp_path):
+    """export writes a tokenizer.json for transformers beside a char vocabulary's meta.json: a copy, not part of the
+    tokenizer, so the imported checkpoint still matches the dataset it was trained on."""
+    assert run_cli("export", made / "run", tmp_path / "hf").returncode == 0
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert run_cli("import", tmp_path / "hf", tmp_path / "ckpt").returncode == 0
+    result = run_cli("eval", tmp_path / "ckpt", f"--data={char_data}", "--batches=2", "--block_size=32")
+    assert result.returncode == 0, result.stderr
+    reference = run_cli("eval", made / "run", f"--data={char_data}", "--batches=2", "--block_size=32")
+    assert json.loads(result.stdout)["loss"] == pytest.approx(json.loads(reference.stdout)["loss"], rel=1e-5)
+
+
+def test_exporting_a_checkpoint_without_tokenizer_over_an_export_leaves_no_old_tokenizer(made, tmp_path):
+    assert run_cli("export", made / "run", tmp_path / "hf").returncode == 0
+    bare = tmp_path / "bare-hf"
+    shutil.copytree(made / "hf", bare, ignore=shutil.ignore_patterns("tokenizer*", "meta.json"))
+    assert run_cli("import", bare, tmp_path / "no-tokenizer").returncode == 0
+    assert not (tmp_path / "no-tokenizer" / "meta.json").exists()
+    assert run_cli("export", tmp_path / "no-tokenizer", tmp_path / "hf").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "generation_config.json",
+                                                                     "model.safetensors"]
