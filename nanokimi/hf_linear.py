@@ -82,11 +82,17 @@ def from_hf_config(hf):
               if any(k in hf for k in keys)}
     linear = hf.get("linear_attn_config") or {}
     fields |= {name: linear[key] for name, key in LINEAR_ATTN_CONFIG.items() if key in linear}
+    for where, values in (("", hf), ("linear_attn_config.", linear)):
+        if values.get("gate_lower_bound") is not None:  # fla's bounded gate: lower_bound * sigmoid(...)
+            raise UserError(f"{where}gate_lower_bound={values['gate_lower_bound']!r} is not supported (nanoKimi's KDA "
+                            f"forget gate is Kimi Linear's -exp(A_log) * softplus(f + dt_bias), with no lower bound)")
     n = hf["num_hidden_layers"]
     layer_types = hf.get("layer_types")
-    if layer_types is None and "full_attn_layers" in linear and "kda_layers" in linear:
-        full = set(linear["full_attn_layers"])
-        layer_types = ["full_attention" if i + 1 in full else "linear_attention" for i in range(n)]
+    listed = layer_lists(linear, n)
+    if layer_types is not None and listed is not None and list(layer_types) != listed:
+        raise UserError(f"layer_types {layer_types} contradicts linear_attn_config's kda_layers / full_attn_layers "
+                        f"(which say {listed}): make them agree, or drop one")
+    layer_types = layer_types or listed
     if layer_types is None:  # transformers' default pattern
         layer_types = ["full_attention" if i and i % 4 == 0 else "linear_attention" for i in range(n)]
     mlp = hf.get("mlp_layer_types")
@@ -101,6 +107,23 @@ def from_hf_config(hf):
         return KimiConfig(**fields)
     except (TypeError, ValueError) as e:
         raise UserError(f"cannot represent this config in nanoKimi: {e}") from None
+
+
+def layer_lists(linear, n):
+    """The layer types that linear_attn_config's 1-indexed kda_layers and full_attn_layers give (None if it has
+    neither), refusing lists that do not name each of the n layers once: transformers reads them only together."""
+    given = [key for key in ("kda_layers", "full_attn_layers") if key in linear]
+    if not given:
+        return None
+    if len(given) == 1:
+        raise UserError(f"linear_attn_config has {given[0]} but no "
+                        f"{({'kda_layers', 'full_attn_layers'} - set(given)).pop()}: transformers reads the layout only "
+                        f"from both (else it takes its default pattern), give both (1-indexed) or layer_types")
+    kda, full = linear["kda_layers"], linear["full_attn_layers"]
+    if sorted(list(kda) + list(full)) != list(range(1, n + 1)):
+        raise UserError(f"linear_attn_config's kda_layers {kda} and full_attn_layers {full} must name each of the "
+                        f"{n} layers once, counting from 1")
+    return ["linear_attention" if i + 1 in kda else "full_attention" for i in range(n)]
 
 
 def to_hf_names(state, config):

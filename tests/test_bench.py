@@ -192,6 +192,12 @@ def test_ablate_quick_report(char_data, tmp_path):
           "--contenders", "kimi"])
     assert sections(report)[f"ablate-{hardware_kind()}"] == whole
     assert sections(report)[f"ablate-kimi-{hardware_kind()}"].count(" | 16x64 | ") == 1
+    # a Kimi Linear run as the base: its rows say KDA + MLA, not MLA
+    main(["bench", f"--report={report}", "ablate", "--quick", f"--data={char_data}", f"--out={tmp_path / 'kl'}",
+          "--config=kimi-linear-shakespeare-char-cpu", "--contenders", "mha"])
+    body = sections(report)[f"ablate-kimi-linear-shakespeare-char-cpu-mha-{hardware_kind()}"]
+    assert [line.split(" | ")[0].strip("| ") for line in body.splitlines() if " | 16x64 | " in line] == [
+        "nanoKimi (KDA + MLA + MoE + MuonClip)", "nanoKimi - MLA (MHA beside the KDA layers)"]
     body = sections(report)[f"ablate-gutenberg-bpe-cpu-dense-{hardware_kind()}"]
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in body.splitlines() if " | 16x128 | " in line}
     assert list(rows) == ["nanoKimi (MLA + MoE + MuonClip)", "nanoKimi - MoE (dense, equal active params)"]

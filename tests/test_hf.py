@@ -176,8 +176,15 @@ def test_kimi_linear_config_in_moonshots_own_spelling_imports_alike(tmp_path):
     idx = torch.randint(0, 64, (2, 70))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], reference(idx).logits, atol=1e-4, rtol=0)
+    linear = moonshot["linear_attn_config"]
     for wrong, needle in (({"mla_use_nope": False}, "mla_use_nope"),
-                          ({"mlp_layer_types": ["sparse", "dense", "sparse", "sparse"]}, "dense layers after")):
+                          ({"mlp_layer_types": ["sparse", "dense", "sparse", "sparse"]}, "dense layers after"),
+                          ({"linear_attn_config": linear | {"gate_lower_bound": -5.0}}, "gate_lower_bound=-5.0"),
+                          ({"gate_lower_bound": -5.0}, "gate_lower_bound=-5.0"),
+                          ({"layer_types": [FULL, LINEAR, LINEAR, LINEAR]}, "contradicts"),
+                          ({"linear_attn_config": {k: v for k, v in linear.items() if k != "full_attn_layers"}},
+                           "has kda_layers but no full_attn_layers"),
+                          ({"linear_attn_config": linear | {"full_attn_layers": [3]}}, "each of the 4 layers once")):
         (tmp_path / "hf" / "config.json").write_text(json.dumps(moonshot | wrong))
         with pytest.raises(nanokimi.errors.UserError, match=needle):
             nanokimi.from_pretrained(tmp_path / "hf")

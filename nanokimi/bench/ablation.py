@@ -53,7 +53,7 @@ CONTENDERS = {
 }
 FULL, DENSE, GPT_MUON = "nanoKimi (MLA + MoE + MuonClip)", "nanoKimi - MoE (dense, equal active params)", \
     "nanoGPT + Muon"
-KDA = "nanoKimi + KDA (Kimi Linear: 2 KDA + 1 MLA)"
+KDA, MHA = "nanoKimi + KDA (Kimi Linear: 2 KDA + 1 MLA)", "nanoKimi - MLA (MHA)"
 LONG_BUDGET_CONTENDERS = (FULL, DENSE, GPT_MUON, KDA)  # the long budget's questions: do the sparse MoE and KDA pay?
 
 
@@ -75,6 +75,9 @@ def bench_ablate(args):
                         f"char recipe, KDA in its 3 layers); with --config={args.config} pick from kimi dense mha "
                         f"adamw muon")
     long_budget = [name for name in LONG_BUDGET_CONTENDERS if name in contenders]
+    label = {name: name for name in contenders}  # a row's name as shown: a hybrid base run is no "MLA" run
+    if "linear_attention" in (shipped_model.get("layer_types") or []):
+        label |= {FULL: "nanoKimi (KDA + MLA + MoE + MuonClip)", MHA: "nanoKimi - MLA (MHA beside the KDA layers)"}
 
     def settings(name, lr=None):
         c = contenders[name]
@@ -104,7 +107,7 @@ def bench_ablate(args):
         tries = {lr: trained(name, "short", seeds[0], lr, max_time_s=args.budget_s) for lr in args.lrs}
         best = min(tries, key=lambda lr: tries[lr]["val"])
         short[name][seeds[0]] = tries[best]
-        sweep_rows.append([name] + [f"{tries[lr]['val']:.4f}" + (" (best)" if lr == best else "")
+        sweep_rows.append([label[name]] + [f"{tries[lr]['val']:.4f}" + (" (best)" if lr == best else "")
                                     for lr in args.lrs])
     lr_of = {name: short[name][seeds[0]]["lr"] for name, c in contenders.items() if c.swept}
     lr_of |= {name: None if "lr" in c.train else lr_of[FULL] for name, c in contenders.items() if not c.swept}
@@ -137,7 +140,7 @@ def bench_ablate(args):
         first = short[name][seeds[0]]
         per_step = statistics.median(r["seconds"] / r["steps"] for r in tokens[name].values() if r["steps"])
         s, _ = settings(name, lr_of[name])
-        rows.append([name, f"{first['params'][0] / 1e6:.2f}M ({first['params'][1] / 1e6:.2f}M)",
+        rows.append([label[name], f"{first['params'][0] / 1e6:.2f}M ({first['params'][1] / 1e6:.2f}M)",
                      f"{s['lr']:g}", f"{s['batch_size']}x{s['block_size']}", f"{1e3 * per_step:.0f}",
                      spread((r["steps"] for r in short[name].values()), "{:.0f}"), cell(short[name]),
                      cell(tokens[name]), cell(long[name]) if name in long else "-"])
@@ -152,7 +155,7 @@ def bench_ablate(args):
                                                                 [max(vals) - statistics.mean(vals)]],
                             fmt="o", capsize=3, color=f"C{i}")
         ax.set(title=title, xlabel=f"val loss @ {context} (mean, min..max over seeds)")
-    axes[0].set_yticks(range(len(names)), names)
+    axes[0].set_yticks(range(len(names)), [label[name] for name in names])
     axes[0].invert_yaxis()
     kind = hardware_kind("cuda" if torch.cuda.is_available() else "cpu")  # where the runs' device=auto trains
     # one section and picture per base run, set of rows and hardware kind: an ablation of another run, or of some
