@@ -126,11 +126,21 @@ def disk_full(*args, **kwargs):
 
 
 def metrics(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    """The records of a run's metrics.jsonl; a last line still being written (no newline yet) is not one."""
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines(keepends=True)
+    return [json.loads(line) for line in lines if line.endswith("\n")]
 
 
 def step_losses(out_dir):
     return {r["step"]: r["loss"] for r in metrics(out_dir) if "loss" in r}
+
+
+def assert_same_training(out_dir, reference, rel=2e-3):
+    """The run in out_dir (under a parallel layout) logged the reference run's losses at every step, to `rel`: the
+    layouts part only by float summation order (a missing all-reduce parts them from the first update)."""
+    ours, theirs = step_losses(out_dir), step_losses(reference)
+    assert ours.keys() == theirs.keys() and len(ours) > 1, (sorted(ours), sorted(theirs))
+    assert all(ours[s] == pytest.approx(theirs[s], rel=rel) for s in theirs), (ours, theirs)
 
 
 def wait_for_steps(proc, out_dir, steps, timeout=120):

@@ -3,7 +3,9 @@ with "fsdp": true), then compares every rank's final weights and expert biases w
 OUT_DIR/ddp_check.json."""
 
 import json
+import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -12,6 +14,14 @@ from torch.distributed.tensor import DTensor
 from nanokimi.config import TrainConfig
 from nanokimi.train import Run, Trainer
 
+skew = float(os.environ.get("RANK1_CLOCK_SKEW", "1"))
+if skew != 1 and os.environ["RANK"] == "1":  # this rank's clock runs `skew` times as fast: the time budget is shared
+    real_clock, start = time.perf_counter, time.perf_counter()
+    time.perf_counter = lambda: start + (real_clock() - start) * skew
+if os.environ.get("RANK1_OTHER_PRECISION") == "1" and os.environ["RANK"] == "1":  # rank 1 alone would pick the
+    import nanokimi.optim  # other Newton-Schulz precision: it must take rank 0's
+    natural = nanokimi.optim.native_bf16_matmul
+    nanokimi.optim.native_bf16_matmul = lambda device: not natural(device)
 cfg, overrides = TrainConfig(**json.loads(sys.argv[1])), json.loads(sys.argv[2])
 run = Run(cfg)
 trainer = Trainer(cfg, overrides, run)
@@ -23,5 +33,7 @@ dist.all_gather(gathered, state)
 if run.master:
     with open(f"{cfg.out_dir}/ddp_check.json", "w") as f:
         json.dump({"world": run.world, "max_diff": max((g - gathered[0]).abs().max().item() for g in gathered)}, f)
+with open(f"{cfg.out_dir}/muon_dtype.{run.rank}", "w") as f:
+    f.write(trainer.muon_dtype())
 del trainer  # its DDP wrapper holds the process group: free it before the group goes, as `nanokimi train` does
 run.close(finished=True)

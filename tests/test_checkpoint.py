@@ -8,7 +8,7 @@ import torch
 
 from nanokimi import checkpoint
 from nanokimi.train import run_lock as train_lock
-from tests.conftest import TINY, cli_error, disk_full, run_cli, step_losses, train
+from tests.conftest import TINY, cli_error, disk_full, step_losses, train
 
 
 def test_checkpoint_survives_crash_mid_save(char_data, tmp_path, monkeypatch):
@@ -74,15 +74,23 @@ def test_a_diverging_run_never_saves_non_finite_weights(char_data, tmp_path, cap
     assert checkpoint.Checkpoint(out).trainer_state()["step"] >= 10
     weights = safetensors.torch.load_file(out / "checkpoint" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert run_cli("sample", out, "--max_new_tokens=5", "--prompt=A").returncode == 0
+    from nanokimi.hf import from_pretrained
+    with torch.no_grad():  # the kept checkpoint computes: finite logits of a real distribution
+        probs = from_pretrained(out)(torch.randint(0, 50, (2, 16)))[0].softmax(-1)
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(2, 16))
 
 
-def test_a_full_disk_during_a_save_is_one_line_and_resumable(char_data, tmp_path, capsys, monkeypatch):
+def not_writable(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")  # what a folder made read-only gives (root writes anyway)
+
+
+@pytest.mark.parametrize("failure, message", [(disk_full, "No space left"), (not_writable, "Permission denied")])
+def test_a_full_disk_or_a_read_only_folder_during_a_save_is_one_line_and_resumable(failure, message, char_data,
+                                                                                    tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     train(char_data, out, "--max_iters=2")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    assert "No space left" in cli_error(capsys, "train", "x", f"--out_dir={out}", "--resume", "--max_iters=4")
+    monkeypatch.setattr(safetensors.torch, "save_file", failure)
+    assert message in cli_error(capsys, "train", "x", f"--out_dir={out}", "--resume", "--max_iters=4")
     assert not (out / ".checkpoint.tmp").exists() and checkpoint.Checkpoint(out).trainer_state()["step"] == 2
     monkeypatch.undo()
     train(char_data, out, "--resume", "--max_iters=4")
@@ -113,14 +121,12 @@ def test_export_refuses_to_write_over_a_checkpoint(char_data, tmp_path, capsys):
     for target in (out, out / "checkpoint", out / "checkpoint" / "hf"):
         assert "apart from its source" in cli_error(capsys, "export", out, target)
     assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == before
-    assert run_cli("sample", out, "--max_new_tokens=3", "--prompt=A").returncode == 0
 
 
 def test_export_onto_a_full_disk_is_one_line(char_data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     train(char_data, out, "--max_iters=2")
-
+    before = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     assert "No space left" in cli_error(capsys, "export", out, tmp_path / "hf")
-    monkeypatch.undo()
-    assert run_cli("sample", out, "--max_new_tokens=3", "--prompt=A").returncode == 0  # the source is untouched
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == before  # the source is untouched

@@ -7,7 +7,7 @@ import torch
 import nanokimi
 from nanokimi.cli import main
 from nanokimi.sample import sample
-from tests.conftest import TINY, assert_greedy, teacher_forced_logits
+from tests.conftest import TINY, assert_greedy, cli_error, teacher_forced_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,14 +85,53 @@ def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(char_da
     torch.testing.assert_close(nanokimi.from_pretrained(tmp_path / "again")(idx)[0], model(idx)[0])
 
 
-def test_import_refuses_what_it_cannot_represent(tmp_path, capsys):
+@pytest.mark.parametrize("change, message", [
+    ({"scoring_func": "softmax"}, "scoring_func='softmax' is not supported"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}, "rope type 'linear'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_parameters": None}, "rope type 'dynamic'"),
+    ({"num_key_value_heads": 1}, "no grouped KV heads"),
+    ({"rope_interleave": False}, "rope_interleave=False is not supported"),
+], ids=["softmax", "linear_rope", "dynamic_rope_4x_spelling", "grouped_kv", "rope_not_interleaved"])
+def test_import_refuses_what_it_cannot_represent(change, message, tmp_path, capsys):
     reference = transformers.DeepseekV3ForCausalLM(hf_config())
     reference.save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(config | {"scoring_func": "softmax"}))
-    with pytest.raises(SystemExit):
-        main(["import", str(tmp_path / "hf"), str(tmp_path / "x")])
-    assert "scoring_func" in capsys.readouterr().err
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config | change))
+    assert message in cli_error(capsys, "import", tmp_path / "hf", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_import_reads_fused_experts_and_skips_mtp_layers(tmp_path):
+    """transformers' in-memory layout (fused experts.gate_up_proj [E, 2I, H] and down_proj) reads as the saved
+    per-expert one; a multi-token-prediction layer (DeepSeek-V3's layer 61, here 3) is skipped with a warning."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    reference = transformers.DeepseekV3ForCausalLM(hf_config()).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    idx = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        expected = reference(idx).logits
+    fused = tmp_path / "fused"
+    shutil.copytree(tmp_path / "hf", fused)
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    assert "model.layers.2.mlp.experts.gate_up_proj" in state
+    save_file(state, fused / "model.safetensors", metadata={"format": "pt"})
+    with torch.no_grad():
+        torch.testing.assert_close(nanokimi.from_pretrained(fused)(idx)[0], expected, atol=1e-5, rtol=0)
+    mtp = tmp_path / "mtp"
+    shutil.copytree(tmp_path / "hf", mtp)
+    tensors = load_file(mtp / "model.safetensors")
+    tensors |= {k.replace("layers.2.", "layers.3."): v.clone() for k, v in tensors.items() if ".layers.2." in k}
+    tensors |= {f"model.layers.3.{name}.weight": torch.ones(32) for name in ("enorm", "hnorm")}
+    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(32, 64)
+    save_file(tensors, mtp / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((mtp / "config.json").read_text())
+    (mtp / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
+    with pytest.warns(UserWarning, match=r"multi-token-prediction layer\(s\) \[3\]"):
+        model = nanokimi.from_pretrained(mtp)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], expected, atol=1e-5, rtol=0)
 
 
 def kimi_linear_config(**kw):

@@ -53,3 +53,13 @@ def test_model_imports_only_the_sampling_helper_hardware_and_kda():
     assert imports(PACKAGE / "baseline.py") == {"nanokimi.generation"}
     assert imports(PACKAGE / "optim.py") == {"nanokimi.hardware"}  # the optimizer asks layers to rescale themselves
     assert imports(PACKAGE / "hardware.py") == set()
+
+
+def test_the_core_never_imports_transformers():
+    """docs/interop.md: transformers is optional (nanokimi[hf]); import and export read and write its files with
+    safetensors and json, so no module of the package imports it, anywhere in its body."""
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            assert not any(n.split(".")[0] == "transformers" for n in names), f"{path.name} imports transformers"

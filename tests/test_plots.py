@@ -1,6 +1,9 @@
 """A run's pictures (loss, expert load, max logit) and the dead-expert warning."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from matplotlib.image import imread
 from nanokimi import model as model_module
 from nanokimi.cli import main
 from nanokimi.train import ExpertWatch
-from tests.conftest import metrics, train
+from tests.conftest import TINY, metrics, train, wait_for_steps
 
 
 def expert_pixels(png):
@@ -76,3 +79,39 @@ def test_trainer_warns_of_a_dead_expert(char_data, tmp_path, capsys, monkeypatch
     assert capsys.readouterr().out.count("warning: dead experts") == 1
     shares = np.array([r["expert_share"] for r in metrics(out) if "expert_share" in r])
     assert (shares[:, 0, 0] == 0).all() and (out / "experts.png").is_file()
+
+
+def test_a_picture_is_replaced_whole_or_not_at_all(char_data, tmp_path, monkeypatch):
+    """A kill while a picture is written leaves the previous picture as it was (written beside it, then renamed)."""
+    from matplotlib.figure import Figure
+    out = tmp_path / "run"
+    train(char_data, out, "--max_iters=3", "--eval_interval=3")
+    before = (out / "loss.png").read_bytes()
+
+    def killed_mid_write(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half a picture")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Figure, "savefig", killed_mid_write)
+    with pytest.raises(SystemExit) as exit_info:  # the CLI's Ctrl-C exit
+        main(["plot", str(out)])
+    assert exit_info.value.code == 130 and (out / "loss.png").read_bytes() == before
+
+
+def test_plot_while_the_run_trains(char_data, tmp_path, capsys):
+    """docs/training.md: `nanokimi plot` redraws a run's pictures while it trains (metrics.jsonl is appended to as
+    plot reads it), and the run goes on to its end."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "nanokimi", "train", "shakespeare-char-cpu", f"--data={char_data}",
+                             f"--out_dir={out}", *TINY, "--max_iters=60", "--eval_interval=20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    drawn = []
+    try:
+        wait_for_steps(proc, out, 3)
+        while proc.poll() is None:
+            main(["plot", str(out)])
+            drawn.append(proc.poll() is None)  # drawn while the run was still training
+    finally:
+        stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert drawn.count(True) >= 2 and "loss.png" in capsys.readouterr().out
+    assert expert_pixels(out / "experts.png").shape[0] > 100

@@ -3,6 +3,8 @@
 import gzip
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import nanokimi.prepare
 import nanokimi.tokenizer
 from nanokimi.cli import main
 from nanokimi.tokenizer import load_tokenizer, read_meta
-from tests.conftest import cli_error, disk_full, metrics, readme_lines, run_as_user
+from tests.conftest import cli_error, disk_full, metrics, readme_lines, run_as_user, train
 
 
 def test_prepare_shakespeare_char(char_data, shakespeare_text):
@@ -145,6 +147,11 @@ def test_a_given_tokenizer_json_gives_its_own_ids(tmp_path, shakespeare_text):
     for i, d in enumerate(d for j, d in enumerate(docs) if j % 10 != 9):
         expected += ([meta["boundary_token_id"]] if i else []) + tok.encode(d, add_special_tokens=False).ids
     assert np.fromfile(out / "train.bin", dtype=np.uint16).tolist() == expected
+    # ... and travels byte for byte into the checkpoint trained on it and the Hugging Face export of that
+    train(out, tmp_path / "run", "--max_iters=1")
+    main(["export", str(tmp_path / "run"), str(tmp_path / "hf")])
+    for copy in (tmp_path / "run" / "checkpoint" / "tokenizer.json", tmp_path / "hf" / "tokenizer.json"):
+        assert copy.read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
 
 
 def test_a_long_document_is_encoded_in_pieces_exactly(tmp_path, shakespeare_text, monkeypatch):
@@ -493,3 +500,48 @@ def test_bpe_learns_from_a_document_without_whitespace_in_linear_time(tmp_path, 
     pieces = list(nanokimi.tokenizer.short_words(["ab " + "x" * 2500 + " cd", "plain text"], longest=1000))
     assert "".join(pieces) == "ab " + "x" * 2500 + " cd" + "plain text" and pieces[-1] == "plain text"
     assert max(len(w) for piece in pieces for w in piece.split()) == 1000
+
+
+def test_prepare_imports_no_torch(tmp_path):
+    (tmp_path / "docs.txt").write_text("some text to prepare\n" * 50)
+    script = ("import runpy, sys\n"
+              f"sys.argv = ['nanokimi', 'prepare', 'text', '--input={tmp_path / 'docs.txt'}', '--out={tmp_path / 'd'}']\n"
+              "try:\n    runpy.run_module('nanokimi', run_name='__main__')\n"
+              "finally:\n    print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]" and read_meta(tmp_path / "d")["train_tokens"] > 0
+
+
+def test_ids_past_65536_tokens_are_uint32(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = [f"w{i}" for i in range(70_000)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", "<|endoftext|>", *words])},
+                                     unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "t.json"))
+    docs = [" ".join(words[i::50]) for i in range(50)]  # every word once, the last ids among them
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    meta = nanokimi.prepare.prepare("text", tmp_path / "d", tmp_path / "docs.jsonl", tokenizer=str(tmp_path / "t.json"))
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_002
+    parts = split_documents(tmp_path / "d", load_tokenizer(tmp_path / "d"), meta)
+    assert sorted(parts["train"] + parts["val"]) == sorted(docs)
+    ids = np.concatenate([np.fromfile(tmp_path / "d" / f"{s}.bin", dtype=np.uint32) for s in ("train", "val")])
+    assert ids.max() == 70_001
+
+
+def test_val_fraction_holds_out_every_nth_document(tmp_path, shakespeare_text):
+    docs = documents_of(shakespeare_text, 30)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    main(["prepare", "text", f"--input={tmp_path / 'docs.jsonl'}", "--val_fraction=0.2", f"--out={tmp_path / 'd'}"])
+    meta = read_meta(tmp_path / "d")
+    parts = split_documents(tmp_path / "d", load_tokenizer(tmp_path / "d"), meta)
+    assert parts["val"] == docs[4::5] and parts["train"] == [d for i, d in enumerate(docs) if i % 5 != 4]
+
+
+@pytest.mark.parametrize("flag", [[], ["--no_progress"]])
+def test_the_progress_bar_shows_on_a_terminal_unless_no_progress(flag, tmp_path, capsys, monkeypatch):
+    (tmp_path / "docs.txt").write_text("some text to prepare\n" * 50)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    main(["prepare", "text", f"--input={tmp_path / 'docs.txt'}", f"--out={tmp_path / 'd'}", *flag])
+    assert ("tokenize" in capsys.readouterr().err) == (not flag)

@@ -19,7 +19,7 @@ from nanokimi.bench.report import write_section
 from nanokimi.cli import main
 from nanokimi.errors import UserError
 from nanokimi.hf import from_pretrained
-from tests.conftest import ROOT, TINY, cli_error, metrics, train
+from tests.conftest import ROOT, TINY, TINY_MODEL, cli_error, metrics, train
 
 
 # ---- sharded Hugging Face folders: read through their index -------------------------------------------------------
@@ -151,7 +151,7 @@ def test_init_from_a_model_of_another_kind_is_refused(char_data, tmp_path, capsy
 
 def test_a_user_toml_edited_before_resume_is_applied_or_refused(char_data, tmp_path, capsys):
     out = tmp_path / "o"
-    model = "\n".join(f"{k} = {v}" for k, v in TINY_MODEL_TOML.items())
+    model = "\n".join(f"{k} = {v}" for k, v in TINY_MODEL.items())  # the tests' tiny model, as TOML
     toml = tmp_path / "run.toml"
     toml.write_text(f'data = "{char_data}"\nout_dir = "{out}"\nmax_iters = 2\neval_interval = 2\nbatch_size = 4\n'
                     f'block_size = 32\neval_iters = 1\nprogress = false\n[model]\n{model}\n')
@@ -161,11 +161,6 @@ def test_a_user_toml_edited_before_resume_is_applied_or_refused(char_data, tmp_p
     assert metrics(out)[-1]["summary"]["step"] == 4
     toml.write_text(toml.read_text().replace("num_hidden_layers = 2", "num_hidden_layers = 3"))
     assert "cannot change" in cli_error(capsys, "train", toml, "--resume")  # as --num_hidden_layers=3 is
-
-
-TINY_MODEL_TOML = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=24, kv_lora_rank=16,
-                       qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64,
-                       moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
 
 
 # ---- damaged token and metrics files ---------------------------------------------------------------------------

@@ -97,6 +97,20 @@ def test_time_budget_ends_the_run_with_its_schedule(char_data, tmp_path):
     assert logs[-1]["lr"] < 0.5 * (1e-2 + 1e-3) < logs[2]["lr"]  # and it decayed
 
 
+@pytest.mark.parametrize("schedule", ["wsd", "cosine"])
+def test_a_finished_run_extended_follows_the_new_lengths_schedule(schedule, char_data, tmp_path):
+    """docs/training.md: resumed with a larger --max_iters, the lr at step s is the new horizon's schedule at s."""
+    settings = dict(lr=1e-2, min_lr=1e-3, warmup_iters=2, lr_schedule=schedule, eval_interval=100)
+    flags = [f"--{k}={v}" for k, v in settings.items()]
+    train(char_data, tmp_path / "run", *flags, "--max_iters=10")
+    train(char_data, tmp_path / "run", *flags, "--max_iters=20", "--resume")
+    lrs = {r["step"]: r["lr"] for r in metrics(tmp_path / "run") if "lr" in r}
+    short, long = TrainConfig(**settings, max_iters=10), TrainConfig(**settings, max_iters=20)
+    assert all(lrs[s] == pytest.approx(learning_rate(short, s - 1)) for s in range(1, 11))
+    assert all(lrs[s] == pytest.approx(learning_rate(long, s - 1)) for s in range(11, 21))
+    assert lrs[11] > lrs[10]  # back up: WSD to its peak, cosine to the longer curve
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_0(char_data, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "nanokimi", "train", "shakespeare-char-cpu", f"--data={char_data}",
