@@ -1,10 +1,10 @@
 """One place assembles a training run's configuration: a named run (the package's runs/*.toml: the tuned CPU run, the
 GPU run, the finetune), a TOML file of your own, or a model preset with TrainConfig's defaults; `--name=value` flags; on
-`--resume` the settings saved with the run; then the model config it trains (fresh from a preset, or continued or
-finetuned from a checkpoint), checked against the data.
+`--resume` the settings saved with the run. What the run then trains on (data, model config, the checkpoint it
+continues) is plan.py's.
 
-Per-invocation flags (`resume`, `overwrite`, `init_from`, `fsdp`) say what this command does: they are never saved into a
-run nor read back from one. `block_size` is always the training window; a model's context is its own setting
+Per-invocation flags (`resume`, `overwrite`, `init_from`, `fsdp`) say what this command does: they are never saved
+into a run nor read back from one. `block_size` is always the training window; a model's context is its own setting
 (`max_position_embeddings` for Kimi, `n_positions` for the baseline)."""
 
 import ast
@@ -17,15 +17,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from . import checkpoint
 from .baseline import GPTConfig
-from .data import TokenData
 from .errors import UserError
 from .model import KimiConfig
-from .presets import BASELINE_PRESETS, PRESETS, find_preset, make_config
-from .tokenizer import check_same_tokenizer
+from .presets import BASELINE_PRESETS, PRESETS
 
 try:
     import tomllib
@@ -122,18 +119,6 @@ class TrainConfig:
             raise UserError("--resume continues a run and --init_from starts a new one from weights: pass only one")
         if self.resume and self.overwrite:
             raise UserError("--resume continues the run in --out_dir and --overwrite replaces it: pass only one")
-
-
-def check_device(device):
-    """A device this machine has, or a UserError naming the one it lacks."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={device} but no CUDA GPU is visible: use --device=cpu")
-    if device.startswith("cuda:") and not (device[5:].isdigit() and int(device[5:]) < torch.cuda.device_count()):
-        raise UserError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device=mps but Apple's MPS backend is not available here: use --device=cpu")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")
 
 
 INVOCATION_FIELDS = ("resume", "overwrite", "init_from", "fsdp", "ep")
@@ -280,43 +265,3 @@ def load_train_config(target, args):
                 raise UserError(f"{saved.path / 'config.json'} \"train\": {e}".replace(": --", ": ")) from None
         base["out_dir"] = out_dir
     return TrainConfig(**coerce(TrainConfig, base | cli_train | invocation)), model_overrides
-
-
-@dataclass
-class RunPlan:
-    """What a run trains on: its data, the model's arch ("kimi" or "gpt") and config, and the checkpoint it starts
-    from (or None)."""
-    data: TokenData
-    arch: str
-    config: object
-    source: checkpoint.Checkpoint | None
-
-
-def plan_run(cfg, overrides):
-    """The data and model for TrainConfig `cfg` with model-field `overrides`: the model from the preset (its vocab
-    from the data), or from the checkpoint it resumes or finetunes (whose tokenizer must be the data's)."""
-    if not (cfg.resume or cfg.overwrite) and checkpoint.find(cfg.out_dir) is not None:
-        raise UserError(f"{cfg.out_dir} already holds a checkpoint: --resume continues it, --overwrite replaces it, "
-                        f"or pick another --out_dir")
-    source = checkpoint.Checkpoint(cfg.out_dir if cfg.resume else cfg.init_from) if (cfg.resume or cfg.init_from) \
-        else None
-    arch, base = find_preset(cfg.preset) if source is None else (source.arch, source.model_config)
-    if cfg.init_from and find_preset(cfg.preset)[0] != arch:
-        names = {"kimi": "nanoKimi", "gpt": "nanoGPT baseline"}
-        raise UserError(f"--init_from={cfg.init_from} is a {names[arch]} checkpoint but {cfg.preset} trains a "
-                        f"{names[find_preset(cfg.preset)[0]]} model: finetune it with a run or preset of its kind "
-                        f"(e.g. {'gpt-shakespeare-char-cpu' if arch == 'gpt' else 'finetune-shakespeare-char'})")
-    data = TokenData(cfg.data, cfg.block_size)
-    if source is None:
-        config = make_config(arch, base, overrides | {"vocab_size": data.tokenizer.vocab_size})
-    else:
-        allowed = {"dropout"} if cfg.init_from else set()  # a finetune may change regularisation, nothing else
-        changed = sorted(k for k, v in overrides.items() if k not in allowed and base.get(k) != v)
-        if changed:
-            raise UserError(f"model settings {changed} cannot change when continuing from a checkpoint: drop them")
-        config = make_config(arch, base, overrides, source.path / "config.json")
-        check_same_tokenizer(source.path, data.folder)
-    if cfg.block_size > config.context_length:
-        raise UserError(f"block_size ({cfg.block_size}) exceeds the model's context ({config.context_length}): lower "
-                        f"--block_size or raise --{config.context_field}")
-    return RunPlan(data, arch, config, source)

@@ -4,15 +4,14 @@ The windows are spread evenly over a split (no sampling), so any two models eval
 length and count see exactly the same tokens: that is what makes their losses comparable."""
 
 import contextlib
-import json
 import math
 
 import torch
 
 from .checkpoint import load_model
-from .config import check_device
 from .data import TokenData
 from .errors import UserError
+from .hardware import check_device
 from .tokenizer import check_same_tokenizer
 
 
@@ -64,8 +63,3 @@ def evaluate_checkpoint(path, data_dir, block_size=None, batches=200, batch_size
     result = evaluate(model, data, split, batches * batch_size, batch_size, device)
     return {"checkpoint": str(ckpt.path), "data": str(data.folder), "split": split, "block_size": block_size,
             "windows": batches * batch_size} | result
-
-
-def main(args):
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.block_size, args.batches, args.batch_size,
-                                         args.split, args.device)))

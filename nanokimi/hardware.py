@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from .errors import UserError
+
 
 def cpu_kind():
     """The CPU level torch runs at (DEFAULT, AVX2, AVX512, ...) and the bf16/AMX matrix instructions it uses, e.g.
@@ -101,3 +103,15 @@ def available_memory(device):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def check_device(device):
+    """A device this machine has, or a UserError naming the one it lacks."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={device} but no CUDA GPU is visible: use --device=cpu")
+    if device.startswith("cuda:") and not (device[5:].isdigit() and int(device[5:]) < torch.cuda.device_count()):
+        raise UserError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device=mps but Apple's MPS backend is not available here: use --device=cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")

@@ -116,9 +116,9 @@ def layer_lists(linear, n):
     if not given:
         return None
     if len(given) == 1:
-        raise UserError(f"linear_attn_config has {given[0]} but no "
-                        f"{({'kda_layers', 'full_attn_layers'} - set(given)).pop()}: transformers reads the layout only "
-                        f"from both (else it takes its default pattern), give both (1-indexed) or layer_types")
+        missing = ({"kda_layers", "full_attn_layers"} - set(given)).pop()
+        raise UserError(f"linear_attn_config has {given[0]} but no {missing}: transformers reads the layout only from "
+                        f"both (else it takes its default pattern), give both (1-indexed) or layer_types")
     kda, full = linear["kda_layers"], linear["full_attn_layers"]
     if sorted(list(kda) + list(full)) != list(range(1, n + 1)):
         raise UserError(f"linear_attn_config's kda_layers {kda} and full_attn_layers {full} must name each of the "

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .generation import generate_tokens
-from .hardware import expert_gemm_path
+from .grouped_gemm import grouped_matmul
 from .kda import CHUNK, KDA, KDACache
 
 LAYER_TYPES = ("full_attention", "linear_attention")  # transformers' names: softmax attention, KDA
@@ -64,55 +64,7 @@ class KimiConfig:
     context_field: ClassVar[str] = "max_position_embeddings"  # the setting that bounds the context (as GPTConfig)
 
     def __post_init__(self):
-        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                    "qk_nope_head_dim", "v_head_dim", "intermediate_size", "moe_intermediate_size",
-                    "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings"]
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            raise ValueError(f"q_lora_rank must be positive or None, got {self.q_lora_rank}")
-        if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim must be a positive even number, got {self.qk_rope_head_dim}")
-        if self.num_experts_per_tok > self.n_routed_experts:
-            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed n_routed_experts "
-                             f"({self.n_routed_experts})")
-        if self.n_routed_experts % self.n_group:
-            raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
-        if self.topk_group > self.n_group:
-            raise ValueError(f"topk_group ({self.topk_group}) cannot exceed n_group ({self.n_group})")
-        if self.n_group > 1 and self.topk_group * (self.n_routed_experts // self.n_group) < self.num_experts_per_tok:
-            raise ValueError("topk_group groups hold fewer experts than num_experts_per_tok: raise topk_group")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            raise ValueError(f"first_k_dense_replace must be in [0, num_hidden_layers], got {self.first_k_dense_replace}")
-        if self.n_shared_experts < 0:
-            raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.attention not in ATTENTION:
-            raise ValueError(f"attention must be {' or '.join(map(repr, ATTENTION))}, got {self.attention!r}")
-        for name in ("rms_norm_eps", "rope_theta", "initializer_range", "routed_scaling_factor"):
-            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
-        if not self.aux_loss_alpha >= 0:
-            raise ValueError(f"aux_loss_alpha must be >= 0, got {self.aux_loss_alpha}")
-        if self.layer_types is not None:
-            kinds = self.layer_types
-            if not isinstance(kinds, list) or len(kinds) != self.num_hidden_layers or not set(kinds) <= set(LAYER_TYPES):
-                raise ValueError(f"layer_types must list {self.num_hidden_layers} entries (num_hidden_layers), each "
-                                 f"{' or '.join(map(repr, LAYER_TYPES))}, got {kinds!r}")
-        for name in ("linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        rs = self.rope_scaling
-        if rs is not None:
-            yarn = '{"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, ...}'
-            if not isinstance(rs, dict) or rs.get("type", rs.get("rope_type")) != "yarn":
-                raise ValueError(f"rope_scaling supports only YaRN ({yarn}), got {rs!r}")
-            if not isinstance(rs.get("factor"), (int, float)) or rs["factor"] < 1 or not isinstance(
-                    rs.get("original_max_position_embeddings"), int) or rs["original_max_position_embeddings"] <= 0:
-                raise ValueError(f"YaRN rope_scaling needs factor >= 1 and original_max_position_embeddings > 0 "
-                                 f"(e.g. {yarn}), got {rs}")
+        check_config(self)  # the rules, after the model (end of file)
 
     @property
     def qk_head_dim(self):
@@ -318,60 +270,14 @@ class MLACache:
         self.kv, self.pe = self.latent[..., :d_c], self.latent[..., d_c:]  # views: c_kv and the roped k_pe
 
 
-class MHA(Attention):
-    """The MLA -> MHA ablation (config attention="mha"), not part of Kimi-K2: full-rank q, k, v projections with
-    MLA's head dims and a rope slice in every head's key; its cache holds every head's key and value."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        c = config
-        self.q_proj = nn.Linear(c.hidden_size, self.nh * c.qk_head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.nh * c.qk_head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.nh * self.d_v, bias=False)
-        self.o_proj = nn.Linear(self.nh * self.d_v, c.hidden_size, bias=False)
-
-    def forward(self, x, cos, sin, cache=None, start_pos=0, record_max_logit=False):
-        B, T, _ = x.shape
-        q, k = (proj(x).view(B, T, self.nh, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj))
-        if cos is not None:
-            q, k = (torch.cat([t[..., :self.d_nope], apply_rope(t[..., self.d_nope:], cos, sin)], -1) for t in (q, k))
-        v = self.v_proj(x).view(B, T, self.nh, -1).transpose(1, 2)  # [B, nh, T, d_v]
-        if cache is not None:
-            cache.k[:B, :, start_pos:start_pos + T], cache.v[:B, :, start_pos:start_pos + T] = k, v
-            if start_pos > 0:  # decoding: attend over every cached key and value
-                end = start_pos + T
-                y = F.scaled_dot_product_attention(q, cache.k[:B, :, :end], cache.v[:B, :, :end],
-                                                   attn_mask=decode_mask(T, end, x.device), scale=self.scale)
-                return self.o_proj(y.transpose(1, 2).flatten(2)), None
-        return self.causal_attention(q, k, v, record_max_logit)
-
-    @torch.no_grad()
-    def qk_clip_(self, gamma):
-        """QK-Clip for the ablation: every head owns its rope key, so all its q and k rows scale by sqrt(gamma)."""
-        for proj in (self.q_proj, self.k_proj):
-            self.scale_heads_(proj.weight, self.nh, gamma.sqrt())
-
-
-class KVCache:
-    """The MHA ablation's cache: per-head keys and values, nh * (qk_head_dim + v_head_dim) numbers per token."""
-
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        shape = (batch_size, config.num_attention_heads, max_len)
-        self.k = torch.zeros(*shape, config.qk_head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros(*shape, config.v_head_dim, device=device, dtype=dtype)
-
-
 class AttentionKind(NamedTuple):
     layer: type
     cache: type
 
 
-# config.attention -> its attention layer and inference cache
-ATTENTION = {"mla": AttentionKind(MLA, MLACache), "mha": AttentionKind(MHA, KVCache)}
-
-
 def attention_kind(config, layer_id):
-    """Layer layer_id's attention and cache: KDA for a "linear_attention" layer, else config.attention's."""
+    """Layer layer_id's attention and cache: KDA for a "linear_attention" layer, else config.attention's (MLA, or the
+    MHA ablation: ATTENTION, at the end of the file)."""
     if config.layer_type(layer_id) == "linear_attention":
         return AttentionKind(KDA, KDACache)
     return ATTENTION[config.attention]
@@ -442,52 +348,6 @@ class Experts(nn.Module):
             return grouped_matmul(a, w.to(dtype).transpose(-2, -1), offsets)
 
         return mm(F.silu(mm(x, self.gate_proj)) * mm(x, self.up_proj), self.down_proj)
-
-
-def grouped_matmul(a, b, offsets, path=None):
-    """Rows a[offsets[e-1]:offsets[e]] @ b[e] for every expert e: a [N, in], b [E, in, out] -> [N, out]. `path`:
-    "grouped" (torch._grouped_mm) or "loop"; by default the one hardware.expert_gemm_path picks for this device,
-    dtype and these widths."""
-    path = path or expert_gemm_path(a.device, a.dtype, (b.shape[-2], b.shape[-1]))
-    if path == "grouped":  # eager: torch's own op, a little faster than our wrapper
-        return grouped_mm(a, b, offsets) if torch.compiler.is_compiling() else torch._grouped_mm(a, b, offs=offsets)
-    # one matmul per expert's contiguous slice (not per token)
-    starts = [0] + offsets[:-1].tolist()
-    return torch.cat([a[s:e] @ b[i] for i, (s, e) in enumerate(zip(starts, offsets.tolist()))])
-
-
-# torch._grouped_mm wrapped as ops of our own, with their own shape functions and backward, only so that
-# torch.compile traces the MoE as one graph: torch's shape function for it accepts bf16 alone (its CUDA kernel's
-# rule) while eager CPU runs fp32 too, so compile had to break the graph at every expert GEMM.
-@torch.library.custom_op("nanokimi::grouped_mm", mutates_args=())
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return torch._grouped_mm(a, b, offs=offsets)
-
-
-@grouped_mm.register_fake
-def _(a, b, offsets):
-    return a.new_empty(a.shape[0], b.shape[-1])
-
-
-@torch.library.custom_op("nanokimi::grouped_mm_weight_grad", mutates_args=())
-def grouped_mm_weight_grad(a: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """a [N, in], grad [N, out] -> [E, in, out]: a[slice e]^T @ grad[slice e] for every expert e."""
-    return torch._grouped_mm(a.t(), grad, offs=offsets)
-
-
-@grouped_mm_weight_grad.register_fake
-def _(a, grad, offsets):
-    return a.new_empty(offsets.shape[0], a.shape[1], grad.shape[1])
-
-
-def _grouped_mm_backward(ctx, grad):
-    a, b, offsets = ctx.saved_tensors
-    grad = grad.contiguous()  # the kernel takes real strides only (a gradient may come expanded, e.g. from a sum)
-    return grouped_mm(grad, b.transpose(-2, -1), offsets), grouped_mm_weight_grad(a, grad, offsets), None
-
-
-grouped_mm.register_autograd(_grouped_mm_backward,
-                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
 class MoE(nn.Module):
@@ -705,3 +565,110 @@ class Kimi(nn.Module):
         token at a time over the MLA cache; without it, recompute the whole (cropped) context each step."""
         return generate_tokens(self, idx, max_new_tokens, self.config.max_position_embeddings, temperature, top_k,
                                top_p, generator, make_cache=self.make_cache if use_cache else None)
+
+
+# ---- the MLA -> MHA ablation (config attention="mha"): not part of Kimi-K2, kept apart from it ----
+
+class MHA(Attention):
+    """The MLA -> MHA ablation (config attention="mha"), not part of Kimi-K2: full-rank q, k, v projections with
+    MLA's head dims and a rope slice in every head's key; its cache holds every head's key and value."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        c = config
+        self.q_proj = nn.Linear(c.hidden_size, self.nh * c.qk_head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.nh * c.qk_head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.nh * self.d_v, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.d_v, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0, record_max_logit=False):
+        B, T, _ = x.shape
+        q, k = (proj(x).view(B, T, self.nh, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj))
+        if cos is not None:
+            q, k = (torch.cat([t[..., :self.d_nope], apply_rope(t[..., self.d_nope:], cos, sin)], -1) for t in (q, k))
+        v = self.v_proj(x).view(B, T, self.nh, -1).transpose(1, 2)  # [B, nh, T, d_v]
+        if cache is not None:
+            cache.k[:B, :, start_pos:start_pos + T], cache.v[:B, :, start_pos:start_pos + T] = k, v
+            if start_pos > 0:  # decoding: attend over every cached key and value
+                end = start_pos + T
+                y = F.scaled_dot_product_attention(q, cache.k[:B, :, :end], cache.v[:B, :, :end],
+                                                   attn_mask=decode_mask(T, end, x.device), scale=self.scale)
+                return self.o_proj(y.transpose(1, 2).flatten(2)), None
+        return self.causal_attention(q, k, v, record_max_logit)
+
+    @torch.no_grad()
+    def qk_clip_(self, gamma):
+        """QK-Clip for the ablation: every head owns its rope key, so all its q and k rows scale by sqrt(gamma)."""
+        for proj in (self.q_proj, self.k_proj):
+            self.scale_heads_(proj.weight, self.nh, gamma.sqrt())
+
+
+class KVCache:
+    """The MHA ablation's cache: per-head keys and values, nh * (qk_head_dim + v_head_dim) numbers per token."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (batch_size, config.num_attention_heads, max_len)
+        self.k = torch.zeros(*shape, config.qk_head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(*shape, config.v_head_dim, device=device, dtype=dtype)
+
+
+# config.attention -> its attention layer and inference cache
+ATTENTION = {"mla": AttentionKind(MLA, MLACache), "mha": AttentionKind(MHA, KVCache)}
+
+
+# ---- the config's rules ----
+
+def check_config(config):
+    """A ValueError naming the field, for a KimiConfig no model can be built from (loaders make it one line)."""
+    positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                "qk_nope_head_dim", "v_head_dim", "intermediate_size", "moe_intermediate_size",
+                "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings"]
+    for name in positive:
+        if not isinstance(getattr(config, name), int) or getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
+    if config.q_lora_rank is not None and config.q_lora_rank <= 0:
+        raise ValueError(f"q_lora_rank must be positive or None, got {config.q_lora_rank}")
+    if config.qk_rope_head_dim <= 0 or config.qk_rope_head_dim % 2:
+        raise ValueError(f"qk_rope_head_dim must be a positive even number, got {config.qk_rope_head_dim}")
+    if config.num_experts_per_tok > config.n_routed_experts:
+        raise ValueError(f"num_experts_per_tok ({config.num_experts_per_tok}) cannot exceed n_routed_experts "
+                         f"({config.n_routed_experts})")
+    if config.n_routed_experts % config.n_group:
+        raise ValueError(f"n_routed_experts ({config.n_routed_experts}) must be divisible by n_group "
+                         f"({config.n_group})")
+    if config.topk_group > config.n_group:
+        raise ValueError(f"topk_group ({config.topk_group}) cannot exceed n_group ({config.n_group})")
+    group_size = config.n_routed_experts // config.n_group
+    if config.n_group > 1 and config.topk_group * group_size < config.num_experts_per_tok:
+        raise ValueError("topk_group groups hold fewer experts than num_experts_per_tok: raise topk_group")
+    if not 0 <= config.first_k_dense_replace <= config.num_hidden_layers:
+        raise ValueError(f"first_k_dense_replace must be in [0, num_hidden_layers], got "
+                         f"{config.first_k_dense_replace}")
+    if config.n_shared_experts < 0:
+        raise ValueError(f"n_shared_experts must be >= 0, got {config.n_shared_experts}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+    if config.attention not in ATTENTION:
+        raise ValueError(f"attention must be {' or '.join(map(repr, ATTENTION))}, got {config.attention!r}")
+    for name in ("rms_norm_eps", "rope_theta", "initializer_range", "routed_scaling_factor"):
+        if not isinstance(getattr(config, name), (int, float)) or not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be a positive number, got {getattr(config, name)!r}")
+    if not config.aux_loss_alpha >= 0:
+        raise ValueError(f"aux_loss_alpha must be >= 0, got {config.aux_loss_alpha}")
+    if config.layer_types is not None:
+        kinds = config.layer_types
+        if not (isinstance(kinds, list) and len(kinds) == config.num_hidden_layers and set(kinds) <= set(LAYER_TYPES)):
+            raise ValueError(f"layer_types must list {config.num_hidden_layers} entries (num_hidden_layers), each "
+                             f"{' or '.join(map(repr, LAYER_TYPES))}, got {kinds!r}")
+    for name in ("linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim"):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
+    rs = config.rope_scaling
+    if rs is not None:
+        yarn = '{"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, ...}'
+        if not isinstance(rs, dict) or rs.get("type", rs.get("rope_type")) != "yarn":
+            raise ValueError(f"rope_scaling supports only YaRN ({yarn}), got {rs!r}")
+        if not isinstance(rs.get("factor"), (int, float)) or rs["factor"] < 1 or not isinstance(
+                rs.get("original_max_position_embeddings"), int) or rs["original_max_position_embeddings"] <= 0:
+            raise ValueError(f"YaRN rope_scaling needs factor >= 1 and original_max_position_embeddings > 0 "
+                             f"(e.g. {yarn}), got {rs}")

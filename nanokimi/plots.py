@@ -1,6 +1,7 @@
 """A run's pictures, drawn from its metrics.jsonl (by the trainer at the end of a run, or `nanokimi plot RUN`):
 loss.png (train and val loss), experts.png (each MoE layer's share of routed tokens per expert over the steps: a dead
-or hogging expert shows as a dark row) and max_logit.png (the largest attention logit per step against QK-Clip's tau)."""
+or hogging expert shows as a dark row) and max_logit.png (the largest attention logit per step against QK-Clip's
+tau)."""
 
 import json
 import os

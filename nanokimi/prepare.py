@@ -215,7 +215,8 @@ def check_tokenizer_options(dataset, tokenizer, vocab_size, tokenizer_dir, token
     `tokenizer` None: not given (char, unless --tokenizer_from reuses one)."""
     if tokenizer_dir is not None:
         given = [f for f, v in (("--tokenizer", tokenizer), ("--vocab_size", vocab_size),
-                                ("--tokenizer_chars", tokenizer_chars), ("--boundary_token", boundary_token)) if v is not None]
+                                ("--tokenizer_chars", tokenizer_chars), ("--boundary_token", boundary_token))
+                 if v is not None]
         if given:
             raise UserError(f"--tokenizer_from={tokenizer_dir} reuses that tokenizer, so {', '.join(given)} would "
                             f"be ignored: drop {'it' if len(given) == 1 else 'them'}, or --tokenizer_from to make a "

@@ -5,8 +5,8 @@ import sys
 import torch
 
 from .checkpoint import load_model
-from .config import check_device
 from .errors import UserError
+from .hardware import check_device
 
 
 MIN_TEMPERATURE = 1e-3

@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: trains with the real Trainer (DDP, or FSDP2
-with "fsdp": true), then compares every rank's final weights and expert biases with rank 0's and writes the largest difference to
-OUT_DIR/ddp_check.json."""
+with "fsdp": true), then compares every rank's final weights and expert biases with rank 0's and writes the largest
+difference to OUT_DIR/ddp_check.json, and each rank's Newton-Schulz precision to OUT_DIR/muon_dtype.RANK."""
 
 import json
 import os
@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from nanokimi.config import TrainConfig
-from nanokimi.train import Run, Trainer
+from nanokimi.processes import Run
+from nanokimi.train import Trainer
 
 skew = float(os.environ.get("RANK1_CLOCK_SKEW", "1"))
 if skew != 1 and os.environ["RANK"] == "1":  # this rank's clock runs `skew` times as fast: the time budget is shared

@@ -61,5 +61,5 @@ def check(routing, rank, ranks):
 dist.init_process_group("gloo")
 for routing in ("random", "owner-0", "idle-expert"):
     check(routing, dist.get_rank(), dist.get_world_size())
-dist.barrier()  # the ranks leave together, as train.Run.close: none tears down its connections under a peer's feet
+dist.barrier()  # the ranks leave together, as processes.Run.close: none tears down its connections under a peer's feet
 dist.destroy_process_group()

@@ -171,6 +171,8 @@ def test_ablate_quick_report(char_data, tmp_path):
     assert rows["nanoKimi - MoE (dense, equal active params)"][1].split(" (")[1] == \
         rows["nanoKimi (MLA + MoE + MuonClip)"][1].split(" (")[1]
     assert rows["nanoGPT, its recipe's settings"][2] == "0.001" and "The lr sweep" in body
+    from nanokimi.hardware import native_bf16_matmul  # every Muon run's precision, read back from its checkpoint
+    assert f"Newton-Schulz ran in {'bfloat16' if native_bf16_matmul('cpu') else 'float32'} in the Muon runs" in body
     assert (tmp_path / "assets" / f"ablate_{hardware_kind()}.png").stat().st_size > 1000
     # --contenders: the rows asked for, beside the shipped run they are measured against
     main(["bench", f"--report={report}", "ablate", "--quick", f"--data={char_data}", f"--out={tmp_path / 'kda'}",

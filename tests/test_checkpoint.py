@@ -7,7 +7,7 @@ import safetensors.torch
 import torch
 
 from nanokimi import checkpoint
-from nanokimi.train import run_lock as train_lock
+from nanokimi.processes import run_lock as train_lock
 from tests.conftest import TINY, cli_error, disk_full, step_losses, train
 
 

@@ -28,7 +28,7 @@ def run_ddp(cfg, model, procs=2, clock_skew=1.0, timeout=600, rank1_other_precis
                         "RANK1_OTHER_PRECISION": str(int(rank1_other_precision))}
     # no retry: gloo's abort at exit ("terminate called without an active exception") came from a worker that left
     # without destroying its process group, or while a peer was still in a collective; every worker now leaves as
-    # train.Run.close does (a barrier, then destroy_process_group)
+    # processes.Run.close does (a barrier, then destroy_process_group)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
                              f"--master_port={free_port()}", str(ROOT / "tests" / "ddp_worker.py"), json.dumps(cfg),
                              json.dumps(model)], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanokimi import Kimi, hardware
-from nanokimi.model import grouped_matmul
+from nanokimi.grouped_gemm import grouped_matmul
 from nanokimi.optim import configure_optimizer, newton_schulz_dtype, zeropower_via_newtonschulz
 from tests.conftest import TINY, run_cli, tiny_config, train
 from tests.test_optim import newton_schulz_fp32

@@ -1,5 +1,5 @@
 """The package's layering: no import circle between its modules (function-level imports included), and the model
-file imports no other nanokimi module but the token-sampling helper, the machine's capabilities and its own KDA layer
+file imports no other nanokimi module but the token-sampling helper, the experts' grouped GEMM and its own KDA layer
 (no file I/O, no training code)."""
 
 import ast
@@ -47,12 +47,13 @@ def test_no_import_circle():
         visit(module, [])
 
 
-def test_model_imports_only_the_sampling_helper_hardware_and_kda():
-    assert imports(PACKAGE / "model.py") == {"nanokimi.generation", "nanokimi.hardware", "nanokimi.kda"}
+def test_model_imports_only_the_sampling_helper_the_expert_kernel_and_kda():
+    assert imports(PACKAGE / "model.py") == {"nanokimi.generation", "nanokimi.grouped_gemm", "nanokimi.kda"}
+    assert imports(PACKAGE / "grouped_gemm.py") == {"nanokimi.hardware"}  # the kernel: chosen by the machine
     assert imports(PACKAGE / "kda.py") == set()  # the layer stands alone beside MLA
     assert imports(PACKAGE / "baseline.py") == {"nanokimi.generation"}
     assert imports(PACKAGE / "optim.py") == {"nanokimi.hardware"}  # the optimizer asks layers to rescale themselves
-    assert imports(PACKAGE / "hardware.py") == set()
+    assert imports(PACKAGE / "hardware.py") == {"nanokimi.errors"}  # its device check speaks in one line
 
 
 def test_the_core_never_imports_transformers():

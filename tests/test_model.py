@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from nanokimi import PRESETS, Kimi
 from nanokimi.baseline import GPT, GPTConfig
-from nanokimi.model import MoE, grouped_mm
+from nanokimi.grouped_gemm import grouped_mm
+from nanokimi.model import MoE
 from tests.conftest import assert_greedy, teacher_forced_logits, tiny_config
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,

@@ -505,7 +505,8 @@ def test_bpe_learns_from_a_document_without_whitespace_in_linear_time(tmp_path, 
 def test_prepare_imports_no_torch(tmp_path):
     (tmp_path / "docs.txt").write_text("some text to prepare\n" * 50)
     script = ("import runpy, sys\n"
-              f"sys.argv = ['nanokimi', 'prepare', 'text', '--input={tmp_path / 'docs.txt'}', '--out={tmp_path / 'd'}']\n"
+              f"sys.argv = ['nanokimi', 'prepare', 'text', '--input={tmp_path / 'docs.txt'}', "
+              f"'--out={tmp_path / 'd'}']\n"
               "try:\n    runpy.run_module('nanokimi', run_name='__main__')\n"
               "finally:\n    print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -545,3 +546,21 @@ def test_the_progress_bar_shows_on_a_terminal_unless_no_progress(flag, tmp_path,
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     main(["prepare", "text", f"--input={tmp_path / 'docs.txt'}", f"--out={tmp_path / 'd'}", *flag])
     assert ("tokenize" in capsys.readouterr().err) == (not flag)
+
+
+def test_prepare_runs_in_memory_that_does_not_grow_with_the_corpus(tmp_path, shakespeare_text):
+    """docs/data.md: documents are streamed and encoded in batches, no file is read whole: three times the corpus
+    (both past one encoding batch) peaks at the same resident memory, within 10 MB (a file read whole adds its 36 MB
+    and more)."""
+    from nanokimi.bench.corpora import timed_prepare
+    docs = documents_of(shakespeare_text, 200)
+    line_block = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    peaks = {}
+    for mb in (12, 36):
+        corpus = tmp_path / f"{mb}.jsonl"
+        with open(corpus, "w") as f:
+            for _ in range(mb * 10 ** 6 // len(line_block) + 1):
+                f.write(line_block)
+        _, peaks[mb], _ = timed_prepare(["text", f"--input={corpus}", f"--out={tmp_path / f'd{mb}'}"])
+        assert read_meta(tmp_path / f"d{mb}")["train_tokens"] > mb * 10 ** 6 * 0.6
+    assert peaks[36] < peaks[12] + 10, peaks

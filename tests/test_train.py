@@ -162,8 +162,8 @@ def test_compiled_run_checkpoint_loads_uncompiled(char_data, tmp_path):
 
 @pytest.mark.slow
 def test_readme_finetuning_recipe_runs_as_written(tmp_path, shakespeare_text):
-    """docs/training.md's finetuning lines, run by bash as written from an empty folder outside the repository (named runs
-    ship inside the package), TinyShakespeare placed where `prepare shakespeare_char` downloads it."""
+    """docs/training.md's finetuning lines, run by bash as written from an empty folder outside the repository (named
+    runs ship inside the package), TinyShakespeare placed where `prepare shakespeare_char` downloads it."""
     lines = readme_lines("Finetuning example", "docs/training.md")
     assert len(lines) == 6
     user = tmp_path / "user"

@@ -153,8 +153,9 @@ def bench_prepare(args):
                      f"{sum(len(d.encode()) for d in limit_docs) / 1e6:.0f} MB of the same documents, in memory")
     body = (f"Corpora generated from {Path(args.source).name} (documents of 1..40 consecutive passages at seeded "
             f"random places, files of at most 100 MB), prepared with one byte-level BPE tokenizer.json of "
-            f"{tok.get_vocab_size()} tokens learnt from {sample_mb:g} MB of such documents (`--tokenizer=PATH`), each in its "
-            f"own process (peak RSS: the process's own VmHWM). 'vs limit' = prepare's MB/s over tokenizers' own "
+            f"{tok.get_vocab_size()} tokens learnt from {sample_mb:g} MB of such documents (`--tokenizer=PATH`), "
+            f"each in its own process (peak RSS: the process's own VmHWM). 'vs limit' = prepare's MB/s over "
+            f"tokenizers' own "
             f"`encode_batch_fast` rate on the same documents held in memory, the mean of its rates measured just "
             f"before and just after that size's runs.\n\n"
             + table(["corpus", "format", "tokenizer", "documents", "tokens", "seconds", "MB/s", "peak RSS MB",

@@ -319,7 +319,7 @@ def bench_compare(args):
             + table(["model", "training time", "seconds", "steps", f"val loss @ {context}",
                      "val loss @ own window"], rows)
             + f"\n\n![compare](assets/compare_{args.recipe}_{kind}.png)\n\n"
-            + f"nanoKimi's Newton-Schulz ran in {' and '.join(ns_dtypes)} (measured at each run's start; trainer.json). "
+            + f"nanoKimi's Newton-Schulz ran in {' and '.join(ns_dtypes)} (each run's choice, from its trainer.json). "
             + f"Throughput of the 1x runs (seed 0); MFU against this machine's {str(dtype)[6:]} matmul peak measured "
               f"in this run, {peak:.0f} GFLOP/s (best of {len(peaks)} measurements, one before each run):\n\n"
             + table(["model", "params", "active", "tokens/step", "tokens/s", "train FLOPs/token", "MFU"], throughput))
