@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import nanokimi.train
 from nanokimi.bench.report import hardware_kind, machine
 from nanokimi.bench.speed import newton_schulz_flops
-from nanokimi.hardware import cpu_kind
+from nanokimi.hardware import cpu_kind, native_bf16_matmul
 from nanokimi.bench.training import RECIPES, check_reproduced
 from nanokimi.cli import main
 from tests.conftest import SHAKESPEARE, cli_error
@@ -61,7 +61,8 @@ def test_optim_report(char_data, tmp_path):
           "--lrs", "1e-3", "2e-3", "--fractions", "0.5", "--stress_steps=4", "--eval_interval=4", "--eval_iters=1",
           "--batch_size=4", "--block_size=32"])
     body = sections(report)["optim"]
-    for needle in ("| 0.002 |", "| muonclip |", "| muon, 0.5x the steps |", "max logit (peak)", "Machine:"):
+    precision = f"Newton-Schulz ran in {'bfloat16' if native_bf16_matmul('cpu') else 'float32'} in the Muon runs"
+    for needle in ("| 0.002 |", "| muonclip |", "| muon, 0.5x the steps |", "max logit (peak)", "Machine:", precision):
         assert needle in body, needle
     for plot in ("optim_val_loss.png", "optim_stress.png"):
         assert (tmp_path / "assets" / plot).stat().st_size > 1000
@@ -171,7 +172,6 @@ def test_ablate_quick_report(char_data, tmp_path):
     assert rows["nanoKimi - MoE (dense, equal active params)"][1].split(" (")[1] == \
         rows["nanoKimi (MLA + MoE + MuonClip)"][1].split(" (")[1]
     assert rows["nanoGPT, its recipe's settings"][2] == "0.001" and "The lr sweep" in body
-    from nanokimi.hardware import native_bf16_matmul  # every Muon run's precision, read back from its checkpoint
     assert f"Newton-Schulz ran in {'bfloat16' if native_bf16_matmul('cpu') else 'float32'} in the Muon runs" in body
     assert (tmp_path / "assets" / f"ablate_{hardware_kind()}.png").stat().st_size > 1000
     # --contenders: the rows asked for, beside the shipped run they are measured against

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint
 from ..errors import UserError
 from ..presets import PRESETS
 from .report import hardware_kind, pyplot, save_figure, table, write_section
-from .training import EVAL_BATCH_SIZE, RECIPES, nanokimi_settings, run_training, score, spread
+from .training import (EVAL_BATCH_SIZE, RECIPES, nanokimi_settings, newton_schulz_precisions, run_training, score,
+                       spread)
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,12 @@ def bench_ablate(args):
         if "diverged" in records[-1]:
             return {"val": float("inf"), "steps": 0, "seconds": 0.0, "lr": s["lr"]}
         summary = records[-1]["summary"]
-        precisions.add(Checkpoint(out).trainer_state().get("muon_dtype", "auto"))  # "auto": a run without Muon
+        finished.append(out)
         return {"val": score(out, args.data, context, args.eval_batches), "steps": summary["step"],
                 "seconds": summary["train_time_s"], "lr": s["lr"],
                 "params": (summary["params_total"], summary["params_active"])}
 
-    precisions = set()  # Newton-Schulz's precision in each Muon run, as its checkpoint records it
+    finished = []  # every run that did not diverge: their checkpoints say Newton-Schulz's precision
 
     # 1. the sweep at the short budget, seed 0: every swept contender tries every lr; its best run is its seed 0
     short = {name: {} for name in contenders}
@@ -205,9 +205,9 @@ def bench_ablate(args):
             f"tokens (`--max_iters`, rounded to whole steps; schedule fitted to the steps). {args.seeds} seed(s); "
             f"val loss of the final checkpoint on the same {args.eval_batches * EVAL_BATCH_SIZE} val windows of "
             f"{context} tokens, mean (min..max). ms/step: median over the equal-token runs. Newton-Schulz ran in "
-            f"{' and '.join(sorted(precisions - {'auto'})) or 'no run'} in the Muon runs (each run's checkpoint "
-            f"records it). The long budget runs only the contenders of the MoE and KDA questions. The whole benchmark "
-            f"took {(time.perf_counter() - started) / 60:.0f} min.\n\n"
+            f"{newton_schulz_precisions(finished)} in the Muon runs (each run's checkpoint records it). The long "
+            f"budget runs only the contenders of the MoE and KDA questions. The whole benchmark took "
+            f"{(time.perf_counter() - started) / 60:.0f} min.\n\n"
             + table(["contender", "params (active)", "lr", "batch", "ms/step", f"steps in {args.budget_s:g} s",
                      f"val @ {args.budget_s:g} s", f"val @ {args.tokens} tokens", f"val @ {args.long_budget_s:g} s"],
                     rows)

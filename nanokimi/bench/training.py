@@ -32,6 +32,13 @@ def run_training(out_dir, overrides=None, **settings):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()] + ending
 
 
+def newton_schulz_precisions(out_dirs):
+    """The precisions Newton-Schulz ran in over the runs in out_dirs, as each checkpoint's trainer.json records it:
+    "bfloat16", "bfloat16 and float32", or "no run" where none used Muon."""
+    found = {Checkpoint(out).trainer_state().get("muon_dtype", "auto") for out in out_dirs} - {"auto"}
+    return " and ".join(sorted(found)) or "no run"
+
+
 def first_reaching(evals, target, key):
     """evals[i][key] ("step" or "time") of the first eval whose val loss is <= target, or None."""
     return next((r[key] for r in evals if r["val_loss"] <= target), None)
@@ -44,9 +51,10 @@ def bench_optim(args):
                   log_max_logit=True)
 
     def train_with(name, lr, steps=args.steps):
-        records = run_training(Path(args.out) / f"{name}-lr{lr:g}-{steps}", optimizer=name, lr=lr, min_lr=lr / 10,
-                               max_iters=steps, warmup_iters=steps // 20, **common)
-        return {"evals": [r for r in records if "val_loss" in r], "summary": records[-1].get("summary")}
+        out = Path(args.out) / f"{name}-lr{lr:g}-{steps}"
+        records = run_training(out, optimizer=name, lr=lr, min_lr=lr / 10, max_iters=steps, warmup_iters=steps // 20,
+                               **common)
+        return {"evals": [r for r in records if "val_loss" in r], "summary": records[-1].get("summary"), "out": out}
 
     def final(run):
         return run["evals"][-1]["val_loss"]
@@ -103,10 +111,12 @@ def bench_optim(args):
     axes[1].set(xlabel="step", ylabel="gradient norm", yscale="log")
     save_figure(fig, f"stress: lr {args.stress_lr}, no grad clipping", args.assets / "optim_stress.png")
 
+    precision = newton_schulz_precisions(r["out"] for r in [*sweep.values(), *runs.values(), *shorter.values()])
     body = (f"`{args.preset}`, {args.batch_size}x{args.block_size} tokens per step, WSD schedule (warmup 5%, "
             f"decay to lr/10 over the last 30%), eval every {args.eval_interval} steps on {args.eval_iters} batches, "
             f"seed {args.seed}. Muon's update is RMS-matched to AdamW, so lr and weight decay mean the same for both; "
-            f"each optimizer still gets its own best lr from a sweep at {args.steps} steps (final val loss):\n\n"
+            f"each optimizer still gets its own best lr from a sweep at {args.steps} steps (final val loss). "
+            f"Newton-Schulz ran in {precision} in the Muon runs (each run's trainer.json).\n\n"
             + table(["lr", "adamw", "muon"], sweep_rows)
             + "\n\nAt the best lr, and Muon with fewer steps (its whole schedule fitted into them):\n\n"
             + table(["optimizer", "lr", "steps", "final val loss", "train s",
@@ -296,8 +306,7 @@ def bench_compare(args):
     kind = hardware_kind(recipe.train["device"])
     save_figure(fig, f"nanoKimi vs nanoGPT's {args.recipe.upper()} recipe, shakespeare_char ({kind})",
                 args.assets / f"compare_{args.recipe}_{kind}.png")
-    ns_dtypes = sorted({Checkpoint(r["out"]).trainer_state().get("muon_dtype", "?")
-                        for runs in kimi_runs.values() for r in runs})
+    precision = newton_schulz_precisions(r["out"] for runs in kimi_runs.values() for r in runs)
 
     kimi_desc = ", ".join(f"{k} {v}" for k, v in kimi_settings.items()
                           if k in ("batch_size", "block_size", "optimizer", "lr", "min_lr", "lr_schedule",
@@ -319,7 +328,7 @@ def bench_compare(args):
             + table(["model", "training time", "seconds", "steps", f"val loss @ {context}",
                      "val loss @ own window"], rows)
             + f"\n\n![compare](assets/compare_{args.recipe}_{kind}.png)\n\n"
-            + f"nanoKimi's Newton-Schulz ran in {' and '.join(ns_dtypes)} (each run's choice, from its trainer.json). "
+            + f"nanoKimi's Newton-Schulz ran in {precision} (each run's choice, from its trainer.json). "
             + f"Throughput of the 1x runs (seed 0); MFU against this machine's {str(dtype)[6:]} matmul peak measured "
               f"in this run, {peak:.0f} GFLOP/s (best of {len(peaks)} measurements, one before each run):\n\n"
             + table(["model", "params", "active", "tokens/step", "tokens/s", "train FLOPs/token", "MFU"], throughput))
