@@ -1,6 +1,8 @@
 """Hugging Face interop: nanoKimi <-> `DeepseekV3ForCausalLM` folders (config.json + safetensors), the format of
-Kimi-K2's own checkpoints, and `KimiLinearForCausalLM` folders for the KDA hybrid (names in hf_linear.py). Needs no
-`transformers`: the folder format is plain JSON and safetensors.
+Kimi-K2's own checkpoints, and `KimiLinearForCausalLM` folders for the KDA hybrid. Each format is an adapter
+(hf_deepseek_v3.py, hf_kimi_linear.py) with one interface: which configs it reads and writes, the config both ways, the
+tensor names both ways. This file holds what they share: the folders, their safetensors, tokenizers, import and export.
+Needs no `transformers`: the folder format is plain JSON and safetensors.
 
 nanoKimi's parameter names already are HF's (minus the `model.` prefix); the one layout difference is that nanoKimi
 stacks routed experts as [E, out, in] tensors while HF checkpoints hold one key per expert (transformers 5 loads
@@ -15,87 +17,42 @@ import safetensors.torch
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from . import checkpoint, hf_linear
+from . import checkpoint, hf_deepseek_v3, hf_kimi_linear
 from .errors import UserError, check_fields, write_failure
 from .folders import check_apart, check_destination, read_config
-from .model import Kimi, KimiConfig
+from .model import Kimi
 from .presets import build_model
 from .tokenizer import TOKENIZER_FILES, CharTokenizer, HFTokenizer, copy_tokenizer, load_tokenizer
 
-SAME_NAME_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
-                    "first_k_dense_replace", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
-                    "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                    "max_position_embeddings", "rope_theta", "rope_scaling", "rms_norm_eps", "tie_word_embeddings",
-                    "initializer_range", "aux_loss_alpha")
+FORMATS = (hf_kimi_linear, hf_deepseek_v3)  # one adapter per format, the same interface; asked in this order
 
 
 def is_hf_folder(path):
     return "architectures" in (read_config(path) or {})
 
 
+def format_of(config):
+    """The Hugging Face format a model exports as: Kimi Linear for a KDA hybrid (or unrotated MLA), else DeepseekV3."""
+    return next(f for f in FORMATS if f.writes(config))
+
+
 def to_hf_config(config):
-    if hf_linear.is_hybrid(config):
-        return hf_linear.to_hf_config(config)
-    if config.attention != "mla":
-        raise UserError("DeepseekV3 attention is MLA: a model trained with the attention='mha' ablation cannot be "
-                        "exported")
-    if config.n_shared_experts < 1:
-        raise UserError("DeepseekV3 always has a shared expert: a model with n_shared_experts=0 cannot be exported")
-    hf = {name: getattr(config, name) for name in SAME_NAME_FIELDS}
-    return hf | {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-        "num_key_value_heads": config.num_attention_heads, "moe_layer_freq": 1, "rope_interleave": True,
-        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "scoring_func": "sigmoid",
-        "topk_method": "noaux_tc", "seq_aux": True, "num_nextn_predict_layers": 0, "torch_dtype": "float32",
-        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True,
-    }
+    return format_of(config).to_hf_config(config)
 
 
 def from_hf_config(hf):
-    """A KimiConfig from an HF config.json dict, refusing what nanoKimi cannot represent."""
-    if hf_linear.is_kimi_linear(hf):
-        return hf_linear.from_hf_config(hf)
-    if hf.get("model_type") not in ("deepseek_v3", "kimi_k2") and "DeepseekV3ForCausalLM" not in hf.get(
-            "architectures", []):
-        raise UserError(f"config.json describes {hf.get('architectures') or hf.get('model_type')}, not "
-                        f"DeepseekV3ForCausalLM or KimiLinearForCausalLM: nanoKimi imports only those")
-    checks = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "hidden_act": "silu", "attention_bias": False,
-              "moe_layer_freq": 1, "rope_interleave": True}
-    for key, supported in checks.items():
-        if key in hf and hf[key] != supported:
-            raise UserError(f"{key}={hf[key]!r} is not supported (nanoKimi implements {key}={supported!r})")
-    if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
-        raise UserError("num_key_value_heads must equal num_attention_heads (MLA has no grouped KV heads)")
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # transformers 5 / 4.x spelling
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "yarn"):
-        raise UserError(f"rope type {kind!r} is not supported (only default and yarn)")
-    fields = {name: hf[name] for name in SAME_NAME_FIELDS if name in hf}
-    fields |= {"rope_theta": theta, "rope_scaling": rope if kind == "yarn" else None}
-    if "aux_loss_alpha" in fields and fields["aux_loss_alpha"] is None:
-        del fields["aux_loss_alpha"]
-    try:
-        return KimiConfig(**fields)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"cannot represent this config in nanoKimi: {e}") from None
+    """A KimiConfig from a config.json dict, by the format it names; refusing what nanoKimi cannot represent."""
+    for f in FORMATS:
+        if f.reads(hf):
+            return f.from_hf_config(hf)
+    raise UserError(f"config.json describes {hf.get('architectures') or hf.get('model_type')}, not "
+                    f"DeepseekV3ForCausalLM or KimiLinearForCausalLM: nanoKimi imports only those")
 
 
 def to_hf_state_dict(model):
-    """nanoKimi state dict -> HF keys, one key per expert."""
+    """nanoKimi state dict -> the checkpoint names of the model's format (one key per expert)."""
     state = {key if key.startswith("lm_head") else f"model.{key}": t for key, t in model.state_dict().items()}
-    if hf_linear.is_hybrid(model.config):
-        out = hf_linear.to_hf_names(state, model.config)
-    else:
-        out = {}
-        for name, tensor in state.items():
-            if ".mlp.experts." in name:
-                prefix, proj = name.rsplit(".", 1)
-                for e, matrix in enumerate(tensor):
-                    out[f"{prefix}.{e}.{proj}.weight"] = matrix.contiguous()
-            else:
-                out[name] = tensor.contiguous()
+    out = format_of(model.config).to_hf_names(state, model.config)
     if model.config.tie_word_embeddings:
         out.pop("lm_head.weight")
     return out
@@ -113,8 +70,7 @@ def layer_weight_name(parts):
 
 def from_hf_state_dict(tensors, config, folder="the folder"):
     """HF tensors (per-expert or fused experts) -> nanoKimi state dict. MTP layers are skipped with a warning."""
-    if hf_linear.is_hybrid(config):
-        tensors = hf_linear.from_hf_names(tensors)
+    tensors = format_of(config).from_hf_names(tensors)  # DeepseekV3's names, which the rest of this function reads
     state, experts = {}, {}
     skipped = set()
     for name, tensor in tensors.items():

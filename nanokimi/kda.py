@@ -7,7 +7,8 @@ channel by channel, then corrects towards its value (a delta-rule step of streng
 
 so prefill costs O(T) and decoding keeps a state of fixed size, whatever the context. Training and prefill run the
 chunkwise-parallel form (chunks of 64: the WY/UT representation, one triangular solve per chunk); decoding runs the
-recurrent form. Names follow transformers' `KimiLinearDeltaAttention` (hf_linear.py maps the checkpoints' spelling).
+recurrent form. Names follow transformers' `KimiLinearDeltaAttention` (hf_kimi_linear.py maps the checkpoints'
+spelling).
 Shapes: B batch, T tokens, nh heads, d head dim (d_k = d_v = d), C chunk.
 
 It sits beside model.py's MLA (config.layer_types) and imports nothing from it."""

@@ -1,5 +1,6 @@
 """Kimi Linear's Hugging Face layout (`KimiLinearForCausalLM`, transformers >= 5, the format of
-moonshotai/Kimi-Linear-48B-A3B) <-> nanoKimi's hybrid config and tensor names. hf.py reads and writes the folders.
+moonshotai/Kimi-Linear-48B-A3B) as one of hf.py's adapters: its config.json <-> nanoKimi's hybrid config, and tensor
+names both ways (read into DeepseekV3's names for MLA and MoE). hf.py reads and writes the folders.
 
 Checkpoints spell things Moonshot's way, which is what transformers writes too: MoE layers under `block_sparse_moe`
 with experts `w1` (gate), `w3` (up), `w2` (down); KDA's forget gate (`f_a_proj`, `f_b_proj`, `dt_bias`, `A_log`)
@@ -34,11 +35,12 @@ EXPERT_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 FORGET_GATE = ("f_a_proj", "f_b_proj", "dt_bias", "A_log")
 
 
-def is_kimi_linear(hf):
+def reads(hf):
+    """Whether a config.json dict is this format."""
     return hf.get("model_type") == "kimi_linear" or ARCHITECTURE in hf.get("architectures", [])
 
 
-def is_hybrid(config):
+def writes(config):
     """Whether a nanoKimi config exports as Kimi Linear (KDA layers or unrotated MLA) rather than DeepseekV3."""
     return config.mla_use_nope or config.layer_types is not None and "linear_attention" in config.layer_types
 
