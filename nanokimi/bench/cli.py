@@ -34,7 +34,8 @@ def positive(text, least=1):
     except ValueError:
         value = least - 1
     if value < least:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {least}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer" if least == 1 else
+                                         f"{text!r} is not an integer >= {least}")
     return value
 
 
