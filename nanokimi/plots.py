@@ -59,7 +59,7 @@ def save(fig, path, tight=True):
     if tight:
         fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # a plot beside a training run: its own
     try:
         fig.savefig(tmp, dpi=100)
         os.replace(tmp, path)
