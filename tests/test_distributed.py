@@ -20,12 +20,17 @@ from tests.conftest import (ROOT, TINY, TINY_MODEL, TINY_TRAIN, assert_same_trai
 pytestmark = pytest.mark.slow
 
 
+def torchrun_env(**extra):
+    """The workers' environment: one thread each (the two cores are shared), and Python's fault handler, so that a
+    worker that aborts (gloo's "terminate called without an active exception") prints where each thread was."""
+    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"} | extra
+
+
 def run_ddp(cfg, model, procs=2, clock_skew=1.0, timeout=600, rank1_other_precision=False):
     """Train `cfg` under torchrun with `procs` processes (tests/ddp_worker.py); returns its check of the ranks'
     weights. clock_skew: rank 1's clock runs that many times as fast as the others'; rank1_other_precision: rank 1
     alone would choose the other Newton-Schulz precision."""
-    env = os.environ | {"OMP_NUM_THREADS": "1", "RANK1_CLOCK_SKEW": str(clock_skew),
-                        "RANK1_OTHER_PRECISION": str(int(rank1_other_precision))}
+    env = torchrun_env(RANK1_CLOCK_SKEW=str(clock_skew), RANK1_OTHER_PRECISION=str(int(rank1_other_precision)))
     # no retry: gloo's abort at exit ("terminate called without an active exception") came from a worker that left
     # without destroying its process group, or while a peer was still in a collective; every worker now leaves as
     # processes.Run.close does (a barrier, then destroy_process_group)
@@ -101,8 +106,8 @@ def test_expert_parallel_layer_matches_one_process(procs):
     loads, with uneven splits, ranks that receive no token, and an expert with none."""
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
                              f"--master_port={free_port()}", "-m", "tests.ep_worker"], capture_output=True,
-                            text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"}, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+                            text=True, timeout=300, env=torchrun_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
     assert all(f"ok {routing} ranks={procs}" in result.stdout for routing in ("random", "owner-0", "idle-expert"))
 
 
@@ -178,7 +183,7 @@ def start_endless_torchrun(data, out):
                              "train", "shakespeare-char-cpu", f"--data={data}", f"--out_dir={out}", *TINY,
                              "--grad_accum=2", "--max_iters=100000", "--eval_interval=100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"}, cwd=ROOT, start_new_session=True)
+                            env=torchrun_env(), cwd=ROOT, start_new_session=True)
     wait_for_steps(proc, out, 3)
     return proc
 
@@ -187,7 +192,7 @@ def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
     """`nanokimi torchrun ... train`: a Ctrl-C (SIGINT to the terminal's whole process group) saves the run and ends
     with one line and exit 130; a worker's error ends with the worker's line and torchrun's, no traceback."""
     out = tmp_path / "run"
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    env = torchrun_env()
     proc = start_endless_torchrun(char_data, out)
     second = subprocess.run([sys.executable, "-m", "nanokimi", "torchrun", "--nproc_per_node=2",
                              f"--master_port={free_port()}",
