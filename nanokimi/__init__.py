@@ -1,6 +1,6 @@
 """nanoKimi: the Kimi-K2 architecture (MLA + DeepSeekMoE + MuonClip) at small scale."""
 
-__all__ = ["Kimi", "KimiConfig", "PRESETS", "from_pretrained", "save_pretrained"]
+__all__ = ["Kimi", "KimiConfig", "PRESETS", "encode_chat", "from_pretrained", "save_pretrained"]
 
 
 def __getattr__(name):
@@ -12,6 +12,9 @@ def __getattr__(name):
     if name in ("Kimi", "KimiConfig"):
         from . import model
         return getattr(model, name)
+    if name == "encode_chat":
+        from .chat import encode_chat
+        return encode_chat
     if name == "PRESETS":
         from .presets import PRESETS
         return PRESETS

@@ -200,11 +200,21 @@ class Checkpoint:
             raise UserError(f"checkpoint file {path} is corrupt or truncated ({e}): use another checkpoint or "
                             f"train again") from None
 
-    def load_weights(self, model):
+    def load_weights(self, model, grow_vocab=False):
+        """The weights into `model`; with grow_vocab, a model whose vocabulary has tokens appended (the chat tokens
+        of a finetune) gets the saved rows of its embedding and output layer, and the mean row for each new one."""
         state = self.read_tensors("model.safetensors")
         for name, twin in tied_copies(model).items():
             if name not in state and twin in state:
                 state[name] = state[twin]
+        if grow_vocab:
+            rows = model.config.vocab_size
+            for name, tensor in model.state_dict().items():
+                saved = state.get(name)
+                if saved is not None and tensor.shape[0] == rows > saved.shape[0] and tensor.shape[1:] == \
+                        saved.shape[1:]:
+                    state[name] = torch.cat([saved, saved.mean(0, keepdim=True).expand(rows - len(saved),
+                                                                                       *saved.shape[1:])])
         load_matching(model, state, f"checkpoint {self.path}")
 
     def optimizer_state(self):

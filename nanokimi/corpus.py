@@ -6,6 +6,7 @@ A reader yields (new_document, text): new_document is False for a piece that con
 long .txt read in ~1 MB pieces, each cut after a newline, so that a whitespace-splitting tokenizer such as byte-level
 BPE encodes the pieces exactly as it would the whole)."""
 
+import codecs
 import glob
 import gzip
 import io
@@ -67,13 +68,31 @@ def expand_inputs(inputs, flag="--input", skip=()):
     return files
 
 
+class TextRecords:
+    """How a JSON or Parquet record holds a document: as text in one field. (conversations.py reads conversations.)"""
+    plain_text = True  # a .txt file is a document too
+
+    def __init__(self, field="text"):
+        self.field, self.fields = field, (field,)  # fields: the Parquet columns read
+
+    def document(self, record, where):
+        return document_text(record, self.field, where)
+
+    def no_column(self, path, names):
+        return f"{path} has no column {self.field!r} (its columns: {', '.join(names[:8])}): pass --text_field=NAME"
+
+
 class Corpus:
     """The documents of local files, in order. `bytes_read` is how many bytes of the files have been read so far
-    (for progress); `total_bytes` their size on disk."""
+    (for progress); `total_bytes` their size on disk. `records` says how a JSON or Parquet record holds a document
+    (TextRecords: the text of field `text_field`)."""
 
-    def __init__(self, inputs, text_field="text", doc_separator=None, flag="--input", skip=()):
+    def __init__(self, inputs, text_field="text", doc_separator=None, flag="--input", skip=(), records=None):
         self.files = expand_inputs(inputs, flag, skip)
-        self.text_field, self.doc_separator = text_field, doc_separator or None
+        self.records = records or TextRecords(text_field)
+        self.doc_separator = doc_separator or None
+        if not self.records.plain_text and (text := next((f for f in self.files if file_format(f) == "txt"), None)):
+            raise UserError(f"{text} is plain text: {flag} takes .jsonl, .json or .parquet files of records here")
         self.listed = {f: stamp(f) for f in self.files}  # what each file was when listed: every pass reads that
         self.total_bytes = sum(size for size, _ in self.listed.values())
         self.bytes_read = 0
@@ -144,23 +163,13 @@ class Corpus:
             yield not continuing, pending
 
     def jsonl(self, path, stream):
-        """One document per line, from field `text_field`; blank lines skipped."""
-        for number, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{number} is not UTF-8: convert the file to UTF-8 first") from None
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number} is not a JSON object ({e.msg}): one JSON object per line "
-                                f"(JSON Lines), e.g. {{\"{self.text_field}\": \"...\"}}") from None
-            except RecursionError:
-                raise UserError(f"{path}:{number} is nested too deeply to read") from None
-            yield True, document_text(record, self.text_field, f"{path}:{number}")
+        """One document per record: per line (JSON Lines; blank lines skipped) or per element of a file holding one
+        JSON array."""
+        for where, record in json_records(path, stream):
+            yield True, self.records.document(record, where)
 
     def parquet(self, path, stream):
-        """One document per row, from column `text_field`."""
+        """One document per row."""
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -170,22 +179,86 @@ class Corpus:
             names = table.schema_arrow.names
         except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) and OSError kinds for a bad file
             raise UserError(f"{path} is not a readable Parquet file ({str(e)[:80]})") from None
-        if self.text_field not in names:
-            raise UserError(f"{path} has no column {self.text_field!r} (its columns: {', '.join(names[:8])}): pass "
-                            f"--text_field=NAME")
-        row, batches = 0, table.iter_batches(batch_size=BATCH_ROWS, columns=[self.text_field])
+        columns = [name for name in self.records.fields if name in names]
+        if not columns:
+            raise UserError(self.records.no_column(path, names))
+        row, batches = 0, table.iter_batches(batch_size=BATCH_ROWS, columns=columns)
         while True:
             try:  # a damaged page or a string column that is not UTF-8 fails here, not when the file opens
-                texts = next(batches, None)
-                texts = None if texts is None else texts.column(0).to_pylist()
+                records = next(batches, None)
+                records = None if records is None else records.to_pylist()
             except Exception as e:  # pyarrow's ArrowInvalid, OSError, UnicodeDecodeError, ...
                 raise UserError(f"cannot read {path} after row {row} ({e.__class__.__name__}: {str(e)[:80]}): is "
-                                f"it damaged, or is its {self.text_field!r} column not UTF-8 text?") from None
-            if texts is None:
+                                f"it damaged, or is its {' or '.join(map(repr, columns))} column not UTF-8 "
+                                f"text?") from None
+            if records is None:
                 return
-            for text in texts:
+            for record in records:
                 row += 1
-                yield True, document_text({self.text_field: text}, self.text_field, f"{path} row {row}")
+                yield True, self.records.document(record, f"{path} row {row}")
+
+
+def json_records(path, stream, chunk=PIECE_BYTES):
+    """(where, record) of each JSON value of a JSON Lines file, or of the array a .json file holds: read in chunks,
+    so that memory holds about one record, not the file. `where` is "PATH:LINE"."""
+    reader = stream if hasattr(stream, "peek") else io.BufferedReader(stream)
+    if not reader.peek(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        for number, line in enumerate(reader, 1):
+            if line.strip():
+                yield f"{path}:{number}", parse_json(line, f"{path}:{number}", "one JSON object per line (JSON Lines)")
+        return
+    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8-sig")()
+    text, position, line = "", 0, 1  # line: the line number at text[position]
+
+    def advance(to):
+        nonlocal position, line
+        line += text.count("\n", position, to)
+        position = to
+
+    def fill():  # the next chunk after what is not yet read; False at the end of the file
+        nonlocal text, position
+        more = reader.read(chunk)
+        try:
+            text, position = text[position:] + utf8.decode(more, final=not more), 0
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8: convert the file to UTF-8 first") from None
+        return bool(more)
+    ended = not fill()
+    advance(text.index("[") + 1)
+    while True:
+        advance(skip_space(text, position, ","))
+        if position >= len(text) or text[position] != "]":
+            try:
+                record, end = decoder.raw_decode(text, position)
+            except json.JSONDecodeError as e:  # a record cut at the chunk's end: read on
+                if ended:
+                    raise UserError(f"{path}:{line} is not a JSON value ({e.msg}): a .json file holds JSON Lines or "
+                                    f"one array of objects (is it truncated?)") from None
+                ended = not fill()
+                continue
+            except RecursionError:
+                raise UserError(f"{path}:{line} is nested too deeply to read") from None
+            yield f"{path}:{line}", record
+            advance(end)
+        else:
+            return
+
+
+def skip_space(text, position, also):
+    while position < len(text) and (text[position].isspace() or text[position] in also):
+        position += 1
+    return position
+
+
+def parse_json(line, where, form):
+    try:
+        return json.loads(line)
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8: convert the file to UTF-8 first") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not a JSON object ({e.msg}): {form}") from None
+    except RecursionError:
+        raise UserError(f"{where} is nested too deeply to read") from None
 
 
 def document_text(record, field, where):
@@ -231,7 +304,7 @@ class HFDataset:
     """The documents of a Hugging Face dataset, streamed with `datasets` (the hub, or a packaged builder such as
     "json" / "parquet" over local data_files). Its size is not known ahead: `total_bytes` is None."""
 
-    def __init__(self, name, config=None, split="train", text_field="text", data_files=None):
+    def __init__(self, name, config=None, split="train", text_field="text", data_files=None, records=None):
         try:
             import datasets
         except ImportError:
@@ -244,7 +317,7 @@ class HFDataset:
         except Exception as e:  # datasets raises many kinds (not found, offline, bad config)
             raise UserError(f"cannot open dataset {name!r} ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})"
                             f": check --dataset, --name and --split, and that you are online") from None
-        self.name, self.text_field = name, text_field
+        self.name, self.records = name, records or TextRecords(text_field)
         self.files, self.total_bytes, self.bytes_read, self.single_document = [name], None, 0, False
 
     def __iter__(self):
@@ -257,6 +330,17 @@ class HFDataset:
                                 f"{str(e).splitlines()[0][:120] if str(e) else ''}): fix or drop that record") from None
             if record is None:
                 return
-            text = document_text(record, self.text_field, f"dataset {self.name} row {row}")
-            self.bytes_read += len(text)  # characters: a streamed dataset's bytes on disk are not known
-            yield True, text
+            document = self.records.document(record, f"dataset {self.name} row {row}")
+            self.bytes_read += len(document) if isinstance(document, str) else 1  # characters (or records): a
+            yield True, document  # streamed dataset's bytes on disk are not known
+
+
+def progress_bar(corpus, what, enabled):
+    from tqdm import tqdm
+    return tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc=what, disable=not enabled,
+                dynamic_ncols=True)
+
+
+def describe(corpus):
+    names = [str(f) for f in corpus.files]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

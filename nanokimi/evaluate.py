@@ -9,32 +9,29 @@ import math
 import torch
 
 from .checkpoint import load_model
-from .data import TokenData
+from .data import open_data
 from .errors import UserError
 from .hardware import check_device
 from .tokenizer import check_same_tokenizer
 
 
-def window_starts(n_tokens, block_size, count):
-    """`count` window starts spread evenly over a split of n_tokens tokens (a window reads block_size + 1 tokens)."""
-    return torch.linspace(0, n_tokens - block_size - 1, count).round().long().tolist()
-
-
 @torch.no_grad()
 def evaluate(model, data, split, count, batch_size, device="cpu", autocast=contextlib.nullcontext):
-    """Mean next-token loss of `model` over `count` fixed windows of data.block_size tokens of `split`, with
-    perplexity, bits per token and bits per byte (the text's UTF-8 bytes: comparable across tokenizers)."""
+    """Mean next-token loss of `model` over `count` fixed windows of data.block_size tokens of `split` (of a chat
+    dataset: its rows, scored on the assistant's tokens alone), with perplexity, bits per token and bits per byte
+    (the text's UTF-8 bytes: comparable across tokenizers)."""
     was_training = model.training
     model.eval()
-    starts = window_starts(len(data.splits[split]), data.block_size, count)
+    starts = data.eval_starts(split, count)
     nats, tokens, text_bytes = 0.0, 0, 0.0
     for i in range(0, count, batch_size):
         x, y = data.windows(split, starts[i:i + batch_size])
         with autocast():
             loss = model(x.to(device), y.to(device))[1]
-        nats += loss.item() * y.numel()
-        tokens += y.numel()
-        text_bytes += data.token_bytes[y].sum().item()
+        scored = y[y >= 0]  # -1: a target that does not train (a chat row's prompt and padding)
+        nats += loss.item() * scored.numel()
+        tokens += scored.numel()
+        text_bytes += data.token_bytes[scored].sum().item()
     model.train(was_training)
     loss = nats / tokens
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2),
@@ -54,7 +51,7 @@ def evaluate_checkpoint(path, data_dir, block_size=None, batches=200, batch_size
         block_size = min((ckpt.train_config or {}).get("block_size", model.context_length), model.context_length)
     if not 0 < block_size <= model.context_length:
         raise UserError(f"--block_size={block_size} is not within this model's context (1..{model.context_length})")
-    data = TokenData(data_dir, block_size)
+    data = open_data(data_dir, block_size)
     if tokenizer is not None:  # an imported HF model may come without one
         check_same_tokenizer(ckpt.path, data.folder)
     if data.tokenizer.vocab_size > model.config.vocab_size:

@@ -5,7 +5,9 @@ fp32 on a CPU with AVX-512 bf16 instructions and ~7x slower on one with AVX2 onl
 Imports nothing else of nanoKimi: the model and the optimizer both ask it."""
 
 import functools
+import getpass
 import os
+import tempfile
 
 import torch
 
@@ -115,3 +117,20 @@ def check_device(device):
         raise UserError("--device=mps but Apple's MPS backend is not available here: use --device=cpu")
     if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")
+
+
+def compile_model(module):
+    """torch.compile(module), its kernels cached in a folder of the CPU capability ATen runs at (unless
+    TORCHINDUCTOR_CACHE_DIR names one): torch 2.13 keys its cached CPU kernels without it, so kernels compiled under
+    ATEN_CPU_CAPABILITY=avx2 (how an AVX2 CPU is measured on an AVX-512 one) are loaded by a later AVX-512 run of
+    the same code, which then aborts ("free(): invalid next size", measured on Zen 4). torch's default folder counts
+    as none named: importing torch._inductor writes it into the environment."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}"
+    default = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")  # torch's own, once torch._inductor loads
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default) == default:
+        capability = torch.backends.cpu.get_cpu_capability().lower()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default}_{capability}"
+    return torch.compile(module)

@@ -22,6 +22,7 @@ from .errors import UserError, check_fields, write_failure
 from .folders import check_apart, check_destination, read_config
 from .model import Kimi
 from .presets import build_model
+from .chat_template import IM_END, jinja_template
 from .tokenizer import TOKENIZER_FILES, CharTokenizer, HFTokenizer, copy_tokenizer, load_tokenizer
 
 FORMATS = (hf_kimi_linear, hf_deepseek_v3)  # one adapter per format, the same interface; asked in this order
@@ -194,12 +195,11 @@ def load_hf(folder):
 
 def char_tokenizer_json(tokenizer):
     """A char-level vocabulary as an HF `tokenizers` file: one token per character, decoded by concatenation; its
-    document boundary (if any) a special token."""
+    document boundary and chat tokens (if any) special tokens."""
     tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(tokenizer.chars)}, unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    if tokenizer.boundary_token_id is not None:
-        tok.add_special_tokens([tokenizer.chars[tokenizer.boundary_token_id]])
+    tok.add_special_tokens(list(tokenizer.specials))
     return tok
 
 
@@ -219,19 +219,25 @@ def write_hf_folder(model, out_dir, tokenizer_dir):
     config = to_hf_config(model.config)
     checkpoint.save_tensors(to_hf_state_dict(model), out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out_dir / "generation_config.json").write_text(json.dumps({"do_sample": False}, indent=2) + "\n")
-    if tokenizer_dir is not None:
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    chat = tokenizer is not None and tokenizer.special_token_id(IM_END) is not None
+    # a chat model's reply ends at <|im_end|>, as Kimi-K2's generation_config.json says
+    generation = {"do_sample": False} | ({"eos_token_id": tokenizer.special_token_id(IM_END)} if chat else {})
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if tokenizer is not None:
         copy_tokenizer(tokenizer_dir, out_dir)
-        tokenizer = load_tokenizer(tokenizer_dir)
         if isinstance(tokenizer, CharTokenizer):
             char_tokenizer_json(tokenizer).save(str(out_dir / "tokenizer.json"))
         (out_dir / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+            {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+            | ({"eos_token": IM_END} if chat else {}), indent=2) + "\n")
+        if chat:  # transformers' apply_chat_template reads it: the same ids as nanoKimi's renderer
+            (out_dir / "chat_template.jinja").write_text(jinja_template())
     return out_dir
 
 
 EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json",
-                *TOKENIZER_FILES}
+                "chat_template.jinja", *TOKENIZER_FILES}
 
 
 def export(checkpoint_path, out_dir):
@@ -245,7 +251,7 @@ def export(checkpoint_path, out_dir):
         raise UserError(f"{ckpt.path} holds the {ckpt.arch} baseline: only Kimi models export (to DeepseekV3 or "
                         f"Kimi Linear)")
     if tokenizer is None:  # an imported checkpoint may have none: an earlier export's must not stay beside it
-        for name in (*TOKENIZER_FILES, "tokenizer_config.json"):
+        for name in (*TOKENIZER_FILES, "tokenizer_config.json", "chat_template.jinja"):
             (Path(out_dir) / name).unlink(missing_ok=True)
     return save_hf(model, out_dir, ckpt.path if tokenizer is not None else None)
 

@@ -5,10 +5,10 @@ change)."""
 from dataclasses import dataclass
 
 from . import checkpoint
-from .data import TokenData
+from .data import TokenData, open_data
 from .errors import UserError
 from .presets import find_preset, make_config
-from .tokenizer import check_same_tokenizer
+from .tokenizer import appended_tokens, check_same_tokenizer
 
 
 @dataclass
@@ -19,6 +19,7 @@ class RunPlan:
     arch: str
     config: object
     source: checkpoint.Checkpoint | None
+    added_tokens: tuple = ()  # tokens the data's tokenizer appends to the finetuned model's (its rows are grown)
 
 
 def plan_run(cfg, overrides):
@@ -35,7 +36,7 @@ def plan_run(cfg, overrides):
         raise UserError(f"--init_from={cfg.init_from} is a {names[arch]} checkpoint but {cfg.preset} trains a "
                         f"{names[find_preset(cfg.preset)[0]]} model: finetune it with a run or preset of its kind "
                         f"(e.g. {'gpt-shakespeare-char-cpu' if arch == 'gpt' else 'finetune-shakespeare-char'})")
-    data = TokenData(cfg.data, cfg.block_size)
+    data = open_data(cfg.data, cfg.block_size)
     if source is None:
         config = make_config(arch, base, overrides | {"vocab_size": data.tokenizer.vocab_size})
     else:
@@ -43,9 +44,13 @@ def plan_run(cfg, overrides):
         changed = sorted(k for k, v in overrides.items() if k not in allowed and base.get(k) != v)
         if changed:
             raise UserError(f"model settings {changed} cannot change when continuing from a checkpoint: drop them")
+        added = appended_tokens(source.path, data.folder) if cfg.init_from else None
+        if added:  # a base model finetuned on chat data: its vocabulary grows by the chat tokens
+            base = base | {"vocab_size": data.tokenizer.vocab_size}
+        else:
+            check_same_tokenizer(source.path, data.folder)
         config = make_config(arch, base, overrides, source.path / "config.json")
-        check_same_tokenizer(source.path, data.folder)
     if cfg.block_size > config.context_length:
         raise UserError(f"block_size ({cfg.block_size}) exceeds the model's context ({config.context_length}): lower "
                         f"--block_size or raise --{config.context_field}")
-    return RunPlan(data, arch, config, source)
+    return RunPlan(data, arch, config, source, tuple(added or ()) if source is not None else ())

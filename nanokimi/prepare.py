@@ -7,17 +7,19 @@ A prepared dataset is a folder: train.bin, val.bin (token ids, documents joined 
 tokenizer.json (HF `tokenizers`)."""
 
 import os
-import shutil
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-from .corpus import Corpus, HFDataset, file_format
-from .errors import UserError, write_failure
-from .folders import SWAP_DONE, SWAP_FOLDER, check_destination, command_lock, commit_swap, finish_swap, kind
-from .tokenizer import (BOUNDARY, KNOWN_BOUNDARIES, TOKENIZER_FILES, CharTokenizer, HFTokenizer, bpe_sample,
-                        copy_tokenizer, load_tokenizer, read_meta, write_json)
+from .conversations import ConversationRecords
+from .corpus import Corpus, HFDataset, describe, progress_bar
+from .errors import UserError
+from .folders import check_destination, finish_swap, kind
+from .prepare_chat import prepare_chat
+from .prepared import DATASET_FILES, new_dataset, token_dtype
+from .tokenizer import (BOUNDARY, TOKENIZER_FILES, CharTokenizer, build_tokenizer, copy_tokenizer, load_tokenizer,
+                        read_meta, write_json)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
@@ -31,7 +33,6 @@ def download_shakespeare(dest):
                         f"with --input=PATH/tinyshakespeare.txt") from None
 
 
-DATASET_FILES = ("train.bin", "val.bin", *TOKENIZER_FILES)
 BATCH_CHARS = 1 << 22  # text encoded per encode_batch call: large enough to keep every core busy
 BATCH_DOCUMENTS = 4096
 
@@ -86,12 +87,6 @@ def encoded(corpus, tokenizer, drop_unknown, bar):
     yield from flush()
 
 
-def progress_bar(corpus, what, enabled):
-    from tqdm import tqdm
-    return tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc=what, disable=not enabled,
-                dynamic_ncols=True)
-
-
 def write_dataset(corpus, tokenizer, out, val_fraction=0.1, val_corpus=None, tokenizer_dir=None,
                   drop_unknown=False, progress=False):
     """Tokenize the documents of `corpus` into train.bin and val.bin, the boundary token between two documents,
@@ -99,115 +94,45 @@ def write_dataset(corpus, tokenizer, out, val_fraction=0.1, val_corpus=None, tok
 
     val: the documents of `val_corpus`, else every (1/val_fraction)-th document (whole documents, the same ones at
     every run); a corpus of one document is split as nanoGPT does, its first 90% / last 10% of tokens.
-    Only those files in `out` are replaced, as one set (folders.commit_swap) once all are written: whatever else
-    `out` holds (the input text, notes) stays, a failure or Ctrl-C before the set is complete leaves the previous
-    dataset whole, and a kill after it leaves the new one, finished by the next reader."""
-    out = Path(out)
-    dtype = np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.uint32
+    Only those files in `out` are replaced, as one set (new_dataset): whatever else `out` holds (the input text,
+    notes) stays."""
+    dtype = token_dtype(tokenizer)
     boundary = tokenizer.boundary_token_id
-    tmp = out / SWAP_FOLDER
-    with command_lock(out, "prepare"):  # a second prepare into `out` would delete this one's files
-        try:
-            finish_swap(out)  # a previous prepare killed after it completed
-            shutil.rmtree(tmp, ignore_errors=True)  # ... or before: its partial files
-            tmp.mkdir(parents=True)
-            train, val = SplitFile(tmp / "train.bin", dtype, boundary), SplitFile(tmp / "val.bin", dtype, boundary)
-            with train.file, val.file:
-                index = -1
-                with progress_bar(corpus, "tokenize", progress) as bar:
-                    for new_document, ids in encoded(corpus, tokenizer, drop_unknown, bar):
-                        if new_document:
-                            index += 1
-                            into = train if val_corpus is not None or int((index + 1) * val_fraction) == int(
-                                index * val_fraction) else val
-                        into.add(ids, new_document)
-                        bar.set_postfix(documents=f"{index + 1:,}", tokens=f"{train.tokens + val.tokens:,}",
-                                        refresh=False)
-                if val_corpus is not None:
-                    with progress_bar(val_corpus, "tokenize val", progress) as bar:
-                        for new_document, ids in encoded(val_corpus, tokenizer, drop_unknown, bar):
-                            val.add(ids, new_document)
-                if train.tokens + val.tokens == 0:
-                    raise UserError(f"the corpus {describe(corpus)} is empty (no text): pass files with text in "
-                                    f"them")
-                if val_corpus is None and train.documents + val.documents == 1:  # one document: split by tokens
-                    n_train = int(train.tokens * (1 - val_fraction))
-                    train.move_tail(n_train, n_train, val)
-                elif val_corpus is None and val.documents == 0:  # too few documents for the stride: the last one
-                    train.move_tail(train.last_start, train.last_start - (boundary is not None), val)
-                    train.documents -= 1  # moved whole: counted in val now
-                if val.tokens == 0:
-                    raise UserError(f"the validation split is empty (its documents hold no text): pass more text, "
-                                    f"or --val_input with text in it")
-            if tokenizer_dir is not None:
-                copy_tokenizer(tokenizer_dir, tmp)
-            else:
-                tokenizer.save(tmp)
-            meta = read_meta(tmp) | tokenizer.meta() | {
-                "dtype": np.dtype(dtype).name, "train_tokens": train.tokens, "val_tokens": val.tokens,
-                "train_documents": train.documents, "val_documents": val.documents}
-            write_json(tmp / "meta.json", meta)
-            commit_swap(out, DATASET_FILES)  # the new dataset is the one now: a kill is finished by the next reader
-        except OSError as e:
-            raise UserError(f"could not write the dataset to {out} ({write_failure(e)}): free some space or pick a "
-                            f"writable --out") from None
-        finally:
-            if not (tmp / SWAP_DONE).exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return meta
-
-
-def describe(corpus):
-    names = [str(f) for f in corpus.files]
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
-def build_tokenizer(kind, corpus, val_corpus, vocab_size, tokenizer_chars, boundary_token, progress):
-    """The tokenizer `kind` names (char, bpe or a tokenizer.json path), learnt from `corpus` where it is learnt.
-    A boundary token exists unless the corpus (and val) are one document each."""
-    boundary = not (corpus.single_document and (val_corpus is None or val_corpus.single_document))
-    corpora = [corpus] + ([val_corpus] if val_corpus is not None else [])
-    if kind == "char":
-        chars = set()
-        for c in corpora:
-            with progress_bar(c, "characters", progress) as bar:
-                for _, text in c:
-                    chars.update(text)
-                    bar.update(c.bytes_read - bar.n)
-        if not chars:
-            raise UserError(f"the corpus {describe(corpus)} is empty (no text): pass files with text in them")
-        return CharTokenizer.train(chars, boundary)
-    if kind == "bpe":
-        least = 257 + boundary
-        if not vocab_size or vocab_size < least:
-            raise UserError(f"--vocab_size must be at least {least} for byte-level BPE (256 bytes"
-                            f"{' + the boundary token' if boundary else ''} + merges), got {vocab_size}")
-        plain = corpus.total_bytes is not None and all(file_format(f) != "parquet" and f.suffix != ".gz"
-                                                       for f in corpus.files)
-        most = least - 1 + (corpus.total_bytes if plain else 2 ** 32)  # a merge joins two tokens: one per byte
-        if vocab_size > min(most, 2 ** 32):
-            raise UserError(f"--vocab_size={vocab_size} exceeds what {describe(corpus)} can teach a byte-level BPE "
-                            f"({min(most, 2 ** 32)}: 256 bytes + one merge per byte of text): lower --vocab_size")
-        with progress_bar(corpus, "BPE sample", progress) as bar:
-            def sample():
-                for text in bpe_sample(corpus, tokenizer_chars):
-                    bar.update(corpus.bytes_read - bar.n)
-                    yield text
-            tokenizer = HFTokenizer.train(sample(), vocab_size, boundary)
-        if tokenizer.vocab_size < vocab_size:
-            sampled = corpus.total_bytes is None or tokenizer_chars < corpus.total_bytes
-            raise UserError(f"the text taught byte-level BPE only {tokenizer.vocab_size} tokens, fewer than "
-                            f"--vocab_size={vocab_size}: lower --vocab_size to {tokenizer.vocab_size} or "
-                            + (f"let it learn from more than --tokenizer_chars={tokenizer_chars} characters"
-                               if sampled else "give it more text"))
-        return tokenizer
-    if kind.endswith(".json") or Path(kind).is_file():
-        tokenizer = HFTokenizer.from_file(kind, boundary_token)
-        if boundary and tokenizer.boundary_token_id is None:
-            raise UserError(f"{kind} has none of the end-of-text tokens {', '.join(KNOWN_BOUNDARIES[:4])}, ... to "
-                            f"separate documents: pass --boundary_token=TOKEN naming one of its special tokens")
-        return tokenizer
-    raise UserError(f"unknown tokenizer {kind!r}: use char, bpe or PATH/tokenizer.json")
+    with new_dataset(out) as tmp:
+        train, val = SplitFile(tmp / "train.bin", dtype, boundary), SplitFile(tmp / "val.bin", dtype, boundary)
+        with train.file, val.file:
+            index = -1
+            with progress_bar(corpus, "tokenize", progress) as bar:
+                for new_document, ids in encoded(corpus, tokenizer, drop_unknown, bar):
+                    if new_document:
+                        index += 1
+                        into = train if val_corpus is not None or int((index + 1) * val_fraction) == int(
+                            index * val_fraction) else val
+                    into.add(ids, new_document)
+                    bar.set_postfix(documents=f"{index + 1:,}", tokens=f"{train.tokens + val.tokens:,}",
+                                    refresh=False)
+            if val_corpus is not None:
+                with progress_bar(val_corpus, "tokenize val", progress) as bar:
+                    for new_document, ids in encoded(val_corpus, tokenizer, drop_unknown, bar):
+                        val.add(ids, new_document)
+            if train.tokens + val.tokens == 0:
+                raise UserError(f"the corpus {describe(corpus)} is empty (no text): pass files with text in "
+                                f"them")
+            if val_corpus is None and train.documents + val.documents == 1:  # one document: split by tokens
+                n_train = int(train.tokens * (1 - val_fraction))
+                train.move_tail(n_train, n_train, val)
+            elif val_corpus is None and val.documents == 0:  # too few documents for the stride: the last one
+                train.move_tail(train.last_start, train.last_start - (boundary is not None), val)
+                train.documents -= 1  # moved whole: counted in val now
+            if val.tokens == 0:
+                raise UserError(f"the validation split is empty (its documents hold no text): pass more text, "
+                                f"or --val_input with text in it")
+        copy_tokenizer(tokenizer_dir, tmp) if tokenizer_dir is not None else tokenizer.save(tmp)
+        meta = read_meta(tmp) | tokenizer.meta() | {
+            "dtype": np.dtype(dtype).name, "train_tokens": train.tokens, "val_tokens": val.tokens,
+            "train_documents": train.documents, "val_documents": val.documents}
+        write_json(tmp / "meta.json", meta)
+    return meta
 
 
 def check_tokenizer_options(dataset, tokenizer, vocab_size, tokenizer_dir, tokenizer_chars, boundary_token):
@@ -240,16 +165,24 @@ def check_tokenizer_options(dataset, tokenizer, vocab_size, tokenizer_dir, token
 
 
 def prepare(dataset, out, inputs=None, tokenizer=None, vocab_size=None, tokenizer_dir=None, drop_unknown=False,
-            text_field="text", doc_separator=None, val_fraction=0.1, val_inputs=None, tokenizer_chars=None,
+            text_field=None, doc_separator=None, val_fraction=0.1, val_inputs=None, tokenizer_chars=None,
             boundary_token=None, hf_name=None, hf_config=None, hf_split="train", progress=False):
-    """`dataset` is "shakespeare_char" (TinyShakespeare, char-level), "text" (local files, folders, globs) or "hf"
-    (a Hugging Face dataset, streamed). `tokenizer`: char (the default), bpe or a tokenizer.json path. With
+    """`dataset` is "shakespeare_char" (TinyShakespeare, char-level), "text" (local files, folders, globs), "hf"
+    (a Hugging Face dataset, streamed) or "chat" (conversations from files or, with hf_name, a Hugging Face dataset:
+    prepare_chat.py). `tokenizer`: char (the default), bpe or a tokenizer.json path. With
     tokenizer_dir (a dataset or checkpoint folder), reuse that tokenizer instead of making one: the way to finetune a
     model on new text; drop_unknown drops the characters a char vocabulary lacks (else they are an error).
     tokenizer_chars: how many characters BPE learns from (default 1e9)."""
     out = Path(out)
-    if dataset not in ("shakespeare_char", "text", "hf"):
-        raise UserError(f"unknown dataset {dataset!r}: use shakespeare_char, text or hf")
+    if dataset not in ("shakespeare_char", "text", "hf", "chat"):
+        raise UserError(f"unknown dataset {dataset!r}: use shakespeare_char, text, hf or chat")
+    if dataset == "chat" and (given := [flag for flag, v in (("--text_field", text_field), ("--doc_separator",
+                                        doc_separator), ("--boundary_token", boundary_token)) if v is not None]):
+        raise UserError(f"{', '.join(given)} would be ignored by prepare chat (a record holds \"messages\" or "
+                        f"\"conversations\", and conversations need no boundary token): drop "
+                        f"{'it' if len(given) == 1 else 'them'}")
+    text_field = text_field or "text"
+    records = ConversationRecords() if dataset == "chat" else None
     if not 0 < val_fraction < 1:
         raise UserError(f"--val_fraction={val_fraction}: give a fraction between 0 and 1, e.g. 0.1")
     if tokenizer_chars is not None and not tokenizer_chars >= 1:
@@ -273,20 +206,26 @@ def prepare(dataset, out, inputs=None, tokenizer=None, vocab_size=None, tokenize
             inputs = [out / "input.txt"]
             if not inputs[0].is_file():
                 download_shakespeare(inputs[0])
-    if dataset == "hf":
+    if dataset == "hf" or dataset == "chat" and hf_name:
         if not hf_name:
             raise UserError("prepare hf needs --dataset=NAME (a Hugging Face dataset, e.g. roneneldan/TinyStories)")
-        corpus = HFDataset(hf_name, hf_config, hf_split, text_field, data_files=inputs)
+        corpus = HFDataset(hf_name, hf_config, hf_split, text_field, data_files=inputs, records=records)
     elif not inputs:
-        raise UserError("prepare text needs --input=PATH (files, folders or globs of .txt, .jsonl, .parquet)")
+        raise UserError(f"prepare {dataset} needs --input=PATH (files, folders or globs of "
+                        + (".jsonl, .json, .parquet), or --dataset=NAME" if dataset == "chat" else
+                           ".txt, .jsonl, .parquet)"))
     else:
-        corpus = Corpus(inputs, text_field, doc_separator, skip=own_files)
-    val_corpus = Corpus(val_inputs, text_field, doc_separator, "--val_input", own_files) if val_inputs else None
+        corpus = Corpus(inputs, text_field, doc_separator, skip=own_files, records=records)
+    val_corpus = Corpus(val_inputs, text_field, doc_separator, "--val_input", own_files, records) if val_inputs \
+        else None
     if val_corpus is not None and isinstance(corpus, Corpus):
         shared = {f.resolve() for f in corpus.files} & {f.resolve() for f in val_corpus.files}
         if shared:
             raise UserError(f"{sorted(shared)[0]} is in both --input and --val_input: validation would score text the "
                             f"model trains on, give --val_input files apart from --input")
+    if dataset == "chat":
+        return prepare_chat(out, corpus, val_corpus, tokenizer, vocab_size, tokenizer_dir, tokenizer_chars,
+                            val_fraction, progress)
     if tokenizer_dir is not None:
         reused = load_tokenizer(tokenizer_dir)
         if not (corpus.single_document and val_corpus is None) and reused.boundary_token_id is None:

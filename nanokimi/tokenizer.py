@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .corpus import describe, file_format, progress_bar
 from .errors import UserError, check_fields
 from .folders import finish_swap
 
@@ -27,13 +28,15 @@ LONGEST_WORD = 1000
 
 
 class CharTokenizer:
-    """One id per character, in sorted order; with `boundary`, one more id after them for the document boundary
-    (kept in `chars` as its own multi-character entry, which no text encodes to)."""
+    """One id per character, in sorted order; with `boundary`, one more id after them for the document boundary,
+    and with `specials` (the chat tokens), one id each after that: each kept in `chars` as its own multi-character
+    entry, which no text encodes to."""
 
     def __init__(self, chars, boundary_token_id=None):
         self.chars = list(chars)
         self.boundary_token_id = boundary_token_id
-        self.stoi = {c: i for i, c in enumerate(self.chars) if i != boundary_token_id}
+        self.stoi = {c: i for i, c in enumerate(self.chars) if len(c) == 1 and i != boundary_token_id}
+        self.specials = {c: i for i, c in enumerate(self.chars) if len(c) != 1 or i == boundary_token_id}
         self.vocab_size = len(self.chars)
         codes = np.array([ord(c) for c in self.stoi], dtype=np.int64)
         # code point -> id, one array lookup per character (a dict lookup per character ran ~30x slower)
@@ -42,9 +45,12 @@ class CharTokenizer:
         self.dropped = 0  # characters encode_batch dropped (drop_unknown) so far
 
     @classmethod
-    def train(cls, chars, boundary):
+    def train(cls, chars, boundary, specials=()):
         chars = sorted(chars)
-        return cls(chars + [BOUNDARY], len(chars)) if boundary else cls(chars)
+        return cls(chars + [BOUNDARY] * boundary + list(specials), len(chars) if boundary else None)
+
+    def special_token_id(self, token):
+        return self.specials.get(token)
 
     def unknown(self, text):
         return sorted(set(text) - self.stoi.keys())
@@ -78,8 +84,8 @@ class CharTokenizer:
         return self.chars.__getitem__
 
     def token_bytes(self):
-        """UTF-8 bytes of each token id's text (for bits per byte); the boundary token is no text."""
-        return [0 if i == self.boundary_token_id else len(c.encode()) for i, c in enumerate(self.chars)]
+        """UTF-8 bytes of each token id's text (for bits per byte); the boundary and chat tokens are no text."""
+        return [0 if c in self.specials else len(c.encode()) for c in self.chars]
 
     def meta(self):
         boundary = {} if self.boundary_token_id is None else {"boundary_token_id": self.boundary_token_id}
@@ -99,14 +105,15 @@ class HFTokenizer:
         self.source = source  # the tokenizer.json it was read from, if it was given
 
     @classmethod
-    def train(cls, texts, vocab_size, boundary):
-        """Byte-level BPE of `vocab_size` tokens learnt from the texts of an iterator (a bounded sample)."""
+    def train(cls, texts, vocab_size, boundary, specials=()):
+        """Byte-level BPE of `vocab_size` tokens learnt from the texts of an iterator (a bounded sample), with the
+        special tokens `specials` (the chat tokens) after the boundary token."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      special_tokens=[BOUNDARY] if boundary else [], show_progress=False)
+                                      special_tokens=[BOUNDARY] * boundary + list(specials), show_progress=False)
         tok.train_from_iterator(short_words(texts), trainer)
         return cls(tok, tok.token_to_id(BOUNDARY) if boundary else None)
 
@@ -121,6 +128,18 @@ class HFTokenizer:
         found = next((t for t in ([boundary_token] if boundary_token else KNOWN_BOUNDARIES)
                       if tok.token_to_id(t) is not None), None)
         return cls(tok, tok.token_to_id(found) if found else None, Path(path))
+
+    def with_special_tokens(self, tokens):
+        """This tokenizer with `tokens` added as special tokens where it lacks them (new ids after its vocabulary);
+        no longer the given file. Returns the tokens added."""
+        added = [t for t in tokens if self.tokenizer.token_to_id(t) is None]
+        if added:
+            self.tokenizer.add_special_tokens(added)
+            self.vocab_size, self.source = self.tokenizer.get_vocab_size(), None
+        return added
+
+    def special_token_id(self, token):
+        return self.tokenizer.token_to_id(token)
 
     def unknown(self, text):
         return []  # a tokenizer.json maps every string somewhere (bytes, or its unknown token)
@@ -299,6 +318,26 @@ def tokenizer_files(folder):
     return [Path(folder) / name for name in names if (Path(folder) / name).is_file()]
 
 
+def appended_tokens(base_folder, folder):
+    """The special tokens the tokenizer of `folder` appends to the one of `base_folder` (the same ids for every token
+    of the base, new ids after them: what `prepare chat --tokenizer_from=BASE` does), or None if it is no such
+    extension. [] for the same tokenizer."""
+    base, new = read_meta(base_folder), read_meta(folder)
+    if base["tokenizer"] != new["tokenizer"] or base.get("boundary_token_id") != new.get("boundary_token_id"):
+        return None
+    if base["tokenizer"] == "char":
+        old, chars = base.get("chars", []), new.get("chars", [])
+        added = chars[len(old):]
+        return added if chars[:len(old)] == old and all(len(c) != 1 for c in added) else None
+    try:
+        old, files = (json.loads((Path(f) / "tokenizer.json").read_text()) for f in (base_folder, folder))
+    except (OSError, ValueError):
+        return None
+    extra, added = old.pop("added_tokens", []), files.pop("added_tokens", [])
+    return [t["content"] for t in added[len(extra):]] if old == files and added[:len(extra)] == extra and all(
+        t.get("special") for t in added[len(extra):]) else None
+
+
 def check_same_tokenizer(checkpoint_dir, data_folder):
     """A UserError unless a checkpoint and a dataset share one tokenizer (token ids mean the same text)."""
     if tokenizer_fingerprint(checkpoint_dir) != tokenizer_fingerprint(data_folder):
@@ -310,3 +349,54 @@ def check_same_tokenizer(checkpoint_dir, data_folder):
 def copy_tokenizer(src, dst):
     for path in tokenizer_files(src):
         shutil.copy2(path, Path(dst) / path.name)
+
+
+def build_tokenizer(kind, corpus, val_corpus, vocab_size, tokenizer_chars, boundary_token, progress, specials=()):
+    """The tokenizer `kind` names (char, bpe or a tokenizer.json path), learnt from `corpus` where it is learnt, with
+    the special tokens `specials` (the chat tokens) added. A boundary token exists unless the corpus (and val) are one
+    document each."""
+    boundary = not (corpus.single_document and (val_corpus is None or val_corpus.single_document))
+    corpora = [corpus] + ([val_corpus] if val_corpus is not None else [])
+    if kind == "char":
+        chars = set()
+        for c in corpora:
+            with progress_bar(c, "characters", progress) as bar:
+                for _, text in c:
+                    chars.update(text)
+                    bar.update(c.bytes_read - bar.n)
+        if not chars:
+            raise UserError(f"the corpus {describe(corpus)} is empty (no text): pass files with text in them")
+        return CharTokenizer.train(chars, boundary, specials)
+    if kind == "bpe":
+        least = 257 + boundary + len(specials)
+        if not vocab_size or vocab_size < least:
+            raise UserError(f"--vocab_size must be at least {least} for byte-level BPE (256 bytes"
+                            f"{' + the boundary token' if boundary else ''}{' + the chat tokens' if specials else ''}"
+                            f" + merges), got {vocab_size}")
+        plain = corpus.total_bytes is not None and all(file_format(f) != "parquet" and f.suffix != ".gz"
+                                                       for f in corpus.files)
+        most = least - 1 + (corpus.total_bytes if plain else 2 ** 32)  # a merge joins two tokens: one per byte
+        if vocab_size > min(most, 2 ** 32):
+            raise UserError(f"--vocab_size={vocab_size} exceeds what {describe(corpus)} can teach a byte-level BPE "
+                            f"({min(most, 2 ** 32)}: 256 bytes + one merge per byte of text): lower --vocab_size")
+        with progress_bar(corpus, "BPE sample", progress) as bar:
+            def sample():
+                for text in bpe_sample(corpus, tokenizer_chars):
+                    bar.update(corpus.bytes_read - bar.n)
+                    yield text
+            tokenizer = HFTokenizer.train(sample(), vocab_size, boundary, specials)
+        if tokenizer.vocab_size < vocab_size:
+            sampled = corpus.total_bytes is None or tokenizer_chars < corpus.total_bytes
+            raise UserError(f"the text taught byte-level BPE only {tokenizer.vocab_size} tokens, fewer than "
+                            f"--vocab_size={vocab_size}: lower --vocab_size to {tokenizer.vocab_size} or "
+                            + (f"let it learn from more than --tokenizer_chars={tokenizer_chars} characters"
+                               if sampled else "give it more text"))
+        return tokenizer
+    if kind.endswith(".json") or Path(kind).is_file():
+        tokenizer = HFTokenizer.from_file(kind, boundary_token)
+        if boundary and tokenizer.boundary_token_id is None and not specials:
+            raise UserError(f"{kind} has none of the end-of-text tokens {', '.join(KNOWN_BOUNDARIES[:4])}, ... to "
+                            f"separate documents: pass --boundary_token=TOKEN naming one of its special tokens")
+        tokenizer.with_special_tokens(specials)
+        return tokenizer
+    raise UserError(f"unknown tokenizer {kind!r}: use char, bpe or PATH/tokenizer.json")

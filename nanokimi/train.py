@@ -21,7 +21,7 @@ from .config import saved_settings
 from .errors import UserError, write_failure
 from .evaluate import evaluate
 from .folders import check_destination
-from .hardware import describe, expert_gemm_path
+from .hardware import compile_model, describe, expert_gemm_path
 from .model import MoE
 from .optim import Muon, configure_optimizer, unwrap
 from .plan import plan_run
@@ -93,7 +93,11 @@ class Trainer:
                             run.world if cfg.fsdp else 1, f"training {cfg.preset} at --batch_size={cfg.batch_size} "
                                                            f"--block_size={cfg.block_size}")
         if source is not None:
-            source.load_weights(model)
+            source.load_weights(model, grow_vocab=bool(plan.added_tokens))
+        if plan.added_tokens and run.master:
+            print(f"note: {len(plan.added_tokens)} tokens of {cfg.data}'s tokenizer ({', '.join(plan.added_tokens[:3])}"
+                  f"{', ...' if len(plan.added_tokens) > 3 else ''}) are new to {source.path}: their embedding and "
+                  f"output rows start at the mean of the others", flush=True)
         self.model = model.to(run.device)
         if cfg.fsdp:
             sharding.shard_model(self.model, run.dtype, experts_parallel=cfg.ep)
@@ -121,7 +125,7 @@ class Trainer:
             self.step, self.best_val, self.elapsed = state["step"], state["best_val_loss"], state["elapsed"]
             self.evaluated_at = state.get("evaluated_at")
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
-        net = torch.compile(self.model) if cfg.compile else self.model
+        net = compile_model(self.model) if cfg.compile else self.model
         if run.distributed and not cfg.fsdp:
             net = sharding.data_parallel(net)
         self.net = net
@@ -217,6 +221,8 @@ class Trainer:
             print(f"{self.arch} {cfg.preset}: {params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M "
                   f"active), {tokens_per_step} tokens/step, {cfg.optimizer}, {run.device} {str(run.dtype)[6:]}"
                   f"{f', {run.world} processes' if run.distributed else ''}; {self.precisions()}", flush=True)
+            for note in getattr(self.data, "notes", ()):
+                print(f"note: {note}", flush=True)
         stop = StopRequest()
         seconds_bar = "{l_bar}{bar}| {n_fmt}/{total_fmt} s of training [{elapsed}<{remaining}{postfix}]"
         # a bar on a terminal; in a log file (stderr redirected), plain lines at each log record instead

@@ -471,9 +471,9 @@ def test_an_input_changed_during_prepare_is_said_so(change, tmp_path, capsys, mo
     docs.write_text("some text to prepare\n" * 50)
     learn = nanokimi.prepare.CharTokenizer.train
 
-    def then_changed(chars, boundary):
+    def then_changed(chars, boundary, specials=()):
         docs.unlink() if change == "deleted" else docs.write_text(docs.read_text() + "new words: xyz\n")
-        return learn(chars, boundary)
+        return learn(chars, boundary, specials)
     monkeypatch.setattr(nanokimi.prepare.CharTokenizer, "train", then_changed)
     err = cli_error(capsys, "prepare", "text", f"--input={docs}", f"--out={tmp_path / 'd'}")
     assert "docs.txt" in err and ("changed while prepare read it" if change == "grown" else "moved or deleted") in err

@@ -11,6 +11,7 @@ from ..errors import OneLineParser, UserError, write_failure
 from ..presets import PRESETS
 from . import __doc__ as overview
 from .ablation import CONTENDERS, bench_ablate
+from .chat import bench_chat
 from .corpora import bench_prepare
 from .long_context import bench_long_context
 from .memory import bench_memory
@@ -182,6 +183,12 @@ def build_parser():
     p.add_argument("--limit_mb", type=positive, default=100, help="MB of documents the tokenizer's rate is timed on")
     p.add_argument("--keep", action="store_true", help="keep the generated corpora")
     p.set_defaults(run=bench_prepare)
+
+    p = sub.add_parser("chat", help="a chat run's held-out exact-match accuracy, with the calculator and without")
+    p.add_argument("--run", default="out/chat-arithmetic-cpu", help="the chat run (out_dir) scored")
+    p.add_argument("--conversations", type=positive, default=200, help="held-out conversations of chat_tasks.py")
+    p.add_argument("--seed", type=int, default=1, help="their seed (the recipe's data is seed 0)")
+    p.set_defaults(run=bench_chat)
 
     p = sub.add_parser("sweep", parents=[data], help="the CPU config's batch shape, lr, warmup and dims")
     p.add_argument("--config", default="shakespeare-char-cpu", help="the starting point: a named run or .toml file")

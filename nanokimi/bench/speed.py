@@ -9,6 +9,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from ..baseline import GPT
+from ..hardware import compile_model
 from ..model import ATTENTION, Kimi, MoE
 from ..optim import configure_optimizer, zeropower_via_newtonschulz
 from ..presets import BASELINE_PRESETS, PRESETS, build_model, check_fits, make_config
@@ -240,7 +241,7 @@ def bench_step(args):
             torch.manual_seed(0)
             model = cls(config).train()
             opt = configure_optimizer(model, optimizer, lr=1e-3, muon_dtype=muon_dtype)
-            net = torch.compile(model) if compiled else None
+            net = compile_model(model) if compiled else None
             contenders[name] = (model, opt, dtype, net)
             if compiled:  # the first step compiles (timed apart; a warm cache in later runs makes it shorter)
                 compile_s[batch, block] = timings(lambda: training_step(model, opt, inputs, targets, dtype, net), 1,

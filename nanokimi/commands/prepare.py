@@ -15,8 +15,11 @@ def add_parser(sub):
                                    "folders and globs of .txt (one document per file, or per --doc_separator), "
                                    ".jsonl/.json (a document per line) and .parquet (a document per row), also .gz. "
                                    "hf: a Hugging Face dataset, streamed (pip install datasets). Documents are joined "
-                                   "by a boundary token; val is whole documents.")
-    p.add_argument("dataset", help="shakespeare_char, text or hf")
+                                   "by a boundary token; val is whole documents. chat: conversations (OpenAI "
+                                   "messages or ShareGPT conversations; .jsonl, .json, .parquet, or --dataset) in "
+                                   "Kimi-K2's chat template, with the assistant's tokens marked for the loss "
+                                   "(docs/chat.md).")
+    p.add_argument("dataset", help="shakespeare_char, text, hf or chat")
     p.add_argument("--input", nargs="+", action="extend",
                    help="files, folders or globs (repeatable); for hf, local data_files for a builder such as json")
     p.add_argument("--out", help="output folder (default data/DATASET)")
@@ -31,7 +34,7 @@ def add_parser(sub):
     p.add_argument("--tokenizer_from", help="reuse the tokenizer of a dataset folder or checkpoint (to finetune)")
     p.add_argument("--drop_unknown", action="store_true",
                    help="with --tokenizer_from: drop characters the reused char vocabulary lacks (else an error)")
-    p.add_argument("--text_field", default="text", help="the JSON field / Parquet column of the text (default text)")
+    p.add_argument("--text_field", help="the JSON field / Parquet column of the text (default text)")
     p.add_argument("--doc_separator", help="a string that separates documents inside .txt files, e.g. "
                                            "'<|endoftext|>'")
     p.add_argument("--val_fraction", type=float, default=0.1,
@@ -61,3 +64,9 @@ def run(args):
           f"({meta['train_documents']:,} + {meta['val_documents']:,} documents), {meta['tokenizer']} "
           f"vocabulary of {meta['vocab_size']}"
           + (f" ({meta['dropped']} unknown characters dropped)" if meta.get("dropped") else ""))
+    if meta.get("added_chat_tokens"):
+        print(f"note: the {meta['added_chat_tokens']} chat tokens were added to the tokenizer of {source}: "
+              f"`nanokimi train ... --init_from={source}` grows the model's embeddings to match")
+    if meta.get("chat", {}).get("skipped_without_reply"):
+        print(f"note: {meta['chat']['skipped_without_reply']} conversations without an assistant message were "
+              f"skipped (nothing in them trains)")

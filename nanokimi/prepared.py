@@ -1,0 +1,42 @@
+"""A prepared dataset's folder as `prepare` writes it: its files, replaced as one set (new_dataset), and the width
+of its token ids. prepare.py writes text datasets into it, prepare_chat.py chat datasets."""
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError, write_failure
+from .folders import SWAP_DONE, SWAP_FOLDER, command_lock, commit_swap, finish_swap
+from .tokenizer import TOKENIZER_FILES
+
+# a chat dataset has these too: each token's loss mask and where each conversation starts (prepare_chat.py)
+CHAT_FILES = ("train_mask.bin", "val_mask.bin", "train_starts.bin", "val_starts.bin")
+DATASET_FILES = ("train.bin", "val.bin", *CHAT_FILES, *TOKENIZER_FILES)
+
+
+@contextlib.contextmanager
+def new_dataset(out):
+    """The folder to write a dataset's files into (out/SWAP_FOLDER): when the block ends they replace the previous
+    dataset of `out` as one set (folders.commit_swap); a failure or Ctrl-C before then leaves the previous one whole,
+    a kill after it leaves the new one, finished by the next reader."""
+    out = Path(out)
+    tmp = out / SWAP_FOLDER
+    with command_lock(out, "prepare"):  # a second prepare into `out` would delete this one's files
+        try:
+            finish_swap(out)  # a previous prepare killed after it completed
+            shutil.rmtree(tmp, ignore_errors=True)  # ... or before: its partial files
+            tmp.mkdir(parents=True)
+            yield tmp
+            commit_swap(out, DATASET_FILES)  # the new dataset is the one now: a kill is finished by the next reader
+        except OSError as e:
+            raise UserError(f"could not write the dataset to {out} ({write_failure(e)}): free some space or pick a "
+                            f"writable --out") from None
+        finally:
+            if not (tmp / SWAP_DONE).exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def token_dtype(tokenizer):
+    return np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.uint32
