@@ -1,5 +1,5 @@
-"""`nanokimi` command line: prepare, train, torchrun, sample, chat, eval, plot, export, import, bench. Train settings come
-from a named run, a TOML file or a model preset, and any `--field=value` on the command line, nanoGPT-style."""
+"""`nanokimi` command line: prepare, train, torchrun, sample, chat, eval, plot, export, import, bench. Train settings
+come from a named run, a TOML file or a model preset, and any `--field=value` on the command line, nanoGPT-style."""
 
 import argparse
 import os
@@ -9,7 +9,8 @@ from .commands import bench, chat, export, import_, plot, prepare, sample, torch
 from .commands import eval as evaluate
 from .errors import OneLineParser, UserError
 
-COMMANDS = (prepare, train, torchrun, sample, chat, evaluate, plot, export, import_, bench)  # in `nanokimi`'s list order
+# in `nanokimi`'s list order
+COMMANDS = (prepare, train, torchrun, sample, chat, evaluate, plot, export, import_, bench)
 
 
 START = """start here:

@@ -107,6 +107,11 @@ def test_json_arrays_gzip_and_parquet_give_the_same_dataset(chat_files, chat_dat
         main(["prepare", "chat", f"--input={tmp_path / name}", f"--out={tmp_path / name}.out", "--no_progress",
               f"--tokenizer_from={chat_data}"])
     assert (tmp_path / "s.parquet.out/train.bin").read_bytes() == (tmp_path / "s.jsonl.out/train.bin").read_bytes()
+    pytest.importorskip("datasets")  # a Hugging Face dataset, streamed (the json builder: offline)
+    main(["prepare", "chat", "--dataset=json", f"--input={chat_files}", f"--out={tmp_path / 'hf'}", "--no_progress",
+          f"--tokenizer_from={chat_data}"])
+    for name in ("train.bin", "train_mask.bin", "val_starts.bin"):
+        assert (tmp_path / "hf" / name).read_bytes() == (chat_data / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("record, expected", [

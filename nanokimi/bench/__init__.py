@@ -10,8 +10,8 @@ command, machine, torch version and date) and its plots under assets/.
     sweep         the CPU config's batch shape, lr, warmup and dims, each run at the same time budget
     ablate        each Kimi-K2 idea removed, and nanoGPT three ways: equal time and equal tokens, seeds
     prepare       nanokimi prepare's MB/s and peak memory on 10 MB..1 GB corpora in each format, vs the tokenizer
-    chat          a chat run's held-out exact-match accuracy on chat_tasks.py's conversations, calculator on and off
+    chat          a chat run's held-out exact match on chat_tasks.py's conversations, calculator on and off
 
 Layout: report.py (sections, tables, plots, timing), speed.py (benchmarks on random data), training.py (benchmarks
-through the trainer), ablation.py (the ablation, through the trainer), corpora.py (data preparation), chat_tasks.py and chat.py (the chat
-recipe's conversations and their scoring), cli.py (the subcommands)."""
+through the trainer), ablation.py (the ablation, through the trainer), corpora.py (data preparation), chat_tasks.py
+and chat.py (the chat recipe's conversations and their scoring), cli.py (the subcommands)."""
