@@ -35,16 +35,16 @@ def word(rng):
 
 
 def plain(rng):
-    """(user message, reply) of a turn that needs no tool."""
+    """(user message, reply, task) of a turn that needs no tool."""
     kind = rng.randrange(4)
     if kind == 0:
-        return rng.choice(GREETINGS), GREETING_REPLY
+        return rng.choice(GREETINGS), GREETING_REPLY, "greeting"
     if kind == 1:
-        return rng.choice(WHO), WHO_REPLY
+        return rng.choice(WHO), WHO_REPLY, "who are you"
     w = word(rng)
     if kind == 2:
-        return f"Repeat after me: {w}", w
-    return f"Write {w} in capital letters.", w.upper()
+        return f"Repeat after me: {w}", w, "repeat a made-up word"
+    return f"Write {w} in capital letters.", w.upper(), "capitalise a made-up word"
 
 
 def tool_turn(rng, index):
@@ -60,18 +60,19 @@ def tool_turn(rng, index):
 
 
 def conversation(rng):
-    """{"messages", "tools", "kind"}: one or two user turns, each needing the tool (kind "tool") or not ("plain");
-    the conversation's kind is its last turn's (what the benchmark scores)."""
+    """{"messages", "tools", "kind", "task"}: one or two user turns, each needing the tool (kind "tool", task
+    "arithmetic") or not ("plain", one of plain's tasks); the conversation's kind and task are its last turn's (what
+    the benchmark scores)."""
     messages, calls = [], 0
     for _ in range(1 if rng.random() < 0.7 else 2):
         if rng.random() < 0.6:
             turn, _ = tool_turn(rng, calls)
-            calls, kind = calls + 1, "tool"
+            calls, kind, task = calls + 1, "tool", "arithmetic"
         else:
-            ask, reply = plain(rng)
+            ask, reply, task = plain(rng)
             turn, kind = [{"role": "user", "content": ask}, {"role": "assistant", "content": reply}], "plain"
         messages += turn
-    return {"messages": messages, "tools": [calculator.DEFINITION], "kind": kind}
+    return {"messages": messages, "tools": [calculator.DEFINITION], "kind": kind, "task": task}
 
 
 def conversations(count, seed):

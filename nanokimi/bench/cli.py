@@ -185,7 +185,7 @@ def build_parser():
     p.set_defaults(run=bench_prepare)
 
     p = sub.add_parser("chat", help="a chat run's held-out exact-match accuracy, with the calculator and without")
-    p.add_argument("--run", default="out/chat-arithmetic-cpu", help="the chat run (out_dir) scored")
+    p.add_argument("--checkpoint", default="out/chat-arithmetic-cpu", help="the chat run (out_dir) scored")
     p.add_argument("--conversations", type=positive, default=200, help="held-out conversations of chat_tasks.py")
     p.add_argument("--seed", type=int, default=1, help="their seed (the recipe's data is seed 0)")
     p.set_defaults(run=bench_chat)
