@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:  `make demo` (prepare Shakespeare, train the CPU preset, print a sample)
-# and `make test`. Both install what they need first.
+# and `make test` (ruff's lint and format checks, then the suite). Both install what they need first.
 PYTHON ?= python3
 SHAKESPEARE ?= $(firstword $(wildcard ../shared/data/tinyshakespeare.txt data/tinyshakespeare.txt))
 TORCH_VERSION ?= 2.13.0
@@ -17,4 +17,6 @@ demo: install
 	$(PYTHON) -m nanokimi sample out/shakespeare-char-cpu --max_new_tokens=500
 
 test: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest

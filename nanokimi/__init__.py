@@ -8,14 +8,18 @@ def __getattr__(name):
     instant and a Ctrl-C while torch loads reaches the CLI's one-line handler instead of a traceback."""
     if name in ("from_pretrained", "save_pretrained"):
         from . import hf
+
         return getattr(hf, name)
     if name in ("Kimi", "KimiConfig"):
         from . import model
+
         return getattr(model, name)
     if name == "encode_chat":
         from .chat import encode_chat
+
         return encode_chat
     if name == "PRESETS":
         from .presets import PRESETS
+
         return PRESETS
     raise AttributeError(f"module 'nanokimi' has no attribute {name!r}")

@@ -143,13 +143,11 @@ class GPT(nn.Module):
         return []  # dense: no experts to balance
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=False,
-                 generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=False, generator=None):
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator))
         return torch.cat([idx] + new, dim=1)
 
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=False, generator=None):
         if use_cache:
             raise ValueError("the nanoGPT baseline has no KV cache (as nanoGPT): pass use_cache=False")
-        return generate_tokens(self, idx, max_new_tokens, self.config.n_positions, temperature, top_k, top_p,
-                               generator)
+        return generate_tokens(self, idx, max_new_tokens, self.config.n_positions, temperature, top_k, top_p, generator)

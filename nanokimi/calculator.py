@@ -9,12 +9,25 @@ import operator
 from fractions import Fraction
 
 NAME = "calculator"
-DEFINITION = {"type": "function", "function": {
-    "name": NAME, "description": "Evaluate an arithmetic expression exactly: numbers, + - * / ** % and parentheses.",
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+DEFINITION = {
+    "type": "function",
+    "function": {
+        "name": NAME,
+        "description": "Evaluate an arithmetic expression exactly: numbers, + - * / ** % and parentheses.",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+    },
+}
 MAX_CHARS, MAX_DIGITS, MAX_EXPONENT = 200, 100, 1000
-OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-             ast.Mod: operator.mod, ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+OPERATORS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}
 
 
 class CalculatorError(ValueError):
@@ -78,9 +91,8 @@ def call(arguments):
         expression = args.get("expression") if isinstance(args, dict) else None
         return calculate(expression)
     except json.JSONDecodeError:
-        return "error: the arguments are not JSON, e.g. {\"expression\": \"12*3\"}"
+        return 'error: the arguments are not JSON, e.g. {"expression": "12*3"}'
     except (CalculatorError, OverflowError) as e:
         return f"error: {e}"
     except RecursionError:
         return "error: the expression is nested too deeply"
-

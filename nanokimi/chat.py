@@ -23,8 +23,21 @@ class Chat:
     """One conversation with `model`: `say(text)` adds a user turn and returns the assistant's reply (an OpenAI
     message; text streamed to `out` as it is sampled, tool calls and notes to `log`). `reset()` starts over."""
 
-    def __init__(self, model, tokenizer, system=None, tools=(), temperature=0.6, top_k=None, top_p=None, seed=1337,
-                 max_new_tokens=512, use_cache=True, out=None, log=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        system=None,
+        tools=(),
+        temperature=0.6,
+        top_k=None,
+        top_p=None,
+        seed=1337,
+        max_new_tokens=512,
+        use_cache=True,
+        out=None,
+        log=None,
+    ):
         self.model, self.tokenizer, self.system = model, tokenizer, system
         self.special = chat_token_ids(tokenizer)  # a base model's tokenizer: one line saying so
         self.tools = [TOOLS[name] for name in tools]
@@ -37,7 +50,9 @@ class Chat:
 
     def reset(self):
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.ids = []  # every token of the conversation so far, in order
+        self.ids = []  # every token of the conversation so far, in order (but the `dropped` first ones)
+        self.dropped = 0  # tokens dropped from the front when the conversation outgrew the context
+        self.sampled = []  # (start, end) of each reply's tokens that the model sampled, counted with `dropped`
         self.cached = 0  # how many of them the cache holds (positions 0 .. cached - 1)
         self.cache = self.model.make_cache(1, self.context) if self.use_cache else None
         self.rendered = 0  # messages whose tokens are in self.ids
@@ -55,11 +70,15 @@ class Chat:
                 break
             for call in message["tool_calls"]:
                 tool = TOOLS.get(call["function"]["name"])
-                result = tool.call(call["function"]["arguments"]) if tool in self.tools else \
-                    f"error: no tool named {call['function']['name']!r}"
+                result = (
+                    tool.call(call["function"]["arguments"])
+                    if tool in self.tools
+                    else f"error: no tool named {call['function']['name']!r}"
+                )
                 self.log.write(f"[{call['function']['name']}({call['function']['arguments']}) -> {result}]\n")
-                self.messages.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
-                                      "content": result})
+                self.messages.append(
+                    {"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"], "content": result}
+                )
         self.out.write("\n")  # one line per reply: the text of its turns (a tool call's turn usually has none)
         self.out.flush()
         return message
@@ -67,19 +86,23 @@ class Chat:
     def reply(self):
         """Sample the assistant's turn after the messages so far; streams its text, returns it parsed."""
         try:
-            new, _ = encode(self.tokenizer, self.messages, self.tool_definitions, add_generation_prompt=True,
-                            first=self.rendered)
+            new, _ = encode(
+                self.tokenizer, self.messages, self.tool_definitions, add_generation_prompt=True, first=self.rendered
+            )
         except UserError as e:  # a char vocabulary lacks a character of the turn
             self.messages.pop()  # the turn is not said
-            raise UserError(f"{e} (the system prompt, tool definitions and messages must be written in them: pass "
-                            f"--system with a prompt like the data's)") from None
+            raise UserError(
+                f"{e} (the system prompt, tool definitions and messages must be written in them: pass "
+                f"--system with a prompt like the data's)"
+            ) from None
         self.ids += new
-        start, sampled, shown = len(self.ids), [], True
+        start, sampled, shown, drawn = self.dropped + len(self.ids), [], True, 0
         text_of = self.tokenizer.stream(self.ids)
         try:
             for _ in range(self.max_new_tokens):
                 token = self.next_token()
                 self.ids.append(token)
+                drawn += 1
                 if token == self.special[IM_END]:
                     break
                 sampled.append(token)
@@ -90,10 +113,13 @@ class Chat:
                     self.out.flush()
             else:  # out of tokens: the turn still ends as every turn does
                 self.ids.append(self.special[IM_END])
+
         except KeyboardInterrupt:  # Ctrl-C ends the reply, not the conversation
-            self.ids = self.ids[:start + len(sampled)] + [self.special[IM_END]]
+            self.ids = self.ids[: start - self.dropped + len(sampled)] + [self.special[IM_END]]
+            drawn = len(sampled)
             self.cached = 0  # a forward cut short may have left the cache half-written: read it all again
             self.log.write(" [stopped]")
+        self.sampled.append((start, start + drawn))
         message = parse_reply(self.tokenizer.decode(sampled))
         self.messages.append(message)
         self.rendered = len(self.messages)  # its tokens are the ones sampled, already in self.ids
@@ -103,12 +129,15 @@ class Chat:
     def next_token(self):
         """Feed the tokens the model has not read yet; sample the next one."""
         if len(self.ids) >= self.context:  # the window is full: keep its newest half, read again from position 0
-            self.log.write(f"[the conversation outgrew the model's {self.context}-token context: it keeps its last "
-                           f"{self.context // 2} tokens]\n")
-            self.ids, self.cached = self.ids[-(self.context // 2):], 0
+            self.log.write(
+                f"[the conversation outgrew the model's {self.context}-token context: it keeps its last "
+                f"{self.context // 2} tokens]\n"
+            )
+            self.dropped += len(self.ids) - self.context // 2
+            self.ids, self.cached = self.ids[-(self.context // 2) :], 0
         device = self.model.lm_head.weight.device
         if self.use_cache:
-            new = torch.tensor([self.ids[self.cached:]], device=device)
+            new = torch.tensor([self.ids[self.cached :]], device=device)
             logits, _ = self.model(new, cache=self.cache, start_pos=self.cached)
             self.cached = len(self.ids)
         else:
@@ -120,5 +149,6 @@ def encode_chat(path, messages, tools=None, add_generation_prompt=False):
     """The token ids of a conversation in the chat template of the model or dataset at `path` (a run, checkpoint or
     prepared chat dataset), as transformers' `apply_chat_template(messages, tools=..., tokenize=True)` gives them."""
     folder = Path(path) if (Path(path) / "meta.json").is_file() else resolve(path)
-    return encode(load_tokenizer(folder), check_conversation(messages, "messages", tools), tools,
-                  add_generation_prompt)[0]
+    return encode(
+        load_tokenizer(folder), check_conversation(messages, "messages", tools), tools, add_generation_prompt
+    )[0]

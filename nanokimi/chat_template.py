@@ -23,8 +23,18 @@ IM_SYSTEM, IM_USER, IM_ASSISTANT = "<|im_system|>", "<|im_user|>", "<|im_assista
 IM_MIDDLE, IM_END = "<|im_middle|>", "<|im_end|>"
 CALLS_BEGIN, CALLS_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CALL_BEGIN, CALL_ARGUMENTS, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
-CHAT_TOKENS = (IM_SYSTEM, IM_USER, IM_ASSISTANT, IM_MIDDLE, IM_END, CALLS_BEGIN, CALLS_END, CALL_BEGIN,
-               CALL_ARGUMENTS, CALL_END)
+CHAT_TOKENS = (
+    IM_SYSTEM,
+    IM_USER,
+    IM_ASSISTANT,
+    IM_MIDDLE,
+    IM_END,
+    CALLS_BEGIN,
+    CALLS_END,
+    CALL_BEGIN,
+    CALL_ARGUMENTS,
+    CALL_END,
+)
 DEFAULT_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
 TEMPLATE_VERSION = "Kimi-K2-Instruct chat_template.jinja, September 2025"
 ROLES = ("system", "user", "assistant", "tool")
@@ -59,6 +69,7 @@ def render(messages, tools=None, add_generation_prompt=False, first=0):
     def add(text, special=False, trains=False):
         if text:
             pieces.append((text, special, trains))
+
     if first == 0:
         header(add, messages, tools)
     for message in messages[first:]:
@@ -78,8 +89,13 @@ def header(add, messages, tools):
         add("\n  # Tools\n  " + tool_json(tools))
         add(IM_END, True)
     if messages and messages[0]["role"] != "system":
-        for text, special in ((IM_SYSTEM, True), ("system", False), (IM_MIDDLE, True), (DEFAULT_SYSTEM, False),
-                              (IM_END, True)):
+        for text, special in (
+            (IM_SYSTEM, True),
+            ("system", False),
+            (IM_MIDDLE, True),
+            (DEFAULT_SYSTEM, False),
+            (IM_END, True),
+        ):
             add(text, special)
 
 
@@ -136,8 +152,10 @@ def chat_token_ids(tokenizer):
     found = {token: tokenizer.special_token_id(token) for token in CHAT_TOKENS}
     missing = [token for token, i in found.items() if i is None]
     if missing:
-        raise UserError(f"this tokenizer has no chat tokens ({', '.join(missing[:3])}, ...): it is a base model's; "
-                        f"prepare conversations with `nanokimi prepare chat` and finetune on them")
+        raise UserError(
+            f"this tokenizer has no chat tokens ({', '.join(missing[:3])}, ...): it is a base model's; "
+            f"prepare conversations with `nanokimi prepare chat` and finetune on them"
+        )
     return found
 
 
@@ -148,27 +166,28 @@ def check_conversation(messages, where, tools=None):
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: a conversation must be a non-empty list of messages")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise UserError(f"{where}: \"tools\" must be a list of tool objects ({{\"type\": \"function\", \"function\": "
-                        f"{{...}}}})")
+        raise UserError(
+            f'{where}: "tools" must be a list of tool objects ({{"type": "function", "function": {{...}}}})'
+        )
     calls = set()
     for number, message in enumerate(messages, 1):
         at = f"{where}: message {number}"
         if not isinstance(message, dict):
-            raise UserError(f"{at} is not an object with \"role\" and \"content\"")
+            raise UserError(f'{at} is not an object with "role" and "content"')
         role = message.get("role")
         if role is None:
-            raise UserError(f"{at} has no \"role\" (one of {', '.join(ROLES)})")
+            raise UserError(f'{at} has no "role" (one of {", ".join(ROLES)})')
         if role not in ROLES:
             raise UserError(f"{at} has unknown role {role!r}: use one of {', '.join(ROLES)}")
         if message.get("name") is not None and not isinstance(message["name"], str):
-            raise UserError(f"{at}: \"name\" must be a string")
+            raise UserError(f'{at}: "name" must be a string')
         check_content(message, role, at)
         if role == "assistant" and message.get("tool_calls") is not None:
             calls |= check_tool_calls(message["tool_calls"], at)
         if role == "tool":
             call = message.get("tool_call_id")
             if not isinstance(call, str):
-                raise UserError(f"{at} is a tool result with no \"tool_call_id\": name the call it answers")
+                raise UserError(f'{at} is a tool result with no "tool_call_id": name the call it answers')
             if call not in calls:
                 raise UserError(f"{at} answers tool call {call!r}, which no earlier assistant message made")
     return messages
@@ -180,37 +199,52 @@ def check_content(message, role, at):
         return
     if isinstance(content, list):
         for part in content:
-            if not (isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"),
-                                                                                                  str)):
-                raise UserError(f"{at}: content parts must be text ({{\"type\": \"text\", \"text\": \"...\"}}); "
-                                f"images and other media are not supported")
+            if not (
+                isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str)
+            ):
+                raise UserError(
+                    f'{at}: content parts must be text ({{"type": "text", "text": "..."}}); '
+                    f"images and other media are not supported"
+                )
         return
     if not isinstance(content, str):
-        raise UserError(f"{at}: \"content\" is {'missing' if content is None else type(content).__name__}, not a "
-                        f"string")
+        raise UserError(f'{at}: "content" is {"missing" if content is None else type(content).__name__}, not a string')
     try:
         content.encode("utf-8")
     except UnicodeEncodeError:
-        raise UserError(f"{at}: \"content\" holds half of a UTF-16 surrogate pair, no character") from None
+        raise UserError(f'{at}: "content" holds half of a UTF-16 surrogate pair, no character') from None
 
 
 def check_tool_calls(tool_calls, at):
     """The ids of an assistant message's valid tool calls."""
     if not isinstance(tool_calls, list):
-        raise UserError(f"{at}: \"tool_calls\" must be a list")
+        raise UserError(f'{at}: "tool_calls" must be a list')
     ids = set()
     for call in tool_calls:
         function = call.get("function") if isinstance(call, dict) else None
-        if not (isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"]
-                and isinstance(call.get("id"), str) and isinstance(function.get("arguments"), (str, dict))):
-            raise UserError(f"{at}: a tool call needs an \"id\" and a \"function\" with a \"name\" and "
-                            f"\"arguments\" (a JSON string or object)")
+        if not (
+            isinstance(function, dict)
+            and isinstance(function.get("name"), str)
+            and function["name"]
+            and isinstance(call.get("id"), str)
+            and isinstance(function.get("arguments"), (str, dict))
+        ):
+            raise UserError(
+                f'{at}: a tool call needs an "id" and a "function" with a "name" and '
+                f'"arguments" (a JSON string or object)'
+            )
         ids.add(call["id"])
     return ids
 
 
-CALL = re.compile(re.escape(CALL_BEGIN) + r"\s*(?P<id>[^<]+?)\s*" + re.escape(CALL_ARGUMENTS)
-                  + r"(?P<arguments>.*?)" + re.escape(CALL_END), re.DOTALL)
+CALL = re.compile(
+    re.escape(CALL_BEGIN)
+    + r"\s*(?P<id>[^<]+?)\s*"
+    + re.escape(CALL_ARGUMENTS)
+    + r"(?P<arguments>.*?)"
+    + re.escape(CALL_END),
+    re.DOTALL,
+)
 CALL_ID = re.compile(r"^(?:functions\.)?(?P<name>[\w.\-]+):(?P<index>\d+)$")
 
 
@@ -223,8 +257,13 @@ def parse_reply(text):
     for match in CALL.finditer(section.partition(CALLS_END)[0]):
         name = CALL_ID.match(match["id"])
         if name:
-            calls.append({"id": match["id"], "type": "function",
-                          "function": {"name": name["name"], "arguments": match["arguments"].strip()}})
+            calls.append(
+                {
+                    "id": match["id"],
+                    "type": "function",
+                    "function": {"name": name["name"], "arguments": match["arguments"].strip()},
+                }
+            )
     if calls:
         message["tool_calls"] = calls
     return message

@@ -26,8 +26,14 @@ from .presets import ARCHS, build_model, make_config
 from .tokenizer import TOKENIZER_FILES, CharTokenizer, copy_tokenizer, load_tokenizer
 
 NAME, OLD = "checkpoint", ".checkpoint.old"
-FILES = {"model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json", "trainer.json",
-         *TOKENIZER_FILES}  # what a checkpoint folder holds
+FILES = {
+    "model.safetensors",
+    "config.json",
+    "optimizer.safetensors",
+    "optimizer.json",
+    "trainer.json",
+    *TOKENIZER_FILES,
+}  # what a checkpoint folder holds
 
 
 def find(path):
@@ -87,8 +93,18 @@ def write_json(path, obj):
         os.fsync(f.fileno())
 
 
-def save(out_dir, model, arch, model_config, train_config=None, tokenizer_dir=None, optimizer_state=None,
-         trainer_state=None, name=NAME, weights=None):
+def save(
+    out_dir,
+    model,
+    arch,
+    model_config,
+    train_config=None,
+    tokenizer_dir=None,
+    optimizer_state=None,
+    trainer_state=None,
+    name=NAME,
+    weights=None,
+):
     """Write the checkpoint folder out_dir/name atomically (see the module docstring). train_config: the run's
     settings as a dict; weights: the model's full state dict when `model` holds only shards of it (FSDP), else read
     from `model`. Refuses non-finite weights; a failed write (disk full, read-only folder) is a UserError and leaves
@@ -96,15 +112,29 @@ def save(out_dir, model, arch, model_config, train_config=None, tokenizer_dir=No
     weights = model.state_dict() if weights is None else weights
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise UserError(f"the weights are not finite ({len(bad)} tensors, e.g. {bad[0]}), so they were not saved: the "
-                        f"last good checkpoint in {out_dir} is kept; lower --lr or raise --warmup_iters")
+        raise UserError(
+            f"the weights are not finite ({len(bad)} tensors, e.g. {bad[0]}), so they were not saved: the "
+            f"last good checkpoint in {out_dir} is kept; lower --lr or raise --warmup_iters"
+        )
     try:
-        return write_folder(Path(out_dir), model, weights, arch, model_config, train_config, tokenizer_dir,
-                            optimizer_state, trainer_state, name)
+        return write_folder(
+            Path(out_dir),
+            model,
+            weights,
+            arch,
+            model_config,
+            train_config,
+            tokenizer_dir,
+            optimizer_state,
+            trainer_state,
+            name,
+        )
     except (OSError, safetensors.SafetensorError) as e:
         shutil.rmtree(Path(out_dir) / f".{name}.tmp", ignore_errors=True)
-        raise UserError(f"could not write the checkpoint in {out_dir} ({write_failure(e)}): free some space or make "
-                        f"the folder writable; the previous checkpoint, if any, is kept") from None
+        raise UserError(
+            f"could not write the checkpoint in {out_dir} ({write_failure(e)}): free some space or make "
+            f"the folder writable; the previous checkpoint, if any, is kept"
+        ) from None
 
 
 def save_tensors(tensors, path, metadata=None):
@@ -116,8 +146,9 @@ def save_tensors(tensors, path, metadata=None):
     os.chmod(path, 0o666 & ~umask)
 
 
-def write_folder(out_dir, model, weights, arch, model_config, train_config, tokenizer_dir, optimizer_state,
-                 trainer_state, name):
+def write_folder(
+    out_dir, model, weights, arch, model_config, train_config, tokenizer_dir, optimizer_state, trainer_state, name
+):
     """`save`'s writes: into .NAME.tmp, then swapped in by two renames."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / name).is_symlink():  # followed, not replaced: the swap happens beside the folder it points to
@@ -169,8 +200,10 @@ class Checkpoint:
         self.path = resolve(path)
         cfg = self.read_json("config.json")
         if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or cfg.get("arch") not in ARCHS:
-            raise UserError(f"{self.path / 'config.json'} is not a nanoKimi checkpoint config: point to a folder "
-                            f"written by `nanokimi train`")
+            raise UserError(
+                f"{self.path / 'config.json'} is not a nanoKimi checkpoint config: point to a folder "
+                f"written by `nanokimi train`"
+            )
         check_fields(cfg, self.path / "config.json", {"train?": (dict, type(None))})
         self.arch, self.model_config, self.train_config = cfg["arch"], cfg["model"], cfg.get("train")
         if self.arch == "gpt" and "block_size" in self.model_config:  # written before the baseline's n_positions
@@ -181,24 +214,30 @@ class Checkpoint:
         try:
             return json.loads(path.read_text())
         except FileNotFoundError:
-            raise UserError(f"checkpoint file {path} is missing: the checkpoint is incomplete; use another "
-                            f"checkpoint or train again") from None
+            raise UserError(
+                f"checkpoint file {path} is missing: the checkpoint is incomplete; use another "
+                f"checkpoint or train again"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"checkpoint file {path} is corrupt ({e}): use another checkpoint or train again") from None
         except RecursionError:
-            raise UserError(f"checkpoint file {path} is nested too deeply to be nanoKimi's: use another checkpoint or "
-                            f"train again") from None
+            raise UserError(
+                f"checkpoint file {path} is nested too deeply to be nanoKimi's: use another checkpoint or train again"
+            ) from None
 
     def read_tensors(self, name):
         path = self.path / name
         if not path.is_file():
-            raise UserError(f"checkpoint file {path} is missing: the checkpoint is incomplete; use another "
-                            f"checkpoint or train again")
+            raise UserError(
+                f"checkpoint file {path} is missing: the checkpoint is incomplete; use another "
+                f"checkpoint or train again"
+            )
         try:
             return safetensors.torch.load_file(path)
         except (safetensors.SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"checkpoint file {path} is corrupt or truncated ({e}): use another checkpoint or "
-                            f"train again") from None
+            raise UserError(
+                f"checkpoint file {path} is corrupt or truncated ({e}): use another checkpoint or train again"
+            ) from None
 
     def load_weights(self, model, grow_vocab=False):
         """The weights into `model`; with grow_vocab, a model whose vocabulary has tokens appended (the chat tokens
@@ -211,10 +250,14 @@ class Checkpoint:
             rows = model.config.vocab_size
             for name, tensor in model.state_dict().items():
                 saved = state.get(name)
-                if saved is not None and tensor.shape[0] == rows > saved.shape[0] and tensor.shape[1:] == \
-                        saved.shape[1:]:
-                    state[name] = torch.cat([saved, saved.mean(0, keepdim=True).expand(rows - len(saved),
-                                                                                       *saved.shape[1:])])
+                if (
+                    saved is not None
+                    and tensor.shape[0] == rows > saved.shape[0]
+                    and tensor.shape[1:] == saved.shape[1:]
+                ):
+                    state[name] = torch.cat(
+                        [saved, saved.mean(0, keepdim=True).expand(rows - len(saved), *saved.shape[1:])]
+                    )
         load_matching(model, state, f"checkpoint {self.path}")
 
     def optimizer_state(self):
@@ -223,12 +266,20 @@ class Checkpoint:
 
     def trainer_state(self):
         """step, best val loss, training seconds, ... of the run saved here."""
-        state = check_fields(self.read_json("trainer.json"), self.path / "trainer.json",
-                             {"step": int, "best_val_loss": float, "elapsed": float, "evaluated_at?": (int, type(None)),
-                              "muon_dtype?": str}, fix="restore it, or start a new run from the weights with "
-                                                        "--init_from")
+        state = check_fields(
+            self.read_json("trainer.json"),
+            self.path / "trainer.json",
+            {
+                "step": int,
+                "best_val_loss": float,
+                "elapsed": float,
+                "evaluated_at?": (int, type(None)),
+                "muon_dtype?": str,
+            },
+            fix="restore it, or start a new run from the weights with --init_from",
+        )
         if state["step"] < 0:
-            raise UserError(f"{self.path / 'trainer.json'}: \"step\" is {state['step']}, expected >= 0")
+            raise UserError(f'{self.path / "trainer.json"}: "step" is {state["step"]}, expected >= 0')
         return state
 
 
@@ -237,11 +288,16 @@ def load_matching(model, state, source):
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
-    wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape
-             or expected[k].is_floating_point() != state[k].is_floating_point()]  # e.g. a header saying I32 for F32
+    wrong = [
+        k
+        for k in expected.keys() & state.keys()
+        if expected[k].shape != state[k].shape or expected[k].is_floating_point() != state[k].is_floating_point()
+    ]  # e.g. a header saying I32 for F32
     if missing or unexpected or wrong:
-        raise UserError(f"{source} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                        f"wrong shape or type {wrong[:3]}): its config.json and weights disagree")
+        raise UserError(
+            f"{source} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shape or type {wrong[:3]}): its config.json and weights disagree"
+        )
     model.load_state_dict(state)
 
 
@@ -251,8 +307,13 @@ def load_model(path, device="cpu"):
     model = build_model(ckpt.arch, make_config(ckpt.arch, ckpt.model_config, {}, ckpt.path / "config.json"))
     ckpt.load_weights(model)
     tokenizer = load_tokenizer(ckpt.path) if (ckpt.path / "meta.json").is_file() else None
-    if tokenizer is not None and (tokenizer.vocab_size > model.config.vocab_size or isinstance(
-            tokenizer, CharTokenizer) and tokenizer.vocab_size != model.config.vocab_size):
-        raise UserError(f"{ckpt.path / 'meta.json'}: its tokenizer has {tokenizer.vocab_size} tokens but the model "
-                        f"{model.config.vocab_size}: the tokenizer files were edited or come from another model")
+    if tokenizer is not None and (
+        tokenizer.vocab_size > model.config.vocab_size
+        or isinstance(tokenizer, CharTokenizer)
+        and tokenizer.vocab_size != model.config.vocab_size
+    ):
+        raise UserError(
+            f"{ckpt.path / 'meta.json'}: its tokenizer has {tokenizer.vocab_size} tokens but the model "
+            f"{model.config.vocab_size}: the tokenizer files were edited or come from another model"
+        )
     return model.to(device).eval(), tokenizer, ckpt

@@ -23,9 +23,12 @@ your own documents: nanokimi prepare text --input=FOLDER --tokenizer=bpe --vocab
 
 def build_parser():
     """The command line: every command's parser, declared by its module in commands/."""
-    parser = OneLineParser(prog="nanokimi", description="Train, finetune and sample Kimi-K2-style models.",
-                           epilog=START, formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
-                               prog, max_help_position=14, width=120))
+    parser = OneLineParser(
+        prog="nanokimi",
+        description="Train, finetune and sample Kimi-K2-style models.",
+        epilog=START,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=14, width=120),
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
     for command in COMMANDS:
         command.add_parser(sub).set_defaults(module=command)

@@ -87,13 +87,21 @@ class TrainConfig:
         for f in dataclasses.fields(self):  # NaN and infinity, in any spelling JSON or TOML reads, up front
             if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
                 raise UserError(f"{f.name} must be a finite number, got {getattr(self, f.name)}")
-        if not 0 <= self.seed < 2 ** 63:  # torch's generator seeds are 64-bit
+        if not 0 <= self.seed < 2**63:  # torch's generator seeds are 64-bit
             raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
         for name in ("batch_size", "block_size", "grad_accum", "eval_iters", "log_interval", "eval_interval"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_iters", "max_time_s", "warmup_iters", "ckpt_interval", "lr_decay_iters", "weight_decay",
-                     "grad_clip", "bias_update_gamma"):
+        for name in (
+            "max_iters",
+            "max_time_s",
+            "warmup_iters",
+            "ckpt_interval",
+            "lr_decay_iters",
+            "weight_decay",
+            "grad_clip",
+            "bias_update_gamma",
+        ):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -177,11 +185,17 @@ def settings_help():
     """Every --name=value setting of `nanokimi train` with its default and the comment beside it in the source: the
     help text cannot drift from the dataclasses."""
     sections = []
-    for title, cls in (("training (TrainConfig)", TrainConfig), ("nanoKimi model (KimiConfig)", KimiConfig),
-                       ("nanoGPT baseline model (GPTConfig)", GPTConfig)):
+    for title, cls in (
+        ("training (TrainConfig)", TrainConfig),
+        ("nanoKimi model (KimiConfig)", KimiConfig),
+        ("nanoGPT baseline model (GPTConfig)", GPTConfig),
+    ):
         comments = dict(re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-        lines = [(f"  --{f.name}={f.default}".ljust(35) + " " + comments.get(f.name, "")).rstrip()
-                 for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING]
+        lines = [
+            (f"  --{f.name}={f.default}".ljust(35) + " " + comments.get(f.name, "")).rstrip()
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING
+        ]
         sections.append(f"{title}:\n" + "\n".join(lines))
     return "\n\n".join(sections)
 
@@ -199,16 +213,21 @@ RUNS = importlib.resources.files("nanokimi") / "runs"  # the shipped runs, one T
 
 def named_runs():
     """{name: what it is for (its TOML's first comment line)} of the shipped runs."""
-    return {f.name.removesuffix(".toml"): f.read_text().splitlines()[0].lstrip("# ")
-            for f in sorted(RUNS.iterdir(), key=lambda f: f.name) if f.name.endswith(".toml")}
+    return {
+        f.name.removesuffix(".toml"): f.read_text().splitlines()[0].lstrip("# ")
+        for f in sorted(RUNS.iterdir(), key=lambda f: f.name)
+        if f.name.endswith(".toml")
+    }
 
 
 def runs_help():
     """The named runs and the bare model presets, for `nanokimi train --help`."""
     runs = "\n".join(f"  {name:<27} {purpose}" for name, purpose in named_runs().items())
     bare = [p for p in [*PRESETS, *BASELINE_PRESETS] if p not in named_runs()]
-    return (f"named runs (a run's settings and model; from any folder):\n{runs}\n\nmodel presets without a run of "
-            f"their own (trained with the defaults below): {', '.join(bare)}")
+    return (
+        f"named runs (a run's settings and model; from any folder):\n{runs}\n\nmodel presets without a run of "
+        f"their own (trained with the defaults below): {', '.join(bare)}"
+    )
 
 
 def load_train_config(target, args):
@@ -221,20 +240,24 @@ def load_train_config(target, args):
         path = RUNS / f"{target}.toml"
     if path.suffix == ".toml" or path.is_file():
         if not path.is_file():
-            raise UserError(f"config file {path} not found: pass a .toml file, a named run "
-                            f"({', '.join(named_runs())}) or a preset name")
+            raise UserError(
+                f"config file {path} not found: pass a .toml file, a named run "
+                f"({', '.join(named_runs())}) or a preset name"
+            )
         try:
             base = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"config file {path} is not valid TOML ({e})") from None
         model_overrides = base.pop("model", {})
         if not isinstance(model_overrides, dict):
-            raise UserError(f"config file {path}: `model` must be a [model] table of model settings, got "
-                            f"{model_overrides!r}")
+            raise UserError(
+                f"config file {path}: `model` must be a [model] table of model settings, got {model_overrides!r}"
+            )
         infinite = [k for k, v in model_overrides.items() if isinstance(v, float) and not math.isfinite(v)]
         if infinite:
-            raise UserError(f"config file {path}: [model] {infinite[0]} = {model_overrides[infinite[0]]}: give a "
-                            f"finite number")
+            raise UserError(
+                f"config file {path}: [model] {infinite[0]} = {model_overrides[infinite[0]]}: give a finite number"
+            )
     else:
         base = {"preset": target, "out_dir": f"out/{target}"}
     cli = parse_overrides(args)
@@ -247,7 +270,8 @@ def load_train_config(target, args):
         raise UserError(f"unknown setting(s) {unknown}: see `nanokimi train --help`")
     cli_train = {k: v for k, v in cli.items() if k in train_names}
     invocation = {k: base.pop(k) for k in INVOCATION_FIELDS if k in base} | {
-        k: cli_train.pop(k) for k in INVOCATION_FIELDS if k in cli_train}
+        k: cli_train.pop(k) for k in INVOCATION_FIELDS if k in cli_train
+    }
     own_file = path.is_file() and path.parent != RUNS  # the user's TOML, not a named run
     if invocation.get("resume") and own_file:  # the user's file, edited since: applied as flags are (or refused)
         cli_train = {k: v for k, v in base.items() if k not in INVOCATION_FIELDS} | cli_train
@@ -262,6 +286,6 @@ def load_train_config(target, args):
             try:
                 coerce(TrainConfig, base)
             except UserError as e:
-                raise UserError(f"{saved.path / 'config.json'} \"train\": {e}".replace(": --", ": ")) from None
+                raise UserError(f'{saved.path / "config.json"} "train": {e}'.replace(": --", ": ")) from None
         base["out_dir"] = out_dir
     return TrainConfig(**coerce(TrainConfig, base | cli_train | invocation)), model_overrides

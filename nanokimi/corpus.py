@@ -38,20 +38,26 @@ def expand_inputs(inputs, flag="--input", skip=()):
 
     def listed(paths):
         return sorted(p for p in paths if p.is_file() and file_format(p) and p.resolve() not in skip)
+
     for spec in inputs:
         path = Path(spec)
         if path.is_dir():
-            found = listed(p for p in path.rglob("*") if not any(part.startswith(".")
-                                                                 for part in p.relative_to(path).parts))
+            found = listed(
+                p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not found:
-                raise UserError(f"{flag}: folder {path} holds no .txt, .jsonl, .json or .parquet file (also .gz): "
-                                f"pass a folder of documents")
+                raise UserError(
+                    f"{flag}: folder {path} holds no .txt, .jsonl, .json or .parquet file (also .gz): "
+                    f"pass a folder of documents"
+                )
         elif path.exists() and not path.is_file():
             raise UserError(f"{flag} {path} is not a regular file (a fifo or device?): pass a file, folder or glob")
         elif path.is_file():
             if file_format(path) is None:
-                raise UserError(f"{path}: unknown format {''.join(path.suffixes) or '(no suffix)'}: name it .txt, "
-                                f".jsonl, .json or .parquet (optionally .gz)")
+                raise UserError(
+                    f"{path}: unknown format {''.join(path.suffixes) or '(no suffix)'}: name it .txt, "
+                    f".jsonl, .json or .parquet (optionally .gz)"
+                )
             found = [path]
         elif glob.has_magic(spec):
             found = listed(Path(p) for p in glob.glob(spec, recursive=True))
@@ -63,13 +69,16 @@ def expand_inputs(inputs, flag="--input", skip=()):
     seen = {}
     for f in files:  # the same file by two names (a folder given twice, a/../a, a link): read twice otherwise
         if (same := seen.setdefault(f.resolve(), f)) is not f:
-            raise UserError(f"{f} is {same} again (named twice by {flag}, or a link to it): each document would be "
-                            f"read twice, pass each file once")
+            raise UserError(
+                f"{f} is {same} again (named twice by {flag}, or a link to it): each document would be "
+                f"read twice, pass each file once"
+            )
     return files
 
 
 class TextRecords:
     """How a JSON or Parquet record holds a document: as text in one field. (conversations.py reads conversations.)"""
+
     plain_text = True  # a .txt file is a document too
 
     def __init__(self, field="text"):
@@ -109,8 +118,10 @@ class Corpus:
             try:
                 raw = open(path, "rb")
             except OSError as e:
-                raise UserError(f"cannot open {path} ({e.strerror}): it was there when prepare started; was it moved "
-                                f"or deleted? Prepare again") from None
+                raise UserError(
+                    f"cannot open {path} ({e.strerror}): it was there when prepare started; was it moved "
+                    f"or deleted? Prepare again"
+                ) from None
             with raw:
                 self.check_unchanged(path)
                 if path.suffix.lower() == ".gz" and self.listed[path][0] == 0:
@@ -122,8 +133,9 @@ class Corpus:
                         self.bytes_read = start + raw.tell()
                         yield item
                 except (OSError, EOFError, gzip.BadGzipFile) as e:
-                    raise UserError(f"cannot read {path} ({e.__class__.__name__}: {str(e)[:80]}): is it damaged "
-                                    f"or truncated?") from None
+                    raise UserError(
+                        f"cannot read {path} ({e.__class__.__name__}: {str(e)[:80]}): is it damaged or truncated?"
+                    ) from None
                 self.check_unchanged(path)
             self.bytes_read = start + self.listed[path][0]
 
@@ -135,8 +147,10 @@ class Corpus:
         except OSError:
             now = None
         if now != self.listed[path]:
-            raise UserError(f"{path} changed while prepare read it (written to, replaced or deleted): prepare again "
-                            f"once it is complete")
+            raise UserError(
+                f"{path} changed while prepare read it (written to, replaced or deleted): prepare again "
+                f"once it is complete"
+            )
 
     def txt(self, path, stream):
         """One document per file, or per --doc_separator; a long document in pieces cut after a newline."""
@@ -146,8 +160,9 @@ class Corpus:
             try:
                 pending += lines.decode("utf-8-sig" if offset == 0 else "utf-8")  # a byte-order mark is no text
             except UnicodeDecodeError as e:
-                raise UserError(f"{path} is not UTF-8 text (at byte {offset + e.start:,}): convert it to UTF-8 "
-                                f"first") from None
+                raise UserError(
+                    f"{path} is not UTF-8 text (at byte {offset + e.start:,}): convert it to UTF-8 first"
+                ) from None
             offset += len(lines)
             if sep is not None:
                 *docs, pending = pending.split(sep)
@@ -156,7 +171,7 @@ class Corpus:
                     continuing, yielded = False, True
             # a separator may begin in the last len(sep) - 1 characters: never cut there
             keep = len(sep) - 1 if sep else 0
-            if len(pending) > PIECE_BYTES and (cut := piece_end(pending[:len(pending) - keep])) > 0:
+            if len(pending) > PIECE_BYTES and (cut := piece_end(pending[: len(pending) - keep])) > 0:
                 yield not continuing, pending[:cut]
                 pending, continuing, yielded = pending[cut:], True, True
         if pending or not yielded:
@@ -188,9 +203,11 @@ class Corpus:
                 records = next(batches, None)
                 records = None if records is None else records.to_pylist()
             except Exception as e:  # pyarrow's ArrowInvalid, OSError, UnicodeDecodeError, ...
-                raise UserError(f"cannot read {path} after row {row} ({e.__class__.__name__}: {str(e)[:80]}): is "
-                                f"it damaged, or is its {' or '.join(map(repr, columns))} column not UTF-8 "
-                                f"text?") from None
+                raise UserError(
+                    f"cannot read {path} after row {row} ({e.__class__.__name__}: {str(e)[:80]}): is "
+                    f"it damaged, or is its {' or '.join(map(repr, columns))} column not UTF-8 "
+                    f"text?"
+                ) from None
             if records is None:
                 return
             for record in records:
@@ -223,6 +240,7 @@ def json_records(path, stream, chunk=PIECE_BYTES):
         except UnicodeDecodeError:
             raise UserError(f"{path} is not UTF-8: convert the file to UTF-8 first") from None
         return bool(more)
+
     ended = not fill()
     advance(text.index("[") + 1)
     while True:
@@ -232,8 +250,10 @@ def json_records(path, stream, chunk=PIECE_BYTES):
                 record, end = decoder.raw_decode(text, position)
             except json.JSONDecodeError as e:  # a record cut at the chunk's end: read on
                 if ended:
-                    raise UserError(f"{path}:{line} is not a JSON value ({e.msg}): a .json file holds JSON Lines or "
-                                    f"one array of objects (is it truncated?)") from None
+                    raise UserError(
+                        f"{path}:{line} is not a JSON value ({e.msg}): a .json file holds JSON Lines or "
+                        f"one array of objects (is it truncated?)"
+                    ) from None
                 ended = not fill()
                 continue
             except RecursionError:
@@ -263,17 +283,20 @@ def parse_json(line, where, form):
 
 def document_text(record, field, where):
     if not isinstance(record, dict):
-        raise UserError(f"{where} is not a JSON object: one object per line, e.g. {{\"{field}\": \"...\"}}")
+        raise UserError(f'{where} is not a JSON object: one object per line, e.g. {{"{field}": "..."}}')
     if field not in record:
-        raise UserError(f"{where} has no field {field!r} (it has: {', '.join(list(record)[:8])}): pass "
-                        f"--text_field=NAME")
+        raise UserError(
+            f"{where} has no field {field!r} (it has: {', '.join(list(record)[:8])}): pass --text_field=NAME"
+        )
     if not isinstance(record[field], str):
         raise UserError(f"{where}: {field!r} is {type(record[field]).__name__}, not a string of text")
     try:
         record[field].encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate escape ("\ud800"): no character, no UTF-8 byte
-        raise UserError(f"{where}: {field!r} holds {e.object[e.start:e.end]!r}, half of a UTF-16 surrogate pair and no "
-                        f"character: fix or drop that record") from None
+        raise UserError(
+            f"{where}: {field!r} holds {e.object[e.start : e.end]!r}, half of a UTF-16 surrogate pair and no "
+            f"character: fix or drop that record"
+        ) from None
     return record[field]
 
 
@@ -308,15 +331,17 @@ class HFDataset:
         try:
             import datasets
         except ImportError:
-            raise UserError("`prepare hf` needs the datasets library: pip install datasets (or nanokimi[data])") \
-                from None
+            raise UserError(
+                "`prepare hf` needs the datasets library: pip install datasets (or nanokimi[data])"
+            ) from None
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its failures become one line here, not logs
         try:
-            self.dataset = datasets.load_dataset(name, name=config, split=split, streaming=True,
-                                                 data_files=data_files)
+            self.dataset = datasets.load_dataset(name, name=config, split=split, streaming=True, data_files=data_files)
         except Exception as e:  # datasets raises many kinds (not found, offline, bad config)
-            raise UserError(f"cannot open dataset {name!r} ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})"
-                            f": check --dataset, --name and --split, and that you are online") from None
+            raise UserError(
+                f"cannot open dataset {name!r} ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})"
+                f": check --dataset, --name and --split, and that you are online"
+            ) from None
         self.name, self.records = name, records or TextRecords(text_field)
         self.files, self.total_bytes, self.bytes_read, self.single_document = [name], None, 0, False
 
@@ -326,8 +351,10 @@ class HFDataset:
             try:  # a builder's failure to read a record (a bad JSON line, a damaged file) comes as it streams
                 record = next(records, None)
             except Exception as e:
-                raise UserError(f"dataset {self.name} cannot be read after {row - 1} rows ({e.__class__.__name__}: "
-                                f"{str(e).splitlines()[0][:120] if str(e) else ''}): fix or drop that record") from None
+                raise UserError(
+                    f"dataset {self.name} cannot be read after {row - 1} rows ({e.__class__.__name__}: "
+                    f"{str(e).splitlines()[0][:120] if str(e) else ''}): fix or drop that record"
+                ) from None
             if record is None:
                 return
             document = self.records.document(record, f"dataset {self.name} row {row}")
@@ -337,8 +364,8 @@ class HFDataset:
 
 def progress_bar(corpus, what, enabled):
     from tqdm import tqdm
-    return tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc=what, disable=not enabled,
-                dynamic_ncols=True)
+
+    return tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc=what, disable=not enabled, dynamic_ncols=True)
 
 
 def describe(corpus):

@@ -20,8 +20,10 @@ class TokenData:
             raise UserError(f"data folder {folder} not found: run `nanokimi prepare ... --out={folder}` first")
         self.meta = read_meta(folder)
         if self.meta.get("dtype") not in ("uint16", "uint32"):
-            raise UserError(f"{self.folder / 'meta.json'}: \"dtype\" is {self.meta.get('dtype')!r}, expected "
-                            f"\"uint16\" or \"uint32\" (token ids): prepare the data again")
+            raise UserError(
+                f'{self.folder / "meta.json"}: "dtype" is {self.meta.get("dtype")!r}, expected '
+                f'"uint16" or "uint32" (token ids): prepare the data again'
+            )
         self.tokenizer = load_tokenizer(folder)
         self.splits = {}
         for split in ("train", "val"):
@@ -31,17 +33,21 @@ class TokenData:
             size, itemsize = path.stat().st_size, np.dtype(self.meta["dtype"]).itemsize
             n, recorded = size // itemsize, self.meta.get(f"{split}_tokens")
             if size % itemsize or isinstance(recorded, int) and recorded != n:
-                raise UserError(f"{path} is {size:,} bytes, not the {recorded if recorded is not None else 'whole'} "
-                                f"{self.meta['dtype']} token ids meta.json records: it is damaged or truncated, "
-                                f"prepare the data again")
+                raise UserError(
+                    f"{path} is {size:,} bytes, not the {recorded if recorded is not None else 'whole'} "
+                    f"{self.meta['dtype']} token ids meta.json records: it is damaged or truncated, "
+                    f"prepare the data again"
+                )
             self.check_length(path, n, block_size)
             self.splits[split] = np.memmap(path, dtype=self.meta["dtype"], mode="r")
         self.block_size = block_size
 
     def check_length(self, path, n, block_size):
         if n < block_size + 1:
-            raise UserError(f"{path} holds {n} tokens, fewer than block_size+1 = {block_size + 1}: use more text or a "
-                            f"smaller --block_size")
+            raise UserError(
+                f"{path} holds {n} tokens, fewer than block_size+1 = {block_size + 1}: use more text or a "
+                f"smaller --block_size"
+            )
 
     @functools.cached_property
     def token_bytes(self):
@@ -61,7 +67,7 @@ class TokenData:
     def windows(self, split, starts):
         """(inputs, next-token targets), [len(starts), block_size] each, of the windows starting at `starts`."""
         data = self.splits[split]
-        w = self.checked(split, np.stack([data[i:i + self.block_size + 1] for i in starts]))
+        w = self.checked(split, np.stack([data[i : i + self.block_size + 1] for i in starts]))
         return w[:, :-1], w[:, 1:]
 
     def checked(self, split, rows):
@@ -69,9 +75,11 @@ class TokenData:
         fails in one line, and no start reads a whole (perhaps 10 GB) token file."""
         w = torch.from_numpy(rows.astype(np.int64))
         if w.numel() and (largest := int(w.max())) >= self.tokenizer.vocab_size:
-            raise UserError(f"{self.folder / split}.bin holds token id {largest}, outside its "
-                            f"{self.tokenizer.vocab_size}-token vocabulary: the file is damaged (or not from this "
-                            f"tokenizer), prepare the data again")
+            raise UserError(
+                f"{self.folder / split}.bin holds token id {largest}, outside its "
+                f"{self.tokenizer.vocab_size}-token vocabulary: the file is damaged (or not from this "
+                f"tokenizer), prepare the data again"
+            )
         return w
 
 
@@ -90,28 +98,37 @@ class ChatData(TokenData):
             mask_path, starts_path = self.folder / f"{split}_mask.bin", self.folder / f"{split}_starts.bin"
             for path, size in ((mask_path, n), (starts_path, 8 * self.meta.get(f"{split}_documents", 0))):
                 if not path.is_file() or path.stat().st_size != size:
-                    raise UserError(f"{path} is {'missing' if not path.is_file() else 'damaged or truncated'}: "
-                                    f"prepare the chat data again")
+                    raise UserError(
+                        f"{path} is {'missing' if not path.is_file() else 'damaged or truncated'}: "
+                        f"prepare the chat data again"
+                    )
             self.masks[split] = np.memmap(mask_path, dtype=np.uint8, mode="r")
             starts = np.fromfile(starts_path, dtype=np.uint64).astype(np.int64)
             if len(starts) == 0 or starts[0] != 0 or (np.diff(starts) <= 0).any() or starts[-1] >= n:
-                raise UserError(f"{starts_path} is damaged (conversation starts out of order): prepare the chat data "
-                                f"again")
+                raise UserError(
+                    f"{starts_path} is damaged (conversation starts out of order): prepare the chat data again"
+                )
             self.starts[split] = np.append(starts, n)  # conversation i is tokens [starts[i], starts[i + 1])
             first = first_trained(self.masks[split], self.starts[split])
             usable = (first >= 1) & (first <= block_size)  # a row's targets are its tokens 1..block_size
             self.rows[split] = np.flatnonzero(usable)
             long = int((np.diff(self.starts[split]) > block_size + 1).sum())
             if long:
-                self.notes.append(f"{long} of {len(starts)} {split} conversations are longer than block_size + 1 = "
-                                  f"{block_size + 1} tokens: only their first {block_size + 1} train (raise "
-                                  f"--block_size to keep them whole)")
+                self.notes.append(
+                    f"{long} of {len(starts)} {split} conversations are longer than block_size + 1 = "
+                    f"{block_size + 1} tokens: only their first {block_size + 1} train (raise "
+                    f"--block_size to keep them whole)"
+                )
             if (~usable).sum():
-                self.notes.append(f"{int((~usable).sum())} {split} conversations have no reply within their first "
-                                  f"{block_size + 1} tokens: left out")
+                self.notes.append(
+                    f"{int((~usable).sum())} {split} conversations have no reply within their first "
+                    f"{block_size + 1} tokens: left out"
+                )
             if not len(self.rows[split]):
-                raise UserError(f"no {split} conversation of {folder} has an assistant reply within its first "
-                                f"{block_size + 1} tokens: raise --block_size")
+                raise UserError(
+                    f"no {split} conversation of {folder} has an assistant reply within its first "
+                    f"{block_size + 1} tokens: raise --block_size"
+                )
 
     def check_length(self, path, n, block_size):
         pass  # rows are padded: a split may be shorter than one
@@ -137,7 +154,7 @@ class ChatData(TokenData):
             # the end of the last whole conversation that fits, else (the first is longer) the row's width
             fits = np.searchsorted(bounds, start + width, side="right") - 1
             end = bounds[fits] if fits > c else start + width
-            rows[r, :end - start], trains[r, :end - start] = tokens[start:end], mask[start:end]
+            rows[r, : end - start], trains[r, : end - start] = tokens[start:end], mask[start:end]
         w = self.checked(split, rows)
         return w[:, :-1], w[:, 1:].masked_fill(torch.from_numpy(~trains[:, 1:]), -1)
 
@@ -147,11 +164,11 @@ def first_trained(mask, bounds, chunk=1 << 16):
     `chunk` conversations at a time."""
     first = np.full(len(bounds) - 1, -1, dtype=np.int64)
     for c in range(0, len(bounds) - 1, chunk):
-        starts, ends = bounds[c:c + chunk + 1][:-1], bounds[c + 1:c + chunk + 1]
-        positions = np.flatnonzero(mask[starts[0]:ends[-1]]) + starts[0]
+        starts, ends = bounds[c : c + chunk + 1][:-1], bounds[c + 1 : c + chunk + 1]
+        positions = np.flatnonzero(mask[starts[0] : ends[-1]]) + starts[0]
         if len(positions):
             at = positions[np.minimum(np.searchsorted(positions, starts), len(positions) - 1)]
-            first[c:c + len(starts)] = np.where((at >= starts) & (at < ends), at - starts, -1)
+            first[c : c + len(starts)] = np.where((at >= starts) & (at < ends), at - starts, -1)
     return first
 
 

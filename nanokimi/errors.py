@@ -19,8 +19,14 @@ def write_failure(error):
     return getattr(error, "strerror", None) or str(error).splitlines()[0]
 
 
-JSON_TYPES = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list",
-              type(None): "null"}
+JSON_TYPES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "an object",
+    list: "a list",
+    type(None): "null",
+}
 
 
 def check_fields(value, path, fields, fix="restore it or write it again"):
@@ -36,10 +42,11 @@ def check_fields(value, path, fields, fix="restore it or write it again"):
         if name not in value:
             if optional:
                 continue
-            raise UserError(f"{path} has no \"{name}\" field: {fix}")
+            raise UserError(f'{path} has no "{name}" field: {fix}')
         field = value[name]
         admitted = types + ((int,) if float in types else ())
         if isinstance(field, bool) or not isinstance(field, admitted):
-            raise UserError(f"{path}: \"{name}\" is {field!r}, expected {' or '.join(JSON_TYPES[t] for t in types)}: "
-                            f"{fix}")
+            raise UserError(
+                f'{path}: "{name}" is {field!r}, expected {" or ".join(JSON_TYPES[t] for t in types)}: {fix}'
+            )
     return value

@@ -25,7 +25,7 @@ def evaluate(model, data, split, count, batch_size, device="cpu", autocast=conte
     starts = data.eval_starts(split, count)
     nats, tokens, text_bytes = 0.0, 0, 0.0
     for i in range(0, count, batch_size):
-        x, y = data.windows(split, starts[i:i + batch_size])
+        x, y = data.windows(split, starts[i : i + batch_size])
         with autocast():
             loss = model(x.to(device), y.to(device))[1]
         scored = y[y >= 0]  # -1: a target that does not train (a chat row's prompt and padding)
@@ -34,8 +34,13 @@ def evaluate(model, data, split, count, batch_size, device="cpu", autocast=conte
         text_bytes += data.token_bytes[scored].sum().item()
     model.train(was_training)
     loss = nats / tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2),
-            "bits_per_byte": nats / math.log(2) / text_bytes, "tokens": tokens}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_token": loss / math.log(2),
+        "bits_per_byte": nats / math.log(2) / text_bytes,
+        "tokens": tokens,
+    }
 
 
 def evaluate_checkpoint(path, data_dir, block_size=None, batches=200, batch_size=12, split="val", device="cpu"):
@@ -55,8 +60,15 @@ def evaluate_checkpoint(path, data_dir, block_size=None, batches=200, batch_size
     if tokenizer is not None:  # an imported HF model may come without one
         check_same_tokenizer(ckpt.path, data.folder)
     if data.tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(f"data {data.folder} has a {data.tokenizer.vocab_size}-token vocabulary, more than this "
-                        f"model's {model.config.vocab_size}: evaluate on data prepared with the model's tokenizer")
+        raise UserError(
+            f"data {data.folder} has a {data.tokenizer.vocab_size}-token vocabulary, more than this "
+            f"model's {model.config.vocab_size}: evaluate on data prepared with the model's tokenizer"
+        )
     result = evaluate(model, data, split, batches * batch_size, batch_size, device)
-    return {"checkpoint": str(ckpt.path), "data": str(data.folder), "split": split, "block_size": block_size,
-            "windows": batches * batch_size} | result
+    return {
+        "checkpoint": str(ckpt.path),
+        "data": str(data.folder),
+        "split": split,
+        "block_size": block_size,
+        "windows": batches * batch_size,
+    } | result

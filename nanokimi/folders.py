@@ -47,25 +47,33 @@ def check_destination(folder, command, own_kind, own_files=None):
         return
     found = kind(folder)
     if found is not None and found != own_kind:
-        raise UserError(f"{folder} holds {found}: `nanokimi {command}` does not write into it, pick a new or empty "
-                        f"folder")
+        raise UserError(
+            f"{folder} holds {found}: `nanokimi {command}` does not write into it, pick a new or empty folder"
+        )
     # in a folder that is not of the command's kind, even a file of its names is the user's (e.g. their config.json)
-    foreign = sorted(p.name for p in folder.iterdir()
-                     if own_files is not None and (found is None or p.name not in own_files))
+    foreign = sorted(
+        p.name for p in folder.iterdir() if own_files is not None and (found is None or p.name not in own_files)
+    )
     if foreign:
-        raise UserError(f"{folder} holds files `nanokimi {command}` did not write ({', '.join(foreign[:3])}"
-                        f"{', ...' if len(foreign) > 3 else ''}): pick a new or empty folder")
+        raise UserError(
+            f"{folder} holds files `nanokimi {command}` did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): pick a new or empty folder"
+        )
 
 
 def check_apart(source, destination, command):
     """Refuse a destination that is the source, inside it, holds it, or holds the current folder."""
     source, destination = Path(source).resolve(), Path(destination).resolve()
     if destination == source or destination.is_relative_to(source) or source.is_relative_to(destination):
-        raise UserError(f"`nanokimi {command}` reads {source} and would write {destination}: pick a destination "
-                        f"apart from its source")
+        raise UserError(
+            f"`nanokimi {command}` reads {source} and would write {destination}: pick a destination "
+            f"apart from its source"
+        )
     if Path.cwd().resolve().is_relative_to(destination):
-        raise UserError(f"{destination} holds the current folder: `nanokimi {command}` replaces its destination "
-                        f"whole, pick a new folder")
+        raise UserError(
+            f"{destination} holds the current folder: `nanokimi {command}` replaces its destination "
+            f"whole, pick a new folder"
+        )
 
 
 # A command that replaces several files of a folder as one set (prepare's dataset: train.bin, val.bin, meta.json,
@@ -108,8 +116,10 @@ def finish_swap(folder):
             leftover.unlink()
         swap.rmdir()
     except OSError as e:
-        raise UserError(f"{folder} holds a new dataset a stopped prepare left to move in, and it cannot be moved here "
-                        f"({write_failure(e)}): make the folder writable, or prepare again") from None
+        raise UserError(
+            f"{folder} holds a new dataset a stopped prepare left to move in, and it cannot be moved here "
+            f"({write_failure(e)}): make the folder writable, or prepare again"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -131,5 +141,9 @@ def folder_lock(folder, lock_name, busy, fix):
 
 def command_lock(folder, command):
     """One `nanokimi COMMAND` at a time writing into `folder` (a second would delete the first's files)."""
-    return folder_lock(folder, f".{command}.lock", f"another `nanokimi {command}` is writing to {folder}: wait for it "
-                       f"to end or pick another folder", "pick a writable folder")
+    return folder_lock(
+        folder,
+        f".{command}.lock",
+        f"another `nanokimi {command}` is writing to {folder}: wait for it to end or pick another folder",
+        "pick a writable folder",
+    )

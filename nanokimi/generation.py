@@ -21,8 +21,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 @torch.no_grad()  # on the generator function itself: torch then applies it to every step of the iteration
-def generate_tokens(model, idx, max_new_tokens, max_context, temperature=1.0, top_k=None, top_p=None,
-                    generator=None, make_cache=None):
+def generate_tokens(
+    model, idx, max_new_tokens, max_context, temperature=1.0, top_k=None, top_p=None, generator=None, make_cache=None
+):
     """Yield max_new_tokens tokens [B, 1] sampled after idx [B, T].
 
     Without make_cache (the nanoGPT way) every step recomputes the context cropped to max_context. With it, the
@@ -47,7 +48,7 @@ def generate_tokens(model, idx, max_new_tokens, max_context, temperature=1.0, to
             return
         context = torch.cat([context, token], dim=1)
         if pos == cache_len:  # cache full: keep the newest half and prefill it again
-            context = context[:, -(cache_len // 2):]
+            context = context[:, -(cache_len // 2) :]
             logits, _ = model(context, cache=cache, start_pos=0)
             pos = context.shape[1]
         else:

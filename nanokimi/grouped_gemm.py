@@ -49,5 +49,6 @@ def _grouped_mm_backward(ctx, grad):
     return grouped_mm(grad, b.transpose(-2, -1), offsets), grouped_mm_weight_grad(a, grad, offsets), None
 
 
-grouped_mm.register_autograd(_grouped_mm_backward,
-                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+grouped_mm.register_autograd(
+    _grouped_mm_backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs)
+)

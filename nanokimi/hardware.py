@@ -18,8 +18,15 @@ def cpu_kind():
     """The CPU level torch runs at (DEFAULT, AVX2, AVX512, ...) and the bf16/AMX matrix instructions it uses, e.g.
     "AVX512 + bf16" (AVX-512 with native bf16 dot products) or "AVX2" (bf16 only by emulation). What torch runs, not
     what CPUID reports: under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 an AVX-512 CPU says "AVX2"."""
-    extras = [name for name, has in (("bf16", torch.cpu._is_avx512_bf16_supported),
-                                     ("AMX", torch.cpu._is_amx_tile_supported)) if has()] if cpu_bf16_matmul() else []
+    extras = (
+        [
+            name
+            for name, has in (("bf16", torch.cpu._is_avx512_bf16_supported), ("AMX", torch.cpu._is_amx_tile_supported))
+            if has()
+        ]
+        if cpu_bf16_matmul()
+        else []
+    )
     return " + ".join([torch.backends.cpu.get_cpu_capability(), *extras])
 
 
@@ -28,9 +35,11 @@ def cpu_bf16_matmul():
     bf16 or AMX), ATen dispatches at an AVX-512 level (ATEN_CPU_CAPABILITY can lower it) and oneDNN, which runs CPU
     bf16 matmuls, offers bf16 (ONEDNN_MAX_CPU_ISA can take it away; asked only where this torch has oneDNN). CPUID
     alone is fooled by those variables: it chose bf16, which then ran emulated at ~50x fp32's cost."""
-    return ((torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-            and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-            and (not torch.backends.mkldnn.is_available() or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())))
+    return (
+        (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        and (not torch.backends.mkldnn.is_available() or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    )
 
 
 def describe(device):
@@ -64,7 +73,7 @@ def native_bf16_matmul(device):
     return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_capability(index):
     return torch.cuda.get_device_capability(index)
 

@@ -46,8 +46,10 @@ def from_hf_config(hf):
     for f in FORMATS:
         if f.reads(hf):
             return f.from_hf_config(hf)
-    raise UserError(f"config.json describes {hf.get('architectures') or hf.get('model_type')}, not "
-                    f"DeepseekV3ForCausalLM or KimiLinearForCausalLM: nanoKimi imports only those")
+    raise UserError(
+        f"config.json describes {hf.get('architectures') or hf.get('model_type')}, not "
+        f"DeepseekV3ForCausalLM or KimiLinearForCausalLM: nanoKimi imports only those"
+    )
 
 
 def to_hf_state_dict(model):
@@ -80,8 +82,10 @@ def from_hf_state_dict(tensors, config, folder="the folder"):
         if key.endswith("rotary_emb.inv_freq"):
             continue  # a buffer older transformers saved and every loader recomputes
         if parts[0] == "layers" and not layer_weight_name(parts):
-            raise UserError(f"tensor {name!r} in {folder} is not a DeepseekV3 weight name (model.layers.N.... with "
-                            f"experts as mlp.experts.E.PROJ.weight): the safetensors do not match config.json")
+            raise UserError(
+                f"tensor {name!r} in {folder} is not a DeepseekV3 weight name (model.layers.N.... with "
+                f"experts as mlp.experts.E.PROJ.weight): the safetensors do not match config.json"
+            )
         if parts[0] == "layers" and int(parts[1]) >= config.num_hidden_layers:
             skipped.add(int(parts[1]))  # multi-token-prediction modules (num_nextn_predict_layers)
             continue
@@ -99,12 +103,16 @@ def from_hf_state_dict(tensors, config, folder="the folder"):
             state[key] = tensor
     for (layer, proj), per_expert in experts.items():
         if sorted(per_expert) != list(range(config.n_routed_experts)):
-            raise UserError(f"layer {layer} holds experts {sorted(per_expert)[:5]}..., expected "
-                            f"{config.n_routed_experts}: the weights do not match config.json")
+            raise UserError(
+                f"layer {layer} holds experts {sorted(per_expert)[:5]}..., expected "
+                f"{config.n_routed_experts}: the weights do not match config.json"
+            )
         shapes = {tuple(t.shape) for t in per_expert.values()}
         if len(shapes) > 1:
-            raise UserError(f"layer {layer}'s experts' {proj} come in shapes {sorted(shapes)[:3]}: every expert of a "
-                            f"layer has one shape; the safetensors in {folder} are damaged")
+            raise UserError(
+                f"layer {layer}'s experts' {proj} come in shapes {sorted(shapes)[:3]}: every expert of a "
+                f"layer has one shape; the safetensors in {folder} are damaged"
+            )
         state[f"layers.{layer}.mlp.experts.{proj}"] = torch.stack([per_expert[e] for e in sorted(per_expert)])
     if skipped:
         warnings.warn(f"skipped multi-token-prediction layer(s) {sorted(skipped)}: nanoKimi does not use MTP")
@@ -126,12 +134,16 @@ def read_safetensors(folder):
         files = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise UserError(f"{index} names shard(s) {', '.join(missing[:3])} that {folder} does not hold: copy "
-                            f"the missing file(s) in (a download cut short?)")
+            raise UserError(
+                f"{index} names shard(s) {', '.join(missing[:3])} that {folder} does not hold: copy "
+                f"the missing file(s) in (a download cut short?)"
+            )
         ignored = sorted(set(p.name for p in folder.glob("*.safetensors")) - {f.name for f in files})
         if ignored:
-            warnings.warn(f"{folder}: ignored {', '.join(ignored[:3])}, which {index.name} does not name (the "
-                          f"shards it names are the model)")
+            warnings.warn(
+                f"{folder}: ignored {', '.join(ignored[:3])}, which {index.name} does not name (the "
+                f"shards it names are the model)"
+            )
     else:
         files, weight_map = sorted(folder.glob("*.safetensors")), None
     if not files:
@@ -144,16 +156,20 @@ def read_safetensors(folder):
             raise UserError(f"{f} is corrupt or truncated ({e})") from None
         twice = sorted(shard.keys() & tensors.keys())
         if twice:
-            raise UserError(f"{f.name} and {where[twice[0]]} in {folder} both hold {twice[0]!r}: remove the stale "
-                            f"file, or name the shards in model.safetensors.index.json")
+            raise UserError(
+                f"{f.name} and {where[twice[0]]} in {folder} both hold {twice[0]!r}: remove the stale "
+                f"file, or name the shards in model.safetensors.index.json"
+            )
         tensors |= shard
         where |= dict.fromkeys(shard, f.name)
     if weight_map is not None:
         absent = sorted(name for name, file in weight_map.items() if where.get(name) != file)
         if absent:
-            raise UserError(f"{weight_map[absent[0]]} does not hold {absent[0]!r}, which {index.name} maps there"
-                            f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}: the shard is damaged "
-                            f"or from another export")
+            raise UserError(
+                f"{weight_map[absent[0]]} does not hold {absent[0]!r}, which {index.name} maps there"
+                f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}: the shard is damaged "
+                f"or from another export"
+            )
     return tensors
 
 
@@ -161,12 +177,12 @@ def read_index(path):
     try:
         index = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise UserError(f"cannot read {path} ({e.__class__.__name__}): restore it or export the folder again") \
-            from None
+        raise UserError(f"cannot read {path} ({e.__class__.__name__}): restore it or export the folder again") from None
     check_fields(index, path, {"weight_map": dict}, fix="restore it or export the folder again")
-    if not all(isinstance(v, str) and v.endswith(".safetensors") and "/" not in v
-               for v in index["weight_map"].values()):
-        raise UserError(f"{path}: \"weight_map\" must map tensor names to .safetensors files of this folder")
+    if not all(
+        isinstance(v, str) and v.endswith(".safetensors") and "/" not in v for v in index["weight_map"].values()
+    ):
+        raise UserError(f'{path}: "weight_map" must map tensor names to .safetensors files of this folder')
     return index["weight_map"]
 
 
@@ -178,17 +194,28 @@ def load_hf(folder):
         raise UserError(f"cannot read {Path(folder) / 'config.json'} ({e})") from None
     except RecursionError:
         raise UserError(f"{Path(folder) / 'config.json'} is nested too deeply to be a model config") from None
-    check_fields(hf_config, Path(folder) / "config.json",
-                 {"hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "vocab_size": int,
-                  "rope_scaling?": (dict, type(None)), "rope_parameters?": (dict, type(None))},
-                 fix="a DeepseekV3 config.json names it so")
+    check_fields(
+        hf_config,
+        Path(folder) / "config.json",
+        {
+            "hidden_size": int,
+            "num_hidden_layers": int,
+            "num_attention_heads": int,
+            "vocab_size": int,
+            "rope_scaling?": (dict, type(None)),
+            "rope_parameters?": (dict, type(None)),
+        },
+        fix="a DeepseekV3 config.json names it so",
+    )
     config = from_hf_config(hf_config)
     model = build_model("kimi", config)
     state = from_hf_state_dict(read_safetensors(folder), config, folder)
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
-        raise UserError(f"the weights in {folder} are not finite (e.g. {bad}): the folder's safetensors are damaged "
-                        f"or come from a diverged run")
+        raise UserError(
+            f"the weights in {folder} are not finite (e.g. {bad}): the folder's safetensors are damaged "
+            f"or come from a diverged run"
+        )
     checkpoint.load_matching(model, {k: v.float() for k, v in state.items()}, f"Hugging Face folder {folder}")
     return model
 
@@ -209,8 +236,9 @@ def save_hf(model, out_dir, tokenizer_dir=None):
     try:
         return write_hf_folder(model, Path(out_dir), tokenizer_dir)
     except (OSError, safetensors.SafetensorError) as e:
-        raise UserError(f"could not write {out_dir} ({write_failure(e)}): free some space or pick "
-                        f"a writable folder") from None
+        raise UserError(
+            f"could not write {out_dir} ({write_failure(e)}): free some space or pick a writable folder"
+        ) from None
 
 
 def write_hf_folder(model, out_dir, tokenizer_dir):
@@ -228,16 +256,27 @@ def write_hf_folder(model, out_dir, tokenizer_dir):
         copy_tokenizer(tokenizer_dir, out_dir)
         if isinstance(tokenizer, CharTokenizer):
             char_tokenizer_json(tokenizer).save(str(out_dir / "tokenizer.json"))
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-            | ({"eos_token": IM_END} if chat else {}), indent=2) + "\n")
+        (out_dir / "tokenizer_config.json").write_text(
+            json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+                | ({"eos_token": IM_END} if chat else {}),
+                indent=2,
+            )
+            + "\n"
+        )
         if chat:  # transformers' apply_chat_template reads it: the same ids as nanoKimi's renderer
             (out_dir / "chat_template.jinja").write_text(jinja_template())
     return out_dir
 
 
-EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json",
-                "chat_template.jinja", *TOKENIZER_FILES}
+EXPORT_FILES = {
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    *TOKENIZER_FILES,
+}
 
 
 def export(checkpoint_path, out_dir):
@@ -248,8 +287,9 @@ def export(checkpoint_path, out_dir):
     check_destination(out_dir, "export", "a Hugging Face model folder", EXPORT_FILES)
     model, tokenizer, ckpt = checkpoint.load_model(ckpt_path)
     if not isinstance(model, Kimi):
-        raise UserError(f"{ckpt.path} holds the {ckpt.arch} baseline: only Kimi models export (to DeepseekV3 or "
-                        f"Kimi Linear)")
+        raise UserError(
+            f"{ckpt.path} holds the {ckpt.arch} baseline: only Kimi models export (to DeepseekV3 or Kimi Linear)"
+        )
     if tokenizer is None:  # an imported checkpoint may have none: an earlier export's must not stay beside it
         for name in (*TOKENIZER_FILES, "tokenizer_config.json", "chat_template.jinja"):
             (Path(out_dir) / name).unlink(missing_ok=True)
@@ -264,17 +304,26 @@ def import_folder(hf_dir, out):
     check_apart(hf_dir, out, "import")
     check_destination(out, "import", "a nanoKimi checkpoint", checkpoint.FILES)
     if (read_config(out) or {}).get("train"):  # a checkpoint a training run wrote: its optimizer state would go
-        raise UserError(f"{out} holds a training run's checkpoint: `nanokimi import` does not replace it, pick a new "
-                        f"folder")
+        raise UserError(
+            f"{out} holds a training run's checkpoint: `nanokimi import` does not replace it, pick a new folder"
+        )
     model = load_hf(hf_dir)
-    path = checkpoint.save(out.parent, model, "kimi", model.config, name=out.name,
-                           tokenizer_dir=hf_dir if (hf_dir / "meta.json").is_file() else None)
+    path = checkpoint.save(
+        out.parent,
+        model,
+        "kimi",
+        model.config,
+        name=out.name,
+        tokenizer_dir=hf_dir if (hf_dir / "meta.json").is_file() else None,
+    )
     if not (path / "meta.json").is_file() and (hf_dir / "tokenizer.json").is_file():
         try:
             tokenizer = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
         except Exception as e:  # tokenizers raises a bare Exception for a corrupt file
-            raise UserError(f"cannot read {hf_dir / 'tokenizer.json'} ({str(e)[:100]}): the weights were imported "
-                            f"into {path}; give it a tokenizer with `nanokimi prepare --tokenizer_from`") from None
+            raise UserError(
+                f"cannot read {hf_dir / 'tokenizer.json'} ({str(e)[:100]}): the weights were imported "
+                f"into {path}; give it a tokenizer with `nanokimi prepare --tokenizer_from`"
+            ) from None
         HFTokenizer(tokenizer).save(path)
     return path
 

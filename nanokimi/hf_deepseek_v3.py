@@ -7,12 +7,34 @@ from .errors import UserError
 from .model import KimiConfig
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
-SAME_NAME_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
-                    "first_k_dense_replace", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
-                    "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                    "max_position_embeddings", "rope_theta", "rope_scaling", "rms_norm_eps", "tie_word_embeddings",
-                    "initializer_range", "aux_loss_alpha")
+SAME_NAME_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "first_k_dense_replace",
+    "n_group",
+    "topk_group",
+    "norm_topk_prob",
+    "routed_scaling_factor",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "max_position_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "initializer_range",
+    "aux_loss_alpha",
+)
 
 
 def reads(hf):
@@ -27,24 +49,43 @@ def writes(config):
 
 def to_hf_config(config):
     if config.attention != "mla":
-        raise UserError("DeepseekV3 attention is MLA: a model trained with the attention='mha' ablation cannot be "
-                        "exported")
+        raise UserError(
+            "DeepseekV3 attention is MLA: a model trained with the attention='mha' ablation cannot be exported"
+        )
     if config.n_shared_experts < 1:
         raise UserError("DeepseekV3 always has a shared expert: a model with n_shared_experts=0 cannot be exported")
     hf = {name: getattr(config, name) for name in SAME_NAME_FIELDS}
     return hf | {
-        "architectures": [ARCHITECTURE], "model_type": "deepseek_v3",
-        "num_key_value_heads": config.num_attention_heads, "moe_layer_freq": 1, "rope_interleave": True,
-        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "scoring_func": "sigmoid",
-        "topk_method": "noaux_tc", "seq_aux": True, "num_nextn_predict_layers": 0, "torch_dtype": "float32",
-        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True,
+        "architectures": [ARCHITECTURE],
+        "model_type": "deepseek_v3",
+        "num_key_value_heads": config.num_attention_heads,
+        "moe_layer_freq": 1,
+        "rope_interleave": True,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "seq_aux": True,
+        "num_nextn_predict_layers": 0,
+        "torch_dtype": "float32",
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "use_cache": True,
     }
 
 
 def from_hf_config(hf):
     """A KimiConfig from an HF config.json dict, refusing what nanoKimi cannot represent."""
-    checks = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "hidden_act": "silu", "attention_bias": False,
-              "moe_layer_freq": 1, "rope_interleave": True}
+    checks = {
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "moe_layer_freq": 1,
+        "rope_interleave": True,
+    }
     for key, supported in checks.items():
         if key in hf and hf[key] != supported:
             raise UserError(f"{key}={hf[key]!r} is not supported (nanoKimi implements {key}={supported!r})")

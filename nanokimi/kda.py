@@ -65,7 +65,7 @@ def chunk_delta_rule(q, k, v, g, beta, state=None, chunk_size=CHUNK):
     if T > SPAN:  # span by span, the state carried: the same result, the chunk-local tensors of one span at a time
         out = []
         for start in range(0, T, SPAN):
-            o, state = chunk_delta_rule(*(t[:, :, start:start + SPAN] for t in (q, k, v, g, beta)), state, chunk_size)
+            o, state = chunk_delta_rule(*(t[:, :, start : start + SPAN] for t in (q, k, v, g, beta)), state, chunk_size)
             out.append(o)
         return torch.cat(out, dim=2), state
     pad = -T % chunk_size  # padded positions: k = v = 0 and g = 0 leave outputs and state untouched
@@ -175,10 +175,10 @@ class KDA(nn.Module):
         tail = cache.conv[:B] if carried else mixed.new_zeros(B, mixed.shape[1], self.kernel - 1)
         window = torch.cat([tail.to(mixed.dtype), mixed], dim=-1)  # [B, 3w, kernel - 1 + T]
         if cache is not None:
-            cache.conv[:B] = window[..., window.shape[-1] - (self.kernel - 1):]
+            cache.conv[:B] = window[..., window.shape[-1] - (self.kernel - 1) :]
         mixed = F.silu(F.conv1d(window, self.conv1d.weight.to(window.dtype), groups=mixed.shape[1]))
         q, k, v = (t.view(B, T, self.nh, self.d).transpose(1, 2).float() for t in mixed.transpose(1, 2).chunk(3, -1))
-        q, k = l2_normalize(q) * self.d ** -0.5, l2_normalize(k)  # [B, nh, T, d], fp32 as the state
+        q, k = l2_normalize(q) * self.d**-0.5, l2_normalize(k)  # [B, nh, T, d], fp32 as the state
         g = self.forget_gate(x).transpose(1, 2)  # [B, nh, T, d]
         beta = self.b_proj(x).float().sigmoid().transpose(1, 2)  # [B, nh, T]
         state = cache.state[:B] if carried else None

@@ -97,12 +97,17 @@ def yarn_mscale(scale, mscale=1.0):
 def yarn_magnitudes(rope_scaling):
     """YaRN's two magnitude corrections, as HF's DeepseekV3 applies them: (softmax scale multiplier, cos/sin
     multiplier). For K2 (mscale = mscale_all_dim = 1, factor 32): (1.813, 1.0)."""
-    factor, mscale, mscale_all_dim = (rope_scaling["factor"], rope_scaling.get("mscale"),
-                                      rope_scaling.get("mscale_all_dim"))
+    factor, mscale, mscale_all_dim = (
+        rope_scaling["factor"],
+        rope_scaling.get("mscale"),
+        rope_scaling.get("mscale_all_dim"),
+    )
     softmax = yarn_mscale(factor, mscale_all_dim) ** 2 if mscale_all_dim else 1.0
     rope = rope_scaling.get("attention_factor") or (
-        yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
-        else yarn_mscale(factor))
+        yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        if mscale and mscale_all_dim
+        else yarn_mscale(factor)
+    )
     return softmax, rope
 
 
@@ -140,10 +145,14 @@ class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         c = config
-        self.nh, self.d_nope, self.d_rope, self.d_v = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim,
-                                                       c.v_head_dim)
+        self.nh, self.d_nope, self.d_rope, self.d_v = (
+            c.num_attention_heads,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+        )
         self.dropout = c.dropout
-        self.scale = c.qk_head_dim ** -0.5
+        self.scale = c.qk_head_dim**-0.5
         if c.rope_scaling is not None:
             self.scale *= yarn_magnitudes(c.rope_scaling)[0]
 
@@ -154,9 +163,15 @@ class Attention(nn.Module):
         # fused SDPA kernels (flash, CPU flash) need v's head dim equal to q/k's, else a T x T math path runs (5x
         # slower at T=1024 on CPU): zero-pad v and drop the padding from the output, which leaves it unchanged
         pad = q.shape[-1] - self.d_v
-        y = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)) if pad > 0 else v, is_causal=True,
-                                           scale=self.scale, dropout_p=self.dropout if self.training else 0.0)
-        y = y[..., :self.d_v]
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            F.pad(v, (0, pad)) if pad > 0 else v,
+            is_causal=True,
+            scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        y = y[..., : self.d_v]
         return F.dropout(self.o_proj(y.transpose(1, 2).flatten(2)), self.dropout, self.training), head_max
 
     @torch.no_grad()
@@ -166,7 +181,7 @@ class Attention(nn.Module):
         T = q.shape[2]
         head_max = torch.full((self.nh,), -float("inf"), device=q.device)
         for s in range(0, T, chunk):
-            logits = q[:, :, s:s + chunk] @ k.transpose(-1, -2)  # [B, nh, c, T]
+            logits = q[:, :, s : s + chunk] @ k.transpose(-1, -2)  # [B, nh, c, T]
             future = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).triu(s + 1)
             head_max = torch.maximum(head_max, logits.masked_fill_(future, -float("inf")).amax(dim=(0, 2, 3)).float())
         return head_max * self.scale  # scale > 0: max(scale * q.k) = scale * max(q.k), one pass less over the logits
@@ -220,8 +235,8 @@ class MLA(Attention):
         if cos is not None:  # None: mla_use_nope (Kimi Linear), the slice stays shared but unrotated
             q_pe, k_pe = apply_rope(q_pe, cos, sin), apply_rope(k_pe, cos, sin)
         if cache is not None:
-            cache.kv[:B, start_pos:start_pos + T] = c_kv
-            cache.pe[:B, start_pos:start_pos + T] = k_pe.squeeze(1)
+            cache.kv[:B, start_pos : start_pos + T] = c_kv
+            cache.pe[:B, start_pos : start_pos + T] = k_pe.squeeze(1)
             if start_pos > 0:  # decoding: attend over the cached latents
                 return self.o_proj(self.absorbed_attention(q_nope, q_pe, cache, start_pos + T)), None
         # training and prefill: materialise per-head keys and values, causal SDPA
@@ -247,15 +262,16 @@ class MLA(Attention):
         key/value head shared by all heads. Never materialises per-head keys or values."""
         B, _, T, _ = q_nope.shape
         w_kv_b = self.kv_b_proj.weight.view(self.nh, self.d_nope + self.d_v, self.d_c)
-        w_uk, w_uv = w_kv_b[:, :self.d_nope], w_kv_b[:, self.d_nope:]  # [nh, d_nope, d_c], [nh, d_v, d_c]
+        w_uk, w_uv = w_kv_b[:, : self.d_nope], w_kv_b[:, self.d_nope :]  # [nh, d_nope, d_c], [nh, d_v, d_c]
         q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # [B, nh, T, d_c]
         query = torch.cat([q_lat, q_pe], dim=-1)  # [B, nh, T, d_c + d_rope]
         latent = cache.latent[:B, :end].unsqueeze(1)  # [B, 1, end, d_c + d_rope] = [c_kv | k_pe], no copy
         mask = decode_mask(T, end, q_nope.device)
         # the value is c_kv; passing the whole latent (equal q/k/v dims: the fused kernel runs) and keeping the
         # first d_c output columns gives the same result without slicing a copy out of the cache
-        o_lat = F.scaled_dot_product_attention(query, latent, latent, attn_mask=mask, scale=self.scale,
-                                               enable_gqa=True)[..., :self.d_c]
+        o_lat = F.scaled_dot_product_attention(
+            query, latent, latent, attn_mask=mask, scale=self.scale, enable_gqa=True
+        )[..., : self.d_c]
         o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # [B, T, nh, d_v]
         return o.flatten(2)
 
@@ -358,8 +374,11 @@ class MoE(nn.Module):
         self.config = config
         self.gate = Gate(config)
         self.experts = Experts(config)
-        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
-                               if config.n_shared_experts else None)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
         # tokens routed to each expert since the last bias update (summed over training micro-steps, all-reduced
         # under DDP): running statistics, as BatchNorm's, consumed by update_bias once per optimizer step
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
@@ -396,7 +415,8 @@ class MoE(nn.Module):
         B, T, E = scores.shape
         K = indices.shape[-1]
         selected = torch.zeros(B, E, device=scores.device).scatter_add_(
-            1, indices.flatten(1), torch.ones(B, T * K, device=scores.device))
+            1, indices.flatten(1), torch.ones(B, T * K, device=scores.device)
+        )
         f = selected * E / (K * T)  # [B, E], no gradient
         p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # [B, E]
         return alpha * (f * p).sum(-1).mean()
@@ -405,8 +425,11 @@ class MoE(nn.Module):
     def update_bias(self, gamma):
         """b_i += gamma * sign(mean_load - load_i), centred; returns the load statistics of the step."""
         load = self.tokens_per_expert
-        stats = {"max_over_mean": (load.max() / load.mean().clamp(min=1)).item(),
-                 "dead_experts": int((load == 0).sum()), "tokens": load.clone()}
+        stats = {
+            "max_over_mean": (load.max() / load.mean().clamp(min=1)).item(),
+            "dead_experts": int((load == 0).sum()),
+            "tokens": load.clone(),
+        }
         if load.sum() > 0:
             delta = gamma * torch.sign(load.mean() - load)
             self.gate.e_score_correction_bias += delta - delta.mean()
@@ -420,8 +443,11 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = attention_kind(config, layer_id).layer(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = (MLP(config.hidden_size, config.intermediate_size) if layer_id < config.first_k_dense_replace
-                    else MoE(config))
+        self.mlp = (
+            MLP(config.hidden_size, config.intermediate_size)
+            if layer_id < config.first_k_dense_replace
+            else MoE(config)
+        )
 
     def forward(self, x, cos, sin, cache=None, start_pos=0, record_max_logit=False):
         """-> (x, the MoE's balance loss or None, the attention's per-head max logit or None)."""
@@ -490,15 +516,21 @@ class Kimi(nn.Module):
         per-head max attention logit [softmax-attention layers, heads]."""
         T = idx.shape[1]
         if start_pos + T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings "
-                             f"({self.config.max_position_embeddings})")
-        cos, sin = (None, None) if self.rope_cos is None else (self.rope_cos[start_pos:start_pos + T],
-                                                                self.rope_sin[start_pos:start_pos + T])
+            raise ValueError(
+                f"sequence of {start_pos + T} tokens exceeds max_position_embeddings "
+                f"({self.config.max_position_embeddings})"
+            )
+        cos, sin = (
+            (None, None)
+            if self.rope_cos is None
+            else (self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T])
+        )
         x = F.dropout(self.embed_tokens(idx), self.config.dropout, self.training)
         aux_losses, max_logits = [], []
         for i, layer in enumerate(self.layers):
-            x, aux_loss, max_logit = layer(x, cos, sin, None if cache is None else cache[i], start_pos,
-                                           record_max_logits)
+            x, aux_loss, max_logit = layer(
+                x, cos, sin, None if cache is None else cache[i], start_pos, record_max_logits
+            )
             aux_losses += [] if aux_loss is None else [aux_loss]
             max_logits += [] if max_logit is None else [max_logit]  # KDA layers have none
         logits = self.lm_head(self.norm(x))
@@ -528,8 +560,7 @@ class Kimi(nn.Module):
         c = self.config
         inactive = sum(p.numel() for m in self.moe_layers() for p in m.experts.parameters())
         inactive = inactive * (c.n_routed_experts - c.num_experts_per_tok) // c.n_routed_experts
-        return {"total": total, "active": total - inactive,
-                "embedding": self.embed_tokens.weight.numel()}
+        return {"total": total, "active": total - inactive, "embedding": self.embed_tokens.weight.numel()}
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6 x active parameters that do matmuls (the embedding is a lookup; the untied
@@ -539,8 +570,12 @@ class Kimi(nn.Module):
         attn = kinds.count("full_attention") * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq_len
         # KDA per token and head: the chunk's decayed q.k and k.k scores, their products with values (~ 4 C d), and
         # reading, correcting and updating the d x d state (~ 4 d^2); grows with the chunk, not with seq_len
-        kda = kinds.count("linear_attention") * c.linear_num_heads * (4 * CHUNK * c.linear_head_dim
-                                                                      + 4 * c.linear_head_dim ** 2) // 2
+        kda = (
+            kinds.count("linear_attention")
+            * c.linear_num_heads
+            * (4 * CHUNK * c.linear_head_dim + 4 * c.linear_head_dim**2)
+            // 2
+        )
         return 6 * (params["active"] - params["embedding"]) + 6 * (attn + kda)
 
     @property
@@ -550,12 +585,13 @@ class Kimi(nn.Module):
     def make_cache(self, batch_size, max_len):
         """One cache per layer: MLA's latents grow with max_len, KDA's state does not."""
         p = self.lm_head.weight
-        return [attention_kind(self.config, i).cache(self.config, batch_size, max_len, p.device, p.dtype)
-                for i in range(len(self.layers))]
+        return [
+            attention_kind(self.config, i).cache(self.config, batch_size, max_len, p.device, p.dtype)
+            for i in range(len(self.layers))
+        ]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-                 generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
         """Sample max_new_tokens after idx [B, T]; returns [B, T + max_new_tokens]."""
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator))
         return torch.cat([idx] + new, dim=1)
@@ -563,11 +599,21 @@ class Kimi(nn.Module):
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
         """Yield each new token [B, 1] as soon as it is sampled. With use_cache, prefill once and then decode one
         token at a time over the MLA cache; without it, recompute the whole (cropped) context each step."""
-        return generate_tokens(self, idx, max_new_tokens, self.config.max_position_embeddings, temperature, top_k,
-                               top_p, generator, make_cache=self.make_cache if use_cache else None)
+        return generate_tokens(
+            self,
+            idx,
+            max_new_tokens,
+            self.config.max_position_embeddings,
+            temperature,
+            top_k,
+            top_p,
+            generator,
+            make_cache=self.make_cache if use_cache else None,
+        )
 
 
 # ---- the MLA -> MHA ablation (config attention="mha"): not part of Kimi-K2, kept apart from it ----
+
 
 class MHA(Attention):
     """The MLA -> MHA ablation (config attention="mha"), not part of Kimi-K2: full-rank q, k, v projections with
@@ -585,14 +631,19 @@ class MHA(Attention):
         B, T, _ = x.shape
         q, k = (proj(x).view(B, T, self.nh, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj))
         if cos is not None:
-            q, k = (torch.cat([t[..., :self.d_nope], apply_rope(t[..., self.d_nope:], cos, sin)], -1) for t in (q, k))
+            q, k = (torch.cat([t[..., : self.d_nope], apply_rope(t[..., self.d_nope :], cos, sin)], -1) for t in (q, k))
         v = self.v_proj(x).view(B, T, self.nh, -1).transpose(1, 2)  # [B, nh, T, d_v]
         if cache is not None:
-            cache.k[:B, :, start_pos:start_pos + T], cache.v[:B, :, start_pos:start_pos + T] = k, v
+            cache.k[:B, :, start_pos : start_pos + T], cache.v[:B, :, start_pos : start_pos + T] = k, v
             if start_pos > 0:  # decoding: attend over every cached key and value
                 end = start_pos + T
-                y = F.scaled_dot_product_attention(q, cache.k[:B, :, :end], cache.v[:B, :, :end],
-                                                   attn_mask=decode_mask(T, end, x.device), scale=self.scale)
+                y = F.scaled_dot_product_attention(
+                    q,
+                    cache.k[:B, :, :end],
+                    cache.v[:B, :, :end],
+                    attn_mask=decode_mask(T, end, x.device),
+                    scale=self.scale,
+                )
                 return self.o_proj(y.transpose(1, 2).flatten(2)), None
         return self.causal_attention(q, k, v, record_max_logit)
 
@@ -618,11 +669,25 @@ ATTENTION = {"mla": AttentionKind(MLA, MLACache), "mha": AttentionKind(MHA, KVCa
 
 # ---- the config's rules ----
 
+
 def check_config(config):
     """A ValueError naming the field, for a KimiConfig no model can be built from (loaders make it one line)."""
-    positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                "qk_nope_head_dim", "v_head_dim", "intermediate_size", "moe_intermediate_size",
-                "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings"]
+    positive = [
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "v_head_dim",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "n_routed_experts",
+        "num_experts_per_tok",
+        "n_group",
+        "topk_group",
+        "max_position_embeddings",
+    ]
     for name in positive:
         if not isinstance(getattr(config, name), int) or getattr(config, name) <= 0:
             raise ValueError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
@@ -631,19 +696,21 @@ def check_config(config):
     if config.qk_rope_head_dim <= 0 or config.qk_rope_head_dim % 2:
         raise ValueError(f"qk_rope_head_dim must be a positive even number, got {config.qk_rope_head_dim}")
     if config.num_experts_per_tok > config.n_routed_experts:
-        raise ValueError(f"num_experts_per_tok ({config.num_experts_per_tok}) cannot exceed n_routed_experts "
-                         f"({config.n_routed_experts})")
+        raise ValueError(
+            f"num_experts_per_tok ({config.num_experts_per_tok}) cannot exceed n_routed_experts "
+            f"({config.n_routed_experts})"
+        )
     if config.n_routed_experts % config.n_group:
-        raise ValueError(f"n_routed_experts ({config.n_routed_experts}) must be divisible by n_group "
-                         f"({config.n_group})")
+        raise ValueError(
+            f"n_routed_experts ({config.n_routed_experts}) must be divisible by n_group ({config.n_group})"
+        )
     if config.topk_group > config.n_group:
         raise ValueError(f"topk_group ({config.topk_group}) cannot exceed n_group ({config.n_group})")
     group_size = config.n_routed_experts // config.n_group
     if config.n_group > 1 and config.topk_group * group_size < config.num_experts_per_tok:
         raise ValueError("topk_group groups hold fewer experts than num_experts_per_tok: raise topk_group")
     if not 0 <= config.first_k_dense_replace <= config.num_hidden_layers:
-        raise ValueError(f"first_k_dense_replace must be in [0, num_hidden_layers], got "
-                         f"{config.first_k_dense_replace}")
+        raise ValueError(f"first_k_dense_replace must be in [0, num_hidden_layers], got {config.first_k_dense_replace}")
     if config.n_shared_experts < 0:
         raise ValueError(f"n_shared_experts must be >= 0, got {config.n_shared_experts}")
     if not 0.0 <= config.dropout < 1.0:
@@ -658,8 +725,10 @@ def check_config(config):
     if config.layer_types is not None:
         kinds = config.layer_types
         if not (isinstance(kinds, list) and len(kinds) == config.num_hidden_layers and set(kinds) <= set(LAYER_TYPES)):
-            raise ValueError(f"layer_types must list {config.num_hidden_layers} entries (num_hidden_layers), each "
-                             f"{' or '.join(map(repr, LAYER_TYPES))}, got {kinds!r}")
+            raise ValueError(
+                f"layer_types must list {config.num_hidden_layers} entries (num_hidden_layers), each "
+                f"{' or '.join(map(repr, LAYER_TYPES))}, got {kinds!r}"
+            )
     for name in ("linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) <= 0:
             raise ValueError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
@@ -668,7 +737,12 @@ def check_config(config):
         yarn = '{"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, ...}'
         if not isinstance(rs, dict) or rs.get("type", rs.get("rope_type")) != "yarn":
             raise ValueError(f"rope_scaling supports only YaRN ({yarn}), got {rs!r}")
-        if not isinstance(rs.get("factor"), (int, float)) or rs["factor"] < 1 or not isinstance(
-                rs.get("original_max_position_embeddings"), int) or rs["original_max_position_embeddings"] <= 0:
-            raise ValueError(f"YaRN rope_scaling needs factor >= 1 and original_max_position_embeddings > 0 "
-                             f"(e.g. {yarn}), got {rs}")
+        if (
+            not isinstance(rs.get("factor"), (int, float))
+            or rs["factor"] < 1
+            or not isinstance(rs.get("original_max_position_embeddings"), int)
+            or rs["original_max_position_embeddings"] <= 0
+        ):
+            raise ValueError(
+                f"YaRN rope_scaling needs factor >= 1 and original_max_position_embeddings > 0 (e.g. {yarn}), got {rs}"
+            )

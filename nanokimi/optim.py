@@ -57,8 +57,9 @@ def newton_schulz_dtype(device, choice="auto"):
         return getattr(torch, choice)
     dtype = torch.bfloat16 if native_bf16_matmul(device) else torch.float32
     if dist.is_available() and dist.is_initialized():
-        code = torch.tensor([dtype == torch.bfloat16], dtype=torch.int32,
-                            device=device if dist.get_backend() == "nccl" else "cpu")
+        code = torch.tensor(
+            [dtype == torch.bfloat16], dtype=torch.int32, device=device if dist.get_backend() == "nccl" else "cpu"
+        )
         dist.broadcast(code, src=0)
         dtype = torch.bfloat16 if code.item() else torch.float32
     return dtype
@@ -74,10 +75,20 @@ class Muon(torch.optim.Optimizer):
     Newton-Schulz, so a step is a few large kernels instead of dozens of small ones. `ns_dtype` is an attribute, not
     a group setting: a machine's choice, not saved with the optimizer state (a run resumed elsewhere re-chooses)."""
 
-    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
-                 ns_dtype=torch.bfloat16, ns_reason="as set"):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                                      ns_steps=ns_steps))
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        weight_decay=0.1,
+        momentum=0.95,
+        nesterov=True,
+        ns_steps=5,
+        ns_dtype=torch.bfloat16,
+        ns_reason="as set",
+    ):
+        super().__init__(
+            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+        )
         self.ns_dtype = ns_dtype
         self.ns_reason = ns_reason  # why ns_dtype: "as set", or the capability that chose it
 
@@ -105,18 +116,22 @@ class Muon(torch.optim.Optimizer):
             by_shape = {}  # (out, in) -> [(param, its part, its update as [k, out, in])]
             for p, part, update in zip(params, local, updates):
                 if isinstance(p, DTensor) and p.ndim == 2:  # FSDP: rows are sharded, Newton-Schulz needs them all
-                    update = DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape,
-                                                stride=p.stride()).full_tensor()
+                    update = DTensor.from_local(
+                        update, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                    ).full_tensor()
                 # (a 3-D expert stack is sharded along its experts: this rank's experts are whole matrices)
                 by_shape.setdefault(tuple(p.shape[-2:]), []).append((p, part, update.reshape(-1, *p.shape[-2:])))
             for (rows, cols), members in by_shape.items():
-                orthogonal = zeropower_via_newtonschulz(torch.cat([u for *_, u in members]), group["ns_steps"],
-                                                        dtype=self.ns_dtype)
+                orthogonal = zeropower_via_newtonschulz(
+                    torch.cat([u for *_, u in members]), group["ns_steps"], dtype=self.ns_dtype
+                )
                 pieces = orthogonal.to(members[0][1].dtype).split([u.shape[0] for *_, u in members])
                 pieces = [rows_held(p, o[0]) if p.ndim == 2 else o for (p, _, _), o in zip(members, pieces)]
-                torch._foreach_add_([part for _, part, _ in members],
-                                    [o.view_as(part) for (_, part, _), o in zip(members, pieces)],
-                                    alpha=-group["lr"] * 0.2 * math.sqrt(max(rows, cols)))
+                torch._foreach_add_(
+                    [part for _, part, _ in members],
+                    [o.view_as(part) for (_, part, _), o in zip(members, pieces)],
+                    alpha=-group["lr"] * 0.2 * math.sqrt(max(rows, cols)),
+                )
 
 
 class MuonClip:
@@ -164,17 +179,21 @@ class MuonClip:
 
     def load_state_dict(self, state):
         if len(state["optimizers"]) != len(self.optimizers):
-            raise ValueError(f"optimizer state holds {len(state['optimizers'])} optimizers, expected "
-                             f"{len(self.optimizers)}: was it saved with another --optimizer?")
+            raise ValueError(
+                f"optimizer state holds {len(state['optimizers'])} optimizers, expected "
+                f"{len(self.optimizers)}: was it saved with another --optimizer?"
+            )
         for opt, s in zip(self.optimizers, state["optimizers"]):
             params = [p for group in opt.param_groups for p in group["params"]]
             for index, values in s.get("state", {}).items():  # torch loads a tensor of any shape without a word
                 param = params[int(index)] if int(index) < len(params) else None
                 for name, value in values.items():
                     if param is None or torch.is_tensor(value) and value.ndim and value.shape != param.shape:
-                        raise ValueError(f"state {name!r} of parameter {index} has shape "
-                                         f"{tuple(value.shape) if torch.is_tensor(value) else None}, the parameter "
-                                         f"{tuple(param.shape) if param is not None else 'does not exist'}")
+                        raise ValueError(
+                            f"state {name!r} of parameter {index} has shape "
+                            f"{tuple(value.shape) if torch.is_tensor(value) else None}, the parameter "
+                            f"{tuple(param.shape) if param is not None else 'does not exist'}"
+                        )
             opt.load_state_dict(s)
 
 
@@ -190,8 +209,17 @@ def unwrap(model):
     return model
 
 
-def configure_optimizer(model, name="muonclip", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), momentum=0.95,
-                        qk_clip_tau=100.0, track_max_logit=False, muon_dtype="auto"):
+def configure_optimizer(
+    model,
+    name="muonclip",
+    lr=1e-3,
+    weight_decay=0.1,
+    betas=(0.9, 0.95),
+    momentum=0.95,
+    qk_clip_tau=100.0,
+    track_max_logit=False,
+    muon_dtype="auto",
+):
     """Split the model's parameters and build the optimizer `name` in {"muonclip", "muon", "adamw"}.
     `muon_dtype`: Newton-Schulz's precision, "auto" (by this machine's capability: `newton_schulz_dtype`), "float32"
     or "bfloat16".
@@ -219,16 +247,26 @@ def configure_optimizer(model, name="muonclip", lr=1e-3, weight_decay=0.1, betas
         else:
             matrices.append(p)
     fused = next(model.parameters()).device.type in model.fused_adamw_devices
-    optimizers = [torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                     {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas,
-                                    fused=fused)]
+    optimizers = [
+        torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr,
+            betas=betas,
+            fused=fused,
+        )
+    ]
     if matrices:
         device = matrices[0].device
         ns_dtype = newton_schulz_dtype(device, muon_dtype)
-        reason = "as set" if muon_dtype != "auto" else (
-            f"auto: {'native' if ns_dtype == torch.bfloat16 else 'no native'} bf16 matmul on "
-            f"{describe(device).split(',')[0] if device.type == 'cpu' else device.type}")
-        optimizers.append(Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, ns_dtype=ns_dtype,
-                               ns_reason=reason))
-    return MuonClip(optimizers, model.attention_layers(), qk_clip_tau if name == "muonclip" else None,
-                    track_max_logit)
+        reason = (
+            "as set"
+            if muon_dtype != "auto"
+            else (
+                f"auto: {'native' if ns_dtype == torch.bfloat16 else 'no native'} bf16 matmul on "
+                f"{describe(device).split(',')[0] if device.type == 'cpu' else device.type}"
+            )
+        )
+        optimizers.append(
+            Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, ns_dtype=ns_dtype, ns_reason=reason)
+        )
+    return MuonClip(optimizers, model.attention_layers(), qk_clip_tau if name == "muonclip" else None, track_max_logit)

@@ -11,9 +11,21 @@ from .errors import UserError, write_failure
 
 
 NUMBER = (int, float)
-FIELDS = {"step": int, "loss": NUMBER, "train_loss": NUMBER, "val_loss": NUMBER, "lr": NUMBER, "grad_norm": NUMBER,
-          "tokens": int, "time": NUMBER, "tok_per_s": NUMBER, "max_logit": NUMBER, "expert_share": list,
-          "moe_layers": list, "summary": dict}
+FIELDS = {
+    "step": int,
+    "loss": NUMBER,
+    "train_loss": NUMBER,
+    "val_loss": NUMBER,
+    "lr": NUMBER,
+    "grad_norm": NUMBER,
+    "tokens": int,
+    "time": NUMBER,
+    "tok_per_s": NUMBER,
+    "max_logit": NUMBER,
+    "expert_share": list,
+    "moe_layers": list,
+    "summary": dict,
+}
 
 
 def read_records(metrics_path):
@@ -25,17 +37,23 @@ def read_records(metrics_path):
             record = json.loads(line)
         except (json.JSONDecodeError, RecursionError):
             continue
-        if isinstance(record, dict) and ("step" in record or "summary" in record) and all(
-                isinstance(record[k], t) and not isinstance(record[k], bool) for k, t in FIELDS.items()
-                if k in record):
+        if (
+            isinstance(record, dict)
+            and ("step" in record or "summary" in record)
+            and all(
+                isinstance(record[k], t) and not isinstance(record[k], bool) for k, t in FIELDS.items() if k in record
+            )
+        ):
             records.append(record)
     return records
 
 
 def pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -100,6 +118,7 @@ def plot_expert_load(records, path, title):
         except (ValueError, TypeError):
             return None
         return value if value.ndim == 2 and np.isfinite(value).all() else None
+
     logged = [(r, m) for r in records if "expert_share" in r and (m := share(r)) is not None]
     logged = [(r, m) for r, m in logged if m.shape == logged[-1][1].shape]  # the last layout (a resumed run's)
     if not logged:
@@ -111,8 +130,16 @@ def plot_expert_load(records, path, title):
     fig, axes = pyplot().subplots(layers, 1, figsize=(8, 1.2 + 1.6 * layers), squeeze=False, sharex=True)
     start = 2 * steps[0] - steps[1] if len(steps) > 1 else steps[0] - 1  # each column: the steps since the last
     for ax, layer, share in zip(axes[:, 0], layer_ids, shares.transpose(1, 2, 0)):
-        image = ax.imshow(share * experts, aspect="auto", origin="lower", cmap="coolwarm", vmin=0, vmax=2,
-                          interpolation="nearest", extent=(start, steps[-1], -0.5, experts - 0.5))
+        image = ax.imshow(
+            share * experts,
+            aspect="auto",
+            origin="lower",
+            cmap="coolwarm",
+            vmin=0,
+            vmax=2,
+            interpolation="nearest",
+            extent=(start, steps[-1], -0.5, experts - 0.5),
+        )
         ax.set(ylabel=f"layer {layer}\nexpert")
     axes[-1, 0].set(xlabel="step")
     axes[0, 0].set_title(f"{title}: share of routed tokens per expert (1 = fair share)")

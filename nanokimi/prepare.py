@@ -17,9 +17,14 @@ from .corpus import Corpus, HFDataset, describe, progress_bar
 from .errors import UserError
 from .folders import check_destination, finish_swap, kind
 from .prepare_chat import prepare_chat
-from .prepared import DATASET_FILES, new_dataset, token_dtype
-from .tokenizer import (BOUNDARY, TOKENIZER_FILES, CharTokenizer, build_tokenizer, copy_tokenizer, load_tokenizer,
-                        read_meta, write_json)
+from .prepared import DATASET_FILES, new_dataset, save_dataset_meta, token_dtype
+from .tokenizer import (
+    BOUNDARY,
+    TOKENIZER_FILES,
+    CharTokenizer,
+    build_tokenizer,
+    load_tokenizer,
+)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
@@ -29,8 +34,10 @@ def download_shakespeare(dest):
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=20) as response:
             Path(dest).write_bytes(response.read())
     except OSError as e:
-        raise UserError(f"could not download TinyShakespeare ({e.__class__.__name__}): offline? pass a local copy "
-                        f"with --input=PATH/tinyshakespeare.txt") from None
+        raise UserError(
+            f"could not download TinyShakespeare ({e.__class__.__name__}): offline? pass a local copy "
+            f"with --input=PATH/tinyshakespeare.txt"
+        ) from None
 
 
 BATCH_CHARS = 1 << 22  # text encoded per encode_batch call: large enough to keep every core busy
@@ -61,7 +68,7 @@ class SplitFile:
         self.file.flush()
         tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
         for i in range(start, len(tokens), chunk):
-            to.add(np.asarray(tokens[i:i + chunk]), new_document=i == start)
+            to.add(np.asarray(tokens[i : i + chunk]), new_document=i == start)
         del tokens
         self.file.truncate(end * np.dtype(self.dtype).itemsize)
         self.file.seek(0, os.SEEK_END)
@@ -87,8 +94,9 @@ def encoded(corpus, tokenizer, drop_unknown, bar):
     yield from flush()
 
 
-def write_dataset(corpus, tokenizer, out, val_fraction=0.1, val_corpus=None, tokenizer_dir=None,
-                  drop_unknown=False, progress=False):
+def write_dataset(
+    corpus, tokenizer, out, val_fraction=0.1, val_corpus=None, tokenizer_dir=None, drop_unknown=False, progress=False
+):
     """Tokenize the documents of `corpus` into train.bin and val.bin, the boundary token between two documents,
     and write the tokenizer (copied from tokenizer_dir when it came from there, so its files stay byte-identical).
 
@@ -106,18 +114,19 @@ def write_dataset(corpus, tokenizer, out, val_fraction=0.1, val_corpus=None, tok
                 for new_document, ids in encoded(corpus, tokenizer, drop_unknown, bar):
                     if new_document:
                         index += 1
-                        into = train if val_corpus is not None or int((index + 1) * val_fraction) == int(
-                            index * val_fraction) else val
+                        into = (
+                            train
+                            if val_corpus is not None or int((index + 1) * val_fraction) == int(index * val_fraction)
+                            else val
+                        )
                     into.add(ids, new_document)
-                    bar.set_postfix(documents=f"{index + 1:,}", tokens=f"{train.tokens + val.tokens:,}",
-                                    refresh=False)
+                    bar.set_postfix(documents=f"{index + 1:,}", tokens=f"{train.tokens + val.tokens:,}", refresh=False)
             if val_corpus is not None:
                 with progress_bar(val_corpus, "tokenize val", progress) as bar:
                     for new_document, ids in encoded(val_corpus, tokenizer, drop_unknown, bar):
                         val.add(ids, new_document)
             if train.tokens + val.tokens == 0:
-                raise UserError(f"the corpus {describe(corpus)} is empty (no text): pass files with text in "
-                                f"them")
+                raise UserError(f"the corpus {describe(corpus)} is empty (no text): pass files with text in them")
             if val_corpus is None and train.documents + val.documents == 1:  # one document: split by tokens
                 n_train = int(train.tokens * (1 - val_fraction))
                 train.move_tail(n_train, n_train, val)
@@ -125,13 +134,20 @@ def write_dataset(corpus, tokenizer, out, val_fraction=0.1, val_corpus=None, tok
                 train.move_tail(train.last_start, train.last_start - (boundary is not None), val)
                 train.documents -= 1  # moved whole: counted in val now
             if val.tokens == 0:
-                raise UserError(f"the validation split is empty (its documents hold no text): pass more text, "
-                                f"or --val_input with text in it")
-        copy_tokenizer(tokenizer_dir, tmp) if tokenizer_dir is not None else tokenizer.save(tmp)
-        meta = read_meta(tmp) | tokenizer.meta() | {
-            "dtype": np.dtype(dtype).name, "train_tokens": train.tokens, "val_tokens": val.tokens,
-            "train_documents": train.documents, "val_documents": val.documents}
-        write_json(tmp / "meta.json", meta)
+                raise UserError(
+                    "the validation split is empty (its documents hold no text): pass more text, "
+                    "or --val_input with text in it"
+                )
+        meta = save_dataset_meta(
+            tmp,
+            tokenizer,
+            tokenizer_dir,
+            dtype,
+            train_tokens=train.tokens,
+            val_tokens=val.tokens,
+            train_documents=train.documents,
+            val_documents=val.documents,
+        )
     return meta
 
 
@@ -139,34 +155,72 @@ def check_tokenizer_options(dataset, tokenizer, vocab_size, tokenizer_dir, token
     """A UserError for a tokenizer option that the others make meaningless: an option is never silently ignored.
     `tokenizer` None: not given (char, unless --tokenizer_from reuses one)."""
     if tokenizer_dir is not None:
-        given = [f for f, v in (("--tokenizer", tokenizer), ("--vocab_size", vocab_size),
-                                ("--tokenizer_chars", tokenizer_chars), ("--boundary_token", boundary_token))
-                 if v is not None]
+        given = [
+            f
+            for f, v in (
+                ("--tokenizer", tokenizer),
+                ("--vocab_size", vocab_size),
+                ("--tokenizer_chars", tokenizer_chars),
+                ("--boundary_token", boundary_token),
+            )
+            if v is not None
+        ]
         if given:
-            raise UserError(f"--tokenizer_from={tokenizer_dir} reuses that tokenizer, so {', '.join(given)} would "
-                            f"be ignored: drop {'it' if len(given) == 1 else 'them'}, or --tokenizer_from to make a "
-                            f"new tokenizer")
+            raise UserError(
+                f"--tokenizer_from={tokenizer_dir} reuses that tokenizer, so {', '.join(given)} would "
+                f"be ignored: drop {'it' if len(given) == 1 else 'them'}, or --tokenizer_from to make a "
+                f"new tokenizer"
+            )
         return
     kind = tokenizer or "char"
     if dataset == "shakespeare_char" and kind != "char":
-        raise UserError(f"shakespeare_char is char-level: for --tokenizer={kind} use `nanokimi prepare text "
-                        f"--input=tinyshakespeare.txt --tokenizer={kind} ...`")
+        raise UserError(
+            f"shakespeare_char is char-level: for --tokenizer={kind} use `nanokimi prepare text "
+            f"--input=tinyshakespeare.txt --tokenizer={kind} ...`"
+        )
     unused = {"char": ("--vocab_size", "--tokenizer_chars", "--boundary_token"), "bpe": ("--boundary_token",)}.get(
-        kind, ("--vocab_size", "--tokenizer_chars"))  # a tokenizer.json has its vocabulary already
-    given = [f for f, v in (("--vocab_size", vocab_size), ("--tokenizer_chars", tokenizer_chars),
-                            ("--boundary_token", boundary_token)) if v is not None and f in unused]
+        kind, ("--vocab_size", "--tokenizer_chars")
+    )  # a tokenizer.json has its vocabulary already
+    given = [
+        f
+        for f, v in (
+            ("--vocab_size", vocab_size),
+            ("--tokenizer_chars", tokenizer_chars),
+            ("--boundary_token", boundary_token),
+        )
+        if v is not None and f in unused
+    ]
     if given:
-        why = {"char": "a char vocabulary is every character of the text, and its boundary token is nanoKimi's own",
-               "bpe": f"nanoKimi's BPE reserves its own boundary token {BOUNDARY}"}.get(
-            kind, "a given tokenizer.json brings its own vocabulary")
-        raise UserError(f"{', '.join(given)} would be ignored with --tokenizer={kind} ({why}): drop "
-                        f"{'it' if len(given) == 1 else 'them'}" + (", or pass --tokenizer=bpe" if kind == "char"
-                                                                     and "--boundary_token" not in given else ""))
+        why = {
+            "char": "a char vocabulary is every character of the text, and its boundary token is nanoKimi's own",
+            "bpe": f"nanoKimi's BPE reserves its own boundary token {BOUNDARY}",
+        }.get(kind, "a given tokenizer.json brings its own vocabulary")
+        raise UserError(
+            f"{', '.join(given)} would be ignored with --tokenizer={kind} ({why}): drop "
+            f"{'it' if len(given) == 1 else 'them'}"
+            + (", or pass --tokenizer=bpe" if kind == "char" and "--boundary_token" not in given else "")
+        )
 
 
-def prepare(dataset, out, inputs=None, tokenizer=None, vocab_size=None, tokenizer_dir=None, drop_unknown=False,
-            text_field=None, doc_separator=None, val_fraction=0.1, val_inputs=None, tokenizer_chars=None,
-            boundary_token=None, hf_name=None, hf_config=None, hf_split="train", progress=False):
+def prepare(
+    dataset,
+    out,
+    inputs=None,
+    tokenizer=None,
+    vocab_size=None,
+    tokenizer_dir=None,
+    drop_unknown=False,
+    text_field=None,
+    doc_separator=None,
+    val_fraction=0.1,
+    val_inputs=None,
+    tokenizer_chars=None,
+    boundary_token=None,
+    hf_name=None,
+    hf_config=None,
+    hf_split="train",
+    progress=False,
+):
     """`dataset` is "shakespeare_char" (TinyShakespeare, char-level), "text" (local files, folders, globs), "hf"
     (a Hugging Face dataset, streamed) or "chat" (conversations from files or, with hf_name, a Hugging Face dataset:
     prepare_chat.py). `tokenizer`: char (the default), bpe or a tokenizer.json path. With
@@ -176,11 +230,22 @@ def prepare(dataset, out, inputs=None, tokenizer=None, vocab_size=None, tokenize
     out = Path(out)
     if dataset not in ("shakespeare_char", "text", "hf", "chat"):
         raise UserError(f"unknown dataset {dataset!r}: use shakespeare_char, text, hf or chat")
-    if dataset == "chat" and (given := [flag for flag, v in (("--text_field", text_field), ("--doc_separator",
-                                        doc_separator), ("--boundary_token", boundary_token)) if v is not None]):
-        raise UserError(f"{', '.join(given)} would be ignored by prepare chat (a record holds \"messages\" or "
-                        f"\"conversations\", and conversations need no boundary token): drop "
-                        f"{'it' if len(given) == 1 else 'them'}")
+    if dataset == "chat" and (
+        given := [
+            flag
+            for flag, v in (
+                ("--text_field", text_field),
+                ("--doc_separator", doc_separator),
+                ("--boundary_token", boundary_token),
+            )
+            if v is not None
+        ]
+    ):
+        raise UserError(
+            f'{", ".join(given)} would be ignored by prepare chat (a record holds "messages" or '
+            f'"conversations", and conversations need no boundary token): drop '
+            f"{'it' if len(given) == 1 else 'them'}"
+        )
     text_field = text_field or "text"
     records = ConversationRecords() if dataset == "chat" else None
     if not 0 < val_fraction < 1:
@@ -195,8 +260,10 @@ def prepare(dataset, out, inputs=None, tokenizer=None, vocab_size=None, tokenize
     if out.is_dir() and kind(out) is None:
         users = [name for name in DATASET_FILES if (out / name).exists()]
         if users:  # a folder that is no dataset: a meta.json or tokenizer.json there is the user's own
-            raise UserError(f"{out} holds {', '.join(users)} that no prepare wrote (it is no prepared dataset): "
-                            f"`nanokimi prepare` would replace them, pick another --out")
+            raise UserError(
+                f"{out} holds {', '.join(users)} that no prepare wrote (it is no prepared dataset): "
+                f"`nanokimi prepare` would replace them, pick another --out"
+            )
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     own_files = [out / name for name in TOKENIZER_FILES]  # a dataset in an input folder is not read as documents
@@ -211,26 +278,33 @@ def prepare(dataset, out, inputs=None, tokenizer=None, vocab_size=None, tokenize
             raise UserError("prepare hf needs --dataset=NAME (a Hugging Face dataset, e.g. roneneldan/TinyStories)")
         corpus = HFDataset(hf_name, hf_config, hf_split, text_field, data_files=inputs, records=records)
     elif not inputs:
-        raise UserError(f"prepare {dataset} needs --input=PATH (files, folders or globs of "
-                        + (".jsonl, .json, .parquet), or --dataset=NAME" if dataset == "chat" else
-                           ".txt, .jsonl, .parquet)"))
+        raise UserError(
+            f"prepare {dataset} needs --input=PATH (files, folders or globs of "
+            + (".jsonl, .json, .parquet), or --dataset=NAME" if dataset == "chat" else ".txt, .jsonl, .parquet)")
+        )
     else:
         corpus = Corpus(inputs, text_field, doc_separator, skip=own_files, records=records)
-    val_corpus = Corpus(val_inputs, text_field, doc_separator, "--val_input", own_files, records) if val_inputs \
-        else None
+    val_corpus = (
+        Corpus(val_inputs, text_field, doc_separator, "--val_input", own_files, records) if val_inputs else None
+    )
     if val_corpus is not None and isinstance(corpus, Corpus):
         shared = {f.resolve() for f in corpus.files} & {f.resolve() for f in val_corpus.files}
         if shared:
-            raise UserError(f"{sorted(shared)[0]} is in both --input and --val_input: validation would score text the "
-                            f"model trains on, give --val_input files apart from --input")
+            raise UserError(
+                f"{sorted(shared)[0]} is in both --input and --val_input: validation would score text the "
+                f"model trains on, give --val_input files apart from --input"
+            )
     if dataset == "chat":
-        return prepare_chat(out, corpus, val_corpus, tokenizer, vocab_size, tokenizer_dir, tokenizer_chars,
-                            val_fraction, progress)
+        return prepare_chat(
+            out, corpus, val_corpus, tokenizer, vocab_size, tokenizer_dir, tokenizer_chars, val_fraction, progress
+        )
     if tokenizer_dir is not None:
         reused = load_tokenizer(tokenizer_dir)
         if not (corpus.single_document and val_corpus is None) and reused.boundary_token_id is None:
-            raise UserError(f"the vocabulary of {tokenizer_dir} has no document boundary token, and this corpus has "
-                            f"several documents: pass one .txt file, or prepare with a new tokenizer")
+            raise UserError(
+                f"the vocabulary of {tokenizer_dir} has no document boundary token, and this corpus has "
+                f"several documents: pass one .txt file, or prepare with a new tokenizer"
+            )
         if drop_unknown or not isinstance(reused, CharTokenizer):
             meta = write_dataset(corpus, reused, out, val_fraction, val_corpus, tokenizer_dir, drop_unknown, progress)
             return meta | {"dropped": getattr(reused, "dropped", 0)}
@@ -239,10 +313,13 @@ def prepare(dataset, out, inputs=None, tokenizer=None, vocab_size=None, tokenize
             for _, text in c:
                 unknown.update(reused.unknown(text))
         if unknown:
-            raise UserError(f"characters {''.join(sorted(unknown))!r} of {describe(corpus)} are not in the "
-                            f"{reused.vocab_size}-character vocabulary of {tokenizer_dir}: pass --drop_unknown to "
-                            f"drop them from the text")
+            raise UserError(
+                f"characters {''.join(sorted(unknown))!r} of {describe(corpus)} are not in the "
+                f"{reused.vocab_size}-character vocabulary of {tokenizer_dir}: pass --drop_unknown to "
+                f"drop them from the text"
+            )
         return write_dataset(corpus, reused, out, val_fraction, val_corpus, tokenizer_dir, False, progress)
-    made = build_tokenizer(tokenizer, corpus, val_corpus, vocab_size, int(tokenizer_chars or 1e9), boundary_token,
-                           progress)
+    made = build_tokenizer(
+        tokenizer, corpus, val_corpus, vocab_size, int(tokenizer_chars or 1e9), boundary_token, progress
+    )
     return write_dataset(corpus, made, out, val_fraction, val_corpus, None, drop_unknown, progress)

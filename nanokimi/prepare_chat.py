@@ -12,13 +12,14 @@ import numpy as np
 from .chat_template import CHAT_TOKENS, TEMPLATE_VERSION, encode, render
 from .corpus import describe, progress_bar
 from .errors import UserError
-from .prepared import new_dataset, token_dtype
-from .tokenizer import CharTokenizer, build_tokenizer, copy_tokenizer, load_tokenizer, read_meta, write_json
+from .prepared import new_dataset, save_dataset_meta, token_dtype
+from .tokenizer import CharTokenizer, build_tokenizer, load_tokenizer
 
 
 class ChatText:
     """The text of each conversation of a corpus (what the template writes between its tokens), for learning a
     tokenizer: a corpus of texts as prepare.build_tokenizer reads one."""
+
     single_document = False
 
     def __init__(self, corpus):
@@ -30,8 +31,12 @@ class ChatText:
 
     def __iter__(self):
         for _, conversation in self.corpus:
-            yield True, "".join(text for text, special, _ in render(conversation["messages"], conversation["tools"])
-                                if not special)
+            yield (
+                True,
+                "".join(
+                    text for text, special, _ in render(conversation["messages"], conversation["tools"]) if not special
+                ),
+            )
 
 
 class ChatSplit:
@@ -46,8 +51,11 @@ class ChatSplit:
         starts.write(np.array([self.tokens], dtype=np.uint64).tobytes())
         tokens.write(np.array(ids, dtype=self.dtype).tobytes())
         mask.write(np.array(trains, dtype=np.uint8).tobytes())
-        self.tokens, self.conversations, self.trained = self.tokens + len(ids), self.conversations + 1, \
-            self.trained + sum(trains)
+        self.tokens, self.conversations, self.trained = (
+            self.tokens + len(ids),
+            self.conversations + 1,
+            self.trained + sum(trains),
+        )
 
     def close(self):
         for f in self.files:
@@ -58,8 +66,16 @@ def chat_tokenizer(kind, corpus, val_corpus, vocab_size, tokenizer_dir, tokenize
     """(tokenizer, added): the tokenizer --tokenizer makes, or the one of tokenizer_dir, with the chat tokens;
     `added` counts those a reused tokenizer lacked (appended after its vocabulary)."""
     if tokenizer_dir is None:
-        return build_tokenizer(kind or "char", ChatText(corpus), val_corpus and ChatText(val_corpus), vocab_size,
-                               int(tokenizer_chars or 1e9), None, progress, CHAT_TOKENS), 0
+        return build_tokenizer(
+            kind or "char",
+            ChatText(corpus),
+            val_corpus and ChatText(val_corpus),
+            vocab_size,
+            int(tokenizer_chars or 1e9),
+            None,
+            progress,
+            CHAT_TOKENS,
+        ), 0
     tokenizer = load_tokenizer(tokenizer_dir)
     if isinstance(tokenizer, CharTokenizer):
         missing = [t for t in CHAT_TOKENS if tokenizer.special_token_id(t) is None]
@@ -85,28 +101,42 @@ def prepare_chat(out, corpus, val_corpus, kind, vocab_size, tokenizer_dir, token
                             without_reply += 1  # nothing in it would train
                             continue
                         index += not is_val
-                        into = val if is_val or val_corpus is None and int((index + 1) * val_fraction) != int(
-                            index * val_fraction) else train
+                        into = (
+                            val
+                            if is_val
+                            or val_corpus is None
+                            and int((index + 1) * val_fraction) != int(index * val_fraction)
+                            else train
+                        )
                         into.add(*encode(tokenizer, conversation["messages"], conversation["tools"]))
         finally:
             train.close()
             val.close()
         if train.conversations == 0:
-            raise UserError(f"{describe(corpus)} holds no conversation with an assistant message: nothing would "
-                            f"train" + (f" ({without_reply} conversations without one skipped)" if without_reply
-                                        else ""))
+            raise UserError(
+                f"{describe(corpus)} holds no conversation with an assistant message: nothing would "
+                f"train" + (f" ({without_reply} conversations without one skipped)" if without_reply else "")
+            )
         if val.conversations == 0:
-            raise UserError(f"{train.conversations} conversation(s) are too few to hold out every "
-                            f"{round(1 / val_fraction)}th for validation: pass more, a larger --val_fraction, or "
-                            f"--val_input")
-        if tokenizer_dir is not None and not added:
-            copy_tokenizer(tokenizer_dir, tmp)
-        else:
-            tokenizer.save(tmp)
-        meta = read_meta(tmp) | tokenizer.meta() | {
-            "dtype": np.dtype(dtype).name, "train_tokens": train.tokens, "val_tokens": val.tokens,
-            "train_documents": train.conversations, "val_documents": val.conversations,
-            "chat": {"template": TEMPLATE_VERSION, "train_trained_tokens": train.trained,
-                     "val_trained_tokens": val.trained, "skipped_without_reply": without_reply}}
-        write_json(tmp / "meta.json", meta)
+            raise UserError(
+                f"{train.conversations} conversation(s) are too few to hold out every "
+                f"{round(1 / val_fraction)}th for validation: pass more, a larger --val_fraction, or "
+                f"--val_input"
+            )
+        meta = save_dataset_meta(
+            tmp,
+            tokenizer,
+            tokenizer_dir if not added else None,
+            dtype,
+            train_tokens=train.tokens,
+            val_tokens=val.tokens,
+            train_documents=train.conversations,
+            val_documents=val.conversations,
+            chat={
+                "template": TEMPLATE_VERSION,
+                "train_trained_tokens": train.trained,
+                "val_trained_tokens": val.trained,
+                "skipped_without_reply": without_reply,
+            },
+        )
     return meta | {"added_chat_tokens": added}

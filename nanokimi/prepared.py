@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import UserError, write_failure
 from .folders import SWAP_DONE, SWAP_FOLDER, command_lock, commit_swap, finish_swap
-from .tokenizer import TOKENIZER_FILES
+from .tokenizer import TOKENIZER_FILES, copy_tokenizer, read_meta, write_json
 
 # a chat dataset has these too: each token's loss mask and where each conversation starts (prepare_chat.py)
 CHAT_FILES = ("train_mask.bin", "val_mask.bin", "train_starts.bin", "val_starts.bin")
@@ -31,12 +31,23 @@ def new_dataset(out):
             yield tmp
             commit_swap(out, DATASET_FILES)  # the new dataset is the one now: a kill is finished by the next reader
         except OSError as e:
-            raise UserError(f"could not write the dataset to {out} ({write_failure(e)}): free some space or pick a "
-                            f"writable --out") from None
+            raise UserError(
+                f"could not write the dataset to {out} ({write_failure(e)}): free some space or pick a writable --out"
+            ) from None
         finally:
             if not (tmp / SWAP_DONE).exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
 def token_dtype(tokenizer):
-    return np.uint16 if tokenizer.vocab_size < 2 ** 16 else np.uint32
+    return np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32
+
+
+def save_dataset_meta(folder, tokenizer, tokenizer_dir, dtype, **counts):
+    """The tokenizer and meta.json of a dataset written into `folder`: the tokenizer copied from tokenizer_dir when
+    it came from there unchanged (its files stay byte-identical), else saved; meta.json its meta, the token dtype and
+    `counts`. Returns the meta."""
+    copy_tokenizer(tokenizer_dir, folder) if tokenizer_dir is not None else tokenizer.save(folder)
+    meta = read_meta(folder) | tokenizer.meta() | {"dtype": np.dtype(dtype).name} | counts
+    write_json(Path(folder) / "meta.json", meta)
+    return meta

@@ -14,38 +14,115 @@ PRESETS = {
     # moonshotai/Kimi-K2-Instruct config.json (see ../shared/kimi-k2.md section 1): 1.04T total, 32.6B active.
     # Build it on the meta device: `with torch.device("meta"): Kimi(PRESETS["kimi-k2"])`.
     "kimi-k2": KimiConfig(
-        vocab_size=163840, hidden_size=7168, num_hidden_layers=61, num_attention_heads=64,
-        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=384, n_shared_experts=1,
-        num_experts_per_tok=8, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
-        routed_scaling_factor=2.827, max_position_embeddings=131072, rope_theta=50000.0,
-        rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
-                      "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
-        rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.02, aux_loss_alpha=1e-3),
+        vocab_size=163840,
+        hidden_size=7168,
+        num_hidden_layers=61,
+        num_attention_heads=64,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        n_routed_experts=384,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.827,
+        max_position_embeddings=131072,
+        rope_theta=50000.0,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 1.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+        aux_loss_alpha=1e-3,
+    ),
     # moonshotai/Kimi-Linear-48B-A3B config.json: 27 layers, KDA in all but 4, 8, ..., 24 and 27 (1-indexed, MLA
     # without rotary position there), the same DeepSeekMoE. Model card: 48B total, 3B active; counted here (meta
     # device): 49.1B total, 3.5B active per token, 3.1B without the embedding table (a lookup).
     "kimi-linear-48b-a3b": KimiConfig(
-        vocab_size=163840, hidden_size=2304, num_hidden_layers=27, num_attention_heads=32,
-        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        intermediate_size=9216, moe_intermediate_size=1024, n_routed_experts=256, n_shared_experts=1,
-        num_experts_per_tok=8, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
-        routed_scaling_factor=2.446, max_position_embeddings=1048576, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        layer_types=["full_attention" if i + 1 in (4, 8, 12, 16, 20, 24, 27) else "linear_attention"
-                     for i in range(27)],
-        linear_num_heads=32, linear_head_dim=128, linear_conv_kernel_dim=4, mla_use_nope=True),
+        vocab_size=163840,
+        hidden_size=2304,
+        num_hidden_layers=27,
+        num_attention_heads=32,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        intermediate_size=9216,
+        moe_intermediate_size=1024,
+        n_routed_experts=256,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.446,
+        max_position_embeddings=1048576,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        layer_types=[
+            "full_attention" if i + 1 in (4, 8, 12, 16, 20, 24, 27) else "linear_attention" for i in range(27)
+        ],
+        linear_num_heads=32,
+        linear_head_dim=128,
+        linear_conv_kernel_dim=4,
+        mla_use_nope=True,
+    ),
     # Character-level Shakespeare on a 2-core laptop CPU (the run of the same name trains 3 of its layers, ~3 min).
     "shakespeare-char-cpu": KimiConfig(
-        vocab_size=65, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-        q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        intermediate_size=384, moe_intermediate_size=128, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=128, dropout=0.0),
+        vocab_size=65,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        q_lora_rank=96,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        intermediate_size=384,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        max_position_embeddings=128,
+        dropout=0.0,
+    ),
     # GPU size, next to nanoGPT's 10.7M "baby GPT" (6 layers, 6 heads, 384 wide, block 256, dropout 0.2).
     "shakespeare-char": KimiConfig(
-        vocab_size=65, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
-        q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=64,
-        intermediate_size=1536, moe_intermediate_size=256, n_routed_experts=16, n_shared_experts=1,
-        num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=256, dropout=0.2),
+        vocab_size=65,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        q_lora_rank=192,
+        kv_lora_rank=128,
+        qk_nope_head_dim=48,
+        qk_rope_head_dim=16,
+        v_head_dim=64,
+        intermediate_size=1536,
+        moe_intermediate_size=256,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        max_position_embeddings=256,
+        dropout=0.2,
+    ),
 }
 
 # The nanoGPT dense baseline at the same two sizes (nanoGPT's config/train_shakespeare_char.py and its CPU variant).
@@ -63,8 +140,10 @@ def find_preset(name):
         return "kimi", PRESETS[name]
     if name in BASELINE_PRESETS:
         return "gpt", BASELINE_PRESETS[name]
-    raise UserError(f"unknown run or preset {name!r}: choose one of {', '.join([*PRESETS, *BASELINE_PRESETS])} "
-                    f"(`nanokimi train --help` lists the named runs) or pass a .toml file")
+    raise UserError(
+        f"unknown run or preset {name!r}: choose one of {', '.join([*PRESETS, *BASELINE_PRESETS])} "
+        f"(`nanokimi train --help` lists the named runs) or pass a .toml file"
+    )
 
 
 def make_config(arch, base, overrides, source=None):
@@ -108,6 +187,8 @@ def check_fits(arch, config, device, batch_tokens=0, shards=1, context="", fix=N
     free = available_memory(device)
     if free is not None and need > free:
         fix = fix or ("lower --batch_size or --block_size, or the model's size" if batch_tokens else "a smaller model")
-        raise UserError(f"{context or 'the model'} needs about {need / 2 ** 30:.1f} GiB ({params / 1e6:,.1f}M "
-                        f"parameters{', training' if batch_tokens else ''}) but {device} has {free / 2 ** 30:.1f} GiB "
-                        f"available: {fix}")
+        raise UserError(
+            f"{context or 'the model'} needs about {need / 2**30:.1f} GiB ({params / 1e6:,.1f}M "
+            f"parameters{', training' if batch_tokens else ''}) but {device} has {free / 2**30:.1f} GiB "
+            f"available: {fix}"
+        )

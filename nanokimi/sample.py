@@ -15,13 +15,15 @@ MIN_TEMPERATURE = 1e-3
 def check_sampling(temperature, top_k, top_p, seed, max_new_tokens, seeds=1):
     """A UserError for sampling settings out of range (`sample`'s and `chat`'s)."""
     if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= 1e4):
-        raise UserError(f"--temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and 1e4 (lower ones overflow "
-                        f"the probabilities), got {temperature}")
+        raise UserError(
+            f"--temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and 1e4 (lower ones overflow "
+            f"the probabilities), got {temperature}"
+        )
     if (top_k is not None and top_k <= 0) or (top_p is not None and not 0 < top_p <= 1):
         raise UserError("need top_k > 0 and 0 < top_p <= 1")
     if max_new_tokens < 0:
         raise UserError("need max_new_tokens >= 0")
-    if not 0 <= seed < 2 ** 63 - seeds + 1:  # torch's generator seeds are 64-bit; sample i uses seed + i
+    if not 0 <= seed < 2**63 - seeds + 1:  # torch's generator seeds are 64-bit; sample i uses seed + i
         raise UserError(f"--seed must be in [0, 2**63), got {seed}")
 
 
@@ -30,13 +32,26 @@ def load_with_tokenizer(path, device):
     check_device(device)
     model, tokenizer, ckpt = load_model(path, device)
     if tokenizer is None:
-        raise UserError(f"checkpoint {ckpt.path} has no tokenizer (meta.json): copy one in from its dataset, or "
-                        f"import the model from a folder that has tokenizer.json")
+        raise UserError(
+            f"checkpoint {ckpt.path} has no tokenizer (meta.json): copy one in from its dataset, or "
+            f"import the model from a folder that has tokenizer.json"
+        )
     return model, tokenizer
 
 
-def sample(path, prompt=None, max_new_tokens=500, temperature=0.8, top_k=200, top_p=None, seed=1337,
-           num_samples=1, use_cache=True, device="cpu", out=None):
+def sample(
+    path,
+    prompt=None,
+    max_new_tokens=500,
+    temperature=0.8,
+    top_k=200,
+    top_p=None,
+    seed=1337,
+    num_samples=1,
+    use_cache=True,
+    device="cpu",
+    out=None,
+):
     """Print num_samples continuations of prompt, token by token, to `out` (the current sys.stdout by default);
     returns them as strings."""
     out = out or sys.stdout
@@ -51,9 +66,11 @@ def sample(path, prompt=None, max_new_tokens=500, temperature=0.8, top_k=200, to
             raise UserError("this model's vocabulary has no newline, the default prompt: pass --prompt=TEXT")
     ids = tokenizer.encode(prompt)
     if not ids:
-        raise UserError("the prompt is empty: pass --prompt=TEXT with at least one token" if given else
-                        "this model's tokenizer encodes a newline, the default prompt, to no token: pass "
-                        "--prompt=TEXT")
+        raise UserError(
+            "the prompt is empty: pass --prompt=TEXT with at least one token"
+            if given
+            else "this model's tokenizer encodes a newline, the default prompt, to no token: pass --prompt=TEXT"
+        )
     use_cache = use_cache and model.has_kv_cache
     texts = []
     for i in range(num_samples):

@@ -32,8 +32,9 @@ def data_parallel(net):
     its own tokens per expert, so no buffer is synced at forward (torch >= 2.13 names that forward_sync_buffers,
     deprecating the old name)."""
     ddp = torch.nn.parallel.DistributedDataParallel
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
-        "broadcast_buffers"
+    no_sync = (
+        "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    )
     return ddp(net, **{no_sync: False})
 
 
@@ -41,8 +42,11 @@ def shard_model(model, dtype, experts_parallel=False):
     """fully_shard every block, then the root (embeddings, final norm, head). Under bf16/fp16 the gathered parameters
     compute in `dtype` and gradients reduce in fp32. With `experts_parallel`, the routed experts are spread over the
     ranks first (`expert_parallel`) and FSDP shards everything else."""
-    policy = MixedPrecisionPolicy() if dtype == torch.float32 else \
-        MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    policy = (
+        MixedPrecisionPolicy()
+        if dtype == torch.float32
+        else MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    )
     device = next(model.parameters()).device.type
     mesh = init_device_mesh(device, (dist.get_world_size(),))  # one mesh: FSDP's and EP's DTensors mix in grad norms
     owned = expert_parallel(model, mesh) if experts_parallel else set()
@@ -110,12 +114,14 @@ def full_weights(model):
 def full_optimizer_state(optimizer):
     """optimizer.state_dict() (MuonClip's, one per torch optimizer) with every sharded tensor gathered whole: the
     format a single process saves. Every rank must call it (the gathers run in the same order everywhere)."""
+
     def gather(value):
         if isinstance(value, dict):
             return {k: gather(v) for k, v in value.items()}
         if isinstance(value, list):
             return [gather(v) for v in value]
         return value.full_tensor().cpu() if isinstance(value, DTensor) else value
+
     return gather(optimizer.state_dict())
 
 
@@ -128,6 +134,7 @@ def shard_optimizer_state(optimizer, state):
             if isinstance(p, DTensor):
                 for key, value in values.items():
                     if torch.is_tensor(value) and value.shape == p.shape:
-                        values[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements,
-                                                        src_data_rank=None)  # every rank read the same state
+                        values[key] = distribute_tensor(
+                            value.to(p.device), p.device_mesh, p.placements, src_data_rank=None
+                        )  # every rank read the same state
     return state

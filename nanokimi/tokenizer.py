@@ -58,8 +58,10 @@ class CharTokenizer:
     def encode(self, text):
         unknown = self.unknown(text)
         if unknown:
-            raise UserError(f"characters {''.join(unknown)!r} are not in this model's {self.vocab_size}-character "
-                            f"vocabulary: use only characters seen in its training data")
+            raise UserError(
+                f"characters {''.join(unknown)!r} are not in this model's {self.vocab_size}-character "
+                f"vocabulary: use only characters seen in its training data"
+            )
         return [self.stoi[c] for c in text]
 
     def encode_batch(self, texts, drop_unknown=False):
@@ -109,11 +111,16 @@ class HFTokenizer:
         """Byte-level BPE of `vocab_size` tokens learnt from the texts of an iterator (a bounded sample), with the
         special tokens `specials` (the chat tokens) after the boundary token."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      special_tokens=[BOUNDARY] * boundary + list(specials), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[BOUNDARY] * boundary + list(specials),
+            show_progress=False,
+        )
         tok.train_from_iterator(short_words(texts), trainer)
         return cls(tok, tok.token_to_id(BOUNDARY) if boundary else None)
 
@@ -123,10 +130,14 @@ class HFTokenizer:
         (None if neither: then only a one-document corpus can be prepared with it)."""
         tok = read_tokenizer_file(path)
         if boundary_token is not None and tok.token_to_id(boundary_token) is None:
-            raise UserError(f"{path} has no token {boundary_token!r}: pass --boundary_token=TOKEN naming one of its "
-                            f"special tokens (e.g. its end-of-text token)")
-        found = next((t for t in ([boundary_token] if boundary_token else KNOWN_BOUNDARIES)
-                      if tok.token_to_id(t) is not None), None)
+            raise UserError(
+                f"{path} has no token {boundary_token!r}: pass --boundary_token=TOKEN naming one of its "
+                f"special tokens (e.g. its end-of-text token)"
+            )
+        found = next(
+            (t for t in ([boundary_token] if boundary_token else KNOWN_BOUNDARIES) if tok.token_to_id(t) is not None),
+            None,
+        )
         return cls(tok, tok.token_to_id(found) if found else None, Path(path))
 
     def with_special_tokens(self, tokens):
@@ -155,8 +166,10 @@ class HFTokenizer:
         self.tokenizer.encode_special_tokens = True
         try:
             with self.encoding():
-                return [np.array(e.ids, dtype=np.int64)
-                        for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+                return [
+                    np.array(e.ids, dtype=np.int64)
+                    for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+                ]
         finally:
             self.tokenizer.encode_special_tokens = False
 
@@ -167,9 +180,11 @@ class HFTokenizer:
         try:
             yield
         except Exception as e:
-            raise UserError(f"the tokenizer{f' {self.source}' if self.source else ''} cannot encode this text "
-                            f"({str(e)[:100]}): give it an unknown token (e.g. \"unk_token\": \"[UNK]\" in its "
-                            f"model) or use another tokenizer") from None
+            raise UserError(
+                f"the tokenizer{f' {self.source}' if self.source else ''} cannot encode this text "
+                f'({str(e)[:100]}): give it an unknown token (e.g. "unk_token": "[UNK]" in its '
+                f"model) or use another tokenizer"
+            ) from None
 
     def decode(self, ids):
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -180,6 +195,7 @@ class HFTokenizer:
         decoding the whole tail again for each one is quadratic. It reads the prompt first, so that the first token
         joins it as decoding them together would (a WordLevel vocabulary puts a space between words)."""
         from tokenizers.decoders import DecodeStream
+
         decoder = DecodeStream(skip_special_tokens=False)
         for token in prompt_ids:
             decoder.step(self.tokenizer, token)
@@ -218,13 +234,16 @@ class HFTokenizer:
 
 def read_tokenizer_file(path):
     from tokenizers import Tokenizer
+
     if not Path(path).is_file():
         raise UserError(f"tokenizer file {path} not found: pass --tokenizer=char, bpe or PATH/tokenizer.json")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for missing or corrupt files
-        raise UserError(f"cannot read {path} as a Hugging Face tokenizer ({str(e)[:100]}): pass a tokenizer.json "
-                        f"written by the tokenizers library") from None
+        raise UserError(
+            f"cannot read {path} as a Hugging Face tokenizer ({str(e)[:100]}): pass a tokenizer.json "
+            f"written by the tokenizers library"
+        ) from None
 
 
 def bpe_sample(corpus, budget, seed=0):
@@ -240,7 +259,7 @@ def bpe_sample(corpus, budget, seed=0):
             kept, used = rng.random() < keep, 0
         if not kept or used >= cap:
             continue
-        piece = text[:cap - used]
+        piece = text[: cap - used]
         used += len(piece)
         taken += len(piece)
         yield piece
@@ -256,7 +275,7 @@ def short_words(texts, longest=LONGEST_WORD):
     for text in texts:
         start = 0
         for match in run.finditer(text):
-            yield text[start:match.end()]
+            yield text[start : match.end()]
             start = match.end()
         yield text[start:]
 
@@ -276,22 +295,30 @@ def read_meta(folder):
         raise UserError(f"{path} is corrupt ({e}): prepare the data again") from None
     except RecursionError:
         raise UserError(f"{path} is nested too deeply to be a dataset's meta.json: prepare the data again") from None
-    return check_fields(meta, path, {"tokenizer": str, "vocab_size": int, "dtype?": str, "boundary_token_id?": int},
-                        fix="prepare the data again (or restore the file)")
+    return check_fields(
+        meta,
+        path,
+        {"tokenizer": str, "vocab_size": int, "dtype?": str, "boundary_token_id?": int},
+        fix="prepare the data again (or restore the file)",
+    )
 
 
 def load_tokenizer(folder):
     meta = read_meta(folder)
     boundary = meta.get("boundary_token_id")
     if boundary is not None and not 0 <= boundary < meta["vocab_size"]:
-        raise UserError(f"{Path(folder) / 'meta.json'}: \"boundary_token_id\" {boundary} is outside the "
-                        f"{meta['vocab_size']}-token vocabulary: prepare the data again")
+        raise UserError(
+            f'{Path(folder) / "meta.json"}: "boundary_token_id" {boundary} is outside the '
+            f"{meta['vocab_size']}-token vocabulary: prepare the data again"
+        )
     if meta.get("tokenizer") == "char":
         if not isinstance(meta.get("chars"), list) or not all(isinstance(c, str) for c in meta["chars"]):
-            raise UserError(f"{Path(folder) / 'meta.json'} has no valid \"chars\" list: prepare the data again")
+            raise UserError(f'{Path(folder) / "meta.json"} has no valid "chars" list: prepare the data again')
         if len(meta["chars"]) != meta["vocab_size"]:
-            raise UserError(f"{Path(folder) / 'meta.json'}: \"chars\" holds {len(meta['chars'])} characters but "
-                            f"\"vocab_size\" is {meta['vocab_size']}: prepare the data again (or restore the file)")
+            raise UserError(
+                f'{Path(folder) / "meta.json"}: "chars" holds {len(meta["chars"])} characters but '
+                f'"vocab_size" is {meta["vocab_size"]}: prepare the data again (or restore the file)'
+            )
         return CharTokenizer(meta["chars"], boundary)
     if meta.get("tokenizer") == "bpe":
         path = Path(folder) / "tokenizer.json"
@@ -327,23 +354,28 @@ def appended_tokens(base_folder, folder):
         return None
     if base["tokenizer"] == "char":
         old, chars = base.get("chars", []), new.get("chars", [])
-        added = chars[len(old):]
-        return added if chars[:len(old)] == old and all(len(c) != 1 for c in added) else None
+        added = chars[len(old) :]
+        return added if chars[: len(old)] == old and all(len(c) != 1 for c in added) else None
     try:
         old, files = (json.loads((Path(f) / "tokenizer.json").read_text()) for f in (base_folder, folder))
     except (OSError, ValueError):
         return None
     extra, added = old.pop("added_tokens", []), files.pop("added_tokens", [])
-    return [t["content"] for t in added[len(extra):]] if old == files and added[:len(extra)] == extra and all(
-        t.get("special") for t in added[len(extra):]) else None
+    return (
+        [t["content"] for t in added[len(extra) :]]
+        if old == files and added[: len(extra)] == extra and all(t.get("special") for t in added[len(extra) :])
+        else None
+    )
 
 
 def check_same_tokenizer(checkpoint_dir, data_folder):
     """A UserError unless a checkpoint and a dataset share one tokenizer (token ids mean the same text)."""
     if tokenizer_fingerprint(checkpoint_dir) != tokenizer_fingerprint(data_folder):
-        raise UserError(f"the tokenizer of checkpoint {checkpoint_dir} differs from the one of data {data_folder}: "
-                        f"prepare the data with the checkpoint's tokenizer (nanokimi prepare ... "
-                        f"--tokenizer_from={checkpoint_dir})")
+        raise UserError(
+            f"the tokenizer of checkpoint {checkpoint_dir} differs from the one of data {data_folder}: "
+            f"prepare the data with the checkpoint's tokenizer (nanokimi prepare ... "
+            f"--tokenizer_from={checkpoint_dir})"
+        )
 
 
 def copy_tokenizer(src, dst):
@@ -370,33 +402,47 @@ def build_tokenizer(kind, corpus, val_corpus, vocab_size, tokenizer_chars, bound
     if kind == "bpe":
         least = 257 + boundary + len(specials)
         if not vocab_size or vocab_size < least:
-            raise UserError(f"--vocab_size must be at least {least} for byte-level BPE (256 bytes"
-                            f"{' + the boundary token' if boundary else ''}{' + the chat tokens' if specials else ''}"
-                            f" + merges), got {vocab_size}")
-        plain = corpus.total_bytes is not None and all(file_format(f) != "parquet" and f.suffix != ".gz"
-                                                       for f in corpus.files)
-        most = least - 1 + (corpus.total_bytes if plain else 2 ** 32)  # a merge joins two tokens: one per byte
-        if vocab_size > min(most, 2 ** 32):
-            raise UserError(f"--vocab_size={vocab_size} exceeds what {describe(corpus)} can teach a byte-level BPE "
-                            f"({min(most, 2 ** 32)}: 256 bytes + one merge per byte of text): lower --vocab_size")
+            raise UserError(
+                f"--vocab_size must be at least {least} for byte-level BPE (256 bytes"
+                f"{' + the boundary token' if boundary else ''}{' + the chat tokens' if specials else ''}"
+                f" + merges), got {vocab_size}"
+            )
+        plain = corpus.total_bytes is not None and all(
+            file_format(f) != "parquet" and f.suffix != ".gz" for f in corpus.files
+        )
+        most = least - 1 + (corpus.total_bytes if plain else 2**32)  # a merge joins two tokens: one per byte
+        if vocab_size > min(most, 2**32):
+            raise UserError(
+                f"--vocab_size={vocab_size} exceeds what {describe(corpus)} can teach a byte-level BPE "
+                f"({min(most, 2**32)}: 256 bytes + one merge per byte of text): lower --vocab_size"
+            )
         with progress_bar(corpus, "BPE sample", progress) as bar:
+
             def sample():
                 for text in bpe_sample(corpus, tokenizer_chars):
                     bar.update(corpus.bytes_read - bar.n)
                     yield text
+
             tokenizer = HFTokenizer.train(sample(), vocab_size, boundary, specials)
         if tokenizer.vocab_size < vocab_size:
             sampled = corpus.total_bytes is None or tokenizer_chars < corpus.total_bytes
-            raise UserError(f"the text taught byte-level BPE only {tokenizer.vocab_size} tokens, fewer than "
-                            f"--vocab_size={vocab_size}: lower --vocab_size to {tokenizer.vocab_size} or "
-                            + (f"let it learn from more than --tokenizer_chars={tokenizer_chars} characters"
-                               if sampled else "give it more text"))
+            raise UserError(
+                f"the text taught byte-level BPE only {tokenizer.vocab_size} tokens, fewer than "
+                f"--vocab_size={vocab_size}: lower --vocab_size to {tokenizer.vocab_size} or "
+                + (
+                    f"let it learn from more than --tokenizer_chars={tokenizer_chars} characters"
+                    if sampled
+                    else "give it more text"
+                )
+            )
         return tokenizer
     if kind.endswith(".json") or Path(kind).is_file():
         tokenizer = HFTokenizer.from_file(kind, boundary_token)
         if boundary and tokenizer.boundary_token_id is None and not specials:
-            raise UserError(f"{kind} has none of the end-of-text tokens {', '.join(KNOWN_BOUNDARIES[:4])}, ... to "
-                            f"separate documents: pass --boundary_token=TOKEN naming one of its special tokens")
+            raise UserError(
+                f"{kind} has none of the end-of-text tokens {', '.join(KNOWN_BOUNDARIES[:4])}, ... to "
+                f"separate documents: pass --boundary_token=TOKEN naming one of its special tokens"
+            )
         tokenizer.with_special_tokens(specials)
         return tokenizer
     raise UserError(f"unknown tokenizer {kind!r}: use char, bpe or PATH/tokenizer.json")

@@ -37,8 +37,11 @@ def learning_rate(cfg, step, elapsed=0.0):
     horizon = cfg.lr_decay_iters or cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
-    decay_start = cfg.warmup_iters if cfg.lr_schedule == "cosine" else max(cfg.warmup_iters,
-                                                                            horizon - int(cfg.decay_frac * horizon))
+    decay_start = (
+        cfg.warmup_iters
+        if cfg.lr_schedule == "cosine"
+        else max(cfg.warmup_iters, horizon - int(cfg.decay_frac * horizon))
+    )
     if cfg.max_time_s:  # the share of the time budget used counts as the same share of the steps
         step = max(step, elapsed / cfg.max_time_s * horizon)
     progress = (step - decay_start) / max(1, horizon - decay_start)
@@ -49,7 +52,7 @@ def learning_rate(cfg, step, elapsed=0.0):
 
 def step_seed(seed, rank, step, stream):
     """A distinct seed per (run seed, rank, step, stream): batches and dropout replay exactly on resume."""
-    return (((seed * 1_000_003 + rank) * 1_000_033 + step) * 4 + stream) % (2 ** 63)
+    return (((seed * 1_000_003 + rank) * 1_000_033 + step) * 4 + stream) % (2**63)
 
 
 def train(cfg, overrides=None):
@@ -69,58 +72,86 @@ class Trainer:
     def __init__(self, cfg, overrides, run):
         self.cfg, self.run = cfg, run
         if cfg.grad_accum % run.world:
-            raise UserError(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes "
-                            f"({run.world})")
+            raise UserError(f"grad_accum ({cfg.grad_accum}) must be divisible by the number of processes ({run.world})")
         if cfg.ep and run.distributed and not cfg.fsdp:
-            raise UserError("--ep spreads the experts over the processes of an FSDP run: add --fsdp (`... train ... "
-                            "--fsdp --ep`); DDP replicates every expert on every process")
+            raise UserError(
+                "--ep spreads the experts over the processes of an FSDP run: add --fsdp (`... train ... "
+                "--fsdp --ep`); DDP replicates every expert on every process"
+            )
         if cfg.ep and not run.distributed:
-            raise UserError("--ep spreads the experts over the processes of an FSDP run: launch with `torchrun "
-                            "--nproc_per_node=N -m nanokimi train ... --fsdp --ep`")
+            raise UserError(
+                "--ep spreads the experts over the processes of an FSDP run: launch with `torchrun "
+                "--nproc_per_node=N -m nanokimi train ... --fsdp --ep`"
+            )
         if cfg.fsdp and not run.distributed:
-            raise UserError("--fsdp shards the model over several processes: launch with `torchrun "
-                            "--nproc_per_node=N -m nanokimi train ... --fsdp`")
+            raise UserError(
+                "--fsdp shards the model over several processes: launch with `torchrun "
+                "--nproc_per_node=N -m nanokimi train ... --fsdp`"
+            )
         self.micro_steps = cfg.grad_accum // run.world
         plan = plan_run(cfg, overrides)
         self.data, self.arch, self.model_config, source = plan.data, plan.arch, plan.config, plan.source
         experts = getattr(self.model_config, "n_routed_experts", 0)
         if cfg.ep and (not experts or experts % run.world):
-            raise UserError(f"--ep gives each of the {run.world} processes an equal share of the routed experts, but "
-                            f"{cfg.preset} has {experts}: use a process count that divides {experts}" if experts else
-                            f"--ep spreads routed experts, and {cfg.preset} ({self.arch}) has none: drop --ep")
+            raise UserError(
+                f"--ep gives each of the {run.world} processes an equal share of the routed experts, but "
+                f"{cfg.preset} has {experts}: use a process count that divides {experts}"
+                if experts
+                else f"--ep spreads routed experts, and {cfg.preset} ({self.arch}) has none: drop --ep"
+            )
         torch.manual_seed(cfg.seed)
-        model = build_model(self.arch, self.model_config, run.device, cfg.batch_size * cfg.block_size,
-                            run.world if cfg.fsdp else 1, f"training {cfg.preset} at --batch_size={cfg.batch_size} "
-                                                           f"--block_size={cfg.block_size}")
+        model = build_model(
+            self.arch,
+            self.model_config,
+            run.device,
+            cfg.batch_size * cfg.block_size,
+            run.world if cfg.fsdp else 1,
+            f"training {cfg.preset} at --batch_size={cfg.batch_size} --block_size={cfg.block_size}",
+        )
         if source is not None:
             source.load_weights(model, grow_vocab=bool(plan.added_tokens))
         if plan.added_tokens and run.master:
-            print(f"note: {len(plan.added_tokens)} tokens of {cfg.data}'s tokenizer ({', '.join(plan.added_tokens[:3])}"
-                  f"{', ...' if len(plan.added_tokens) > 3 else ''}) are new to {source.path}: their embedding and "
-                  f"output rows start at the mean of the others", flush=True)
+            print(
+                f"note: {len(plan.added_tokens)} tokens of {cfg.data}'s tokenizer ({', '.join(plan.added_tokens[:3])}"
+                f"{', ...' if len(plan.added_tokens) > 3 else ''}) are new to {source.path}: their embedding and "
+                f"output rows start at the mean of the others",
+                flush=True,
+            )
         self.model = model.to(run.device)
         if cfg.fsdp:
             sharding.shard_model(self.model, run.dtype, experts_parallel=cfg.ep)
         muon_dtype = cfg.muon_dtype
         if cfg.resume and muon_dtype == "auto":  # keep the precision the run chose, so that it replays bitwise
             muon_dtype = source.trainer_state().get("muon_dtype", "auto")
-        self.optimizer = configure_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay,
-                                             (cfg.beta1, cfg.beta2), qk_clip_tau=cfg.qk_clip_tau,
-                                             track_max_logit=cfg.log_max_logit, muon_dtype=muon_dtype)
+        self.optimizer = configure_optimizer(
+            self.model,
+            cfg.optimizer,
+            cfg.lr,
+            cfg.weight_decay,
+            (cfg.beta1, cfg.beta2),
+            qk_clip_tau=cfg.qk_clip_tau,
+            track_max_logit=cfg.log_max_logit,
+            muon_dtype=muon_dtype,
+        )
         self.step, self.best_val, self.elapsed, self.evaluated_at = 0, float("inf"), 0.0, None
         self.max_logits = None  # [layers, heads] of the last step, when the optimizer asks for them
         if cfg.resume:
             saved = (source.train_config or {}).get("optimizer")
             if saved != cfg.optimizer:
-                raise UserError(f"{source.path} was trained with --optimizer={saved}: resume with the same optimizer, "
-                                f"or start a new run from its weights with --init_from")
+                raise UserError(
+                    f"{source.path} was trained with --optimizer={saved}: resume with the same optimizer, "
+                    f"or start a new run from its weights with --init_from"
+                )
             try:
                 state = source.optimizer_state()
-                self.optimizer.load_state_dict(sharding.shard_optimizer_state(self.optimizer, state) if cfg.fsdp
-                                               else state)
+                self.optimizer.load_state_dict(
+                    sharding.shard_optimizer_state(self.optimizer, state) if cfg.fsdp else state
+                )
             except (ValueError, KeyError, RuntimeError) as e:
-                raise UserError(f"optimizer state in {source.path} does not fit this model ({e}): use --init_from to "
-                                f"start a new run from its weights") from None
+                raise UserError(
+                    f"optimizer state in {source.path} does not fit this model ({e}): use --init_from to "
+                    f"start a new run from its weights"
+                ) from None
             state = source.trainer_state()
             self.step, self.best_val, self.elapsed = state["step"], state["best_val_loss"], state["elapsed"]
             self.evaluated_at = state.get("evaluated_at")
@@ -130,8 +161,9 @@ class Trainer:
             net = sharding.data_parallel(net)
         self.net = net
         self.metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
-        self.expert_watch = ExpertWatch([i for i, block in enumerate(self.model.blocks())
-                                         if isinstance(getattr(block, "mlp", None), MoE)])
+        self.expert_watch = ExpertWatch(
+            [i for i, block in enumerate(self.model.blocks()) if isinstance(getattr(block, "mlp", None), MoE)]
+        )
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def log(self, record):
@@ -140,26 +172,51 @@ class Trainer:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
-                raise UserError(f"could not write {self.metrics_path} ({write_failure(e)}): free some space or make "
-                                f"the folder writable, then --resume") from None
+                raise UserError(
+                    f"could not write {self.metrics_path} ({write_failure(e)}): free some space or make "
+                    f"the folder writable, then --resume"
+                ) from None
 
     def evaluate(self):
         """Mean loss per split on eval_iters x batch_size fixed windows: the same tokens at every eval."""
-        return {split: evaluate(self.model, self.data, split, self.cfg.eval_iters * self.cfg.batch_size,
-                                self.cfg.batch_size, self.run.device, self.run.autocast)["loss"]
-                for split in ("train", "val")}
+        return {
+            split: evaluate(
+                self.model,
+                self.data,
+                split,
+                self.cfg.eval_iters * self.cfg.batch_size,
+                self.cfg.batch_size,
+                self.run.device,
+                self.run.autocast,
+            )["loss"]
+            for split in ("train", "val")
+        }
 
     def save(self):
         # under FSDP every rank takes part in gathering the full state, which rank 0 writes: one checkpoint format
         weights = sharding.full_weights(self.model) if self.cfg.fsdp else None
-        optimizer_state = sharding.full_optimizer_state(self.optimizer) if self.cfg.fsdp else \
-            self.optimizer.state_dict()
+        optimizer_state = (
+            sharding.full_optimizer_state(self.optimizer) if self.cfg.fsdp else self.optimizer.state_dict()
+        )
         if not self.run.master:
             return
-        checkpoint.save(self.cfg.out_dir, self.model, self.arch, self.model_config, saved_settings(self.cfg),
-                        self.cfg.data, optimizer_state,
-                        {"step": self.step, "best_val_loss": self.best_val, "elapsed": self.elapsed,
-                         "evaluated_at": self.evaluated_at, "muon_dtype": self.muon_dtype()}, weights=weights)
+        checkpoint.save(
+            self.cfg.out_dir,
+            self.model,
+            self.arch,
+            self.model_config,
+            saved_settings(self.cfg),
+            self.cfg.data,
+            optimizer_state,
+            {
+                "step": self.step,
+                "best_val_loss": self.best_val,
+                "elapsed": self.elapsed,
+                "evaluated_at": self.evaluated_at,
+                "muon_dtype": self.muon_dtype(),
+            },
+            weights=weights,
+        )
 
     def muon_dtype(self):
         """The precision Muon's Newton-Schulz runs in ("float32"/"bfloat16"), or "auto" without Muon."""
@@ -192,8 +249,10 @@ class Trainer:
         if run.distributed:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
         if not torch.isfinite(total):
-            raise UserError(f"loss became {total.item()} at step {self.step}: the last good checkpoint in "
-                            f"{cfg.out_dir} is kept; lower --lr or raise --warmup_iters and resume or restart")
+            raise UserError(
+                f"loss became {total.item()} at step {self.step}: the last good checkpoint in "
+                f"{cfg.out_dir} is kept; lower --lr or raise --warmup_iters and resume or restart"
+            )
         for opt in self.optimizer.optimizers:
             self.scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
@@ -212,15 +271,19 @@ class Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
             kept = []
             if cfg.resume and self.metrics_path.exists():  # drop what the interrupted run logged past its checkpoint
-                kept = [json.dumps(r) for r in read_records(self.metrics_path)
-                        if r.get("step", self.step + 1) <= self.step]
+                kept = [
+                    json.dumps(r) for r in read_records(self.metrics_path) if r.get("step", self.step + 1) <= self.step
+                ]
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
         params = self.model.num_params()
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
         if run.master:
-            print(f"{self.arch} {cfg.preset}: {params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M "
-                  f"active), {tokens_per_step} tokens/step, {cfg.optimizer}, {run.device} {str(run.dtype)[6:]}"
-                  f"{f', {run.world} processes' if run.distributed else ''}; {self.precisions()}", flush=True)
+            print(
+                f"{self.arch} {cfg.preset}: {params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M "
+                f"active), {tokens_per_step} tokens/step, {cfg.optimizer}, {run.device} {str(run.dtype)[6:]}"
+                f"{f', {run.world} processes' if run.distributed else ''}; {self.precisions()}",
+                flush=True,
+            )
             for note in getattr(self.data, "notes", ()):
                 print(f"note: {note}", flush=True)
         stop = StopRequest()
@@ -228,9 +291,14 @@ class Trainer:
         # a bar on a terminal; in a log file (stderr redirected), plain lines at each log record instead
         report = cfg.progress and run.master
         show_bar, show_lines = report and sys.stderr.isatty(), report and not sys.stderr.isatty()
-        bar = tqdm(total=math.ceil(cfg.max_time_s) or cfg.max_iters, initial=self.progress(), dynamic_ncols=True,
-                   disable=not show_bar, unit="step",
-                   bar_format=seconds_bar if cfg.max_time_s else None)
+        bar = tqdm(
+            total=math.ceil(cfg.max_time_s) or cfg.max_iters,
+            initial=self.progress(),
+            dynamic_ncols=True,
+            disable=not show_bar,
+            unit="step",
+            bar_format=seconds_bar if cfg.max_time_s else None,
+        )
         last_eval, status = None, "finished"
         try:
             self.model.train()
@@ -245,9 +313,15 @@ class Trainer:
                 self.elapsed += dt
                 stopping = self.sync_clock_and_stop(stop)
                 if self.step % cfg.log_interval == 0 or self.done():
-                    record = {"step": self.step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-                              "tokens": self.step * tokens_per_step, "time": self.elapsed,
-                              "tok_per_s": tokens_per_step / dt}
+                    record = {
+                        "step": self.step,
+                        "loss": loss.item(),
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "tokens": self.step * tokens_per_step,
+                        "time": self.elapsed,
+                        "tok_per_s": tokens_per_step / dt,
+                    }
                     if self.max_logits is not None:
                         record["max_logit"] = self.max_logits.max().item()
                     if loads:
@@ -256,11 +330,13 @@ class Trainer:
                         record["expert_share"] = self.expert_watch.shares_since_log()
                         record["moe_layers"] = self.expert_watch.layer_ids
                     self.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}",
-                                    refresh=False)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tok_per_s']:.0f}", refresh=False)
                     if show_lines:
-                        print(f"step {self.step}: loss {record['loss']:.4f}, lr {lr:.2e}, {record['tok_per_s']:.0f} "
-                              f"tokens/s, {self.elapsed:.1f} s", flush=True)
+                        print(
+                            f"step {self.step}: loss {record['loss']:.4f}, lr {lr:.2e}, {record['tok_per_s']:.0f} "
+                            f"tokens/s, {self.elapsed:.1f} s",
+                            flush=True,
+                        )
                 bar.update(self.progress() - bar.n)
                 if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0:
                     self.save()
@@ -276,10 +352,16 @@ class Trainer:
         finally:
             bar.close()
             stop.restore()
-        summary = {"status": status, "step": self.step, "train_time_s": round(self.elapsed, 1),
-                   "params_total": params["total"], "params_active": params["active"],
-                   "train_loss": last_eval and last_eval["train"], "val_loss": last_eval and last_eval["val"],
-                   "checkpoint": str(out_dir / checkpoint.NAME)}
+        summary = {
+            "status": status,
+            "step": self.step,
+            "train_time_s": round(self.elapsed, 1),
+            "params_total": params["total"],
+            "params_active": params["active"],
+            "train_loss": last_eval and last_eval["train"],
+            "val_loss": last_eval and last_eval["val"],
+            "checkpoint": str(out_dir / checkpoint.NAME),
+        }
         if run.master:
             self.log({"summary": summary})
             plot_run(out_dir, cfg.qk_clip_tau if cfg.optimizer == "muonclip" else None)
@@ -331,6 +413,7 @@ class ExpertWatch:
     """Routed-token counts of every MoE layer, summed between log records (for experts.png) and between evals, and
     a warning, once per run, when an expert has received under DEAD_SHARE of its fair share of tokens for
     DEAD_EVALS evals in a row (a dead expert: its bias cannot revive it fast enough, or the router collapsed)."""
+
     DEAD_SHARE, DEAD_EVALS = 0.1, 3
 
     def __init__(self, layer_ids):
@@ -367,5 +450,7 @@ class ExpertWatch:
             return None
         self.warned = True
         named = ", ".join(f"layer {self.layer_ids[layer]} expert {expert}" for layer, expert in dead)
-        return (f"dead experts: {named} received under {self.DEAD_SHARE:g} of a fair share of tokens for "
-                f"{self.DEAD_EVALS} evals in a row (see experts.png; a larger --bias_update_gamma rebalances faster)")
+        return (
+            f"dead experts: {named} received under {self.DEAD_SHARE:g} of a fair share of tokens for "
+            f"{self.DEAD_EVALS} evals in a row (see experts.png; a larger --bias_update_gamma rebalances faster)"
+        )

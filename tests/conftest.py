@@ -19,9 +19,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT / "tests" / "data" / "tinyshakespeare.txt"
 
 # The one tiny model of the tests: trains in seconds. As a KimiConfig (tiny_config) and as CLI flags (TINY).
-TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=24, kv_lora_rank=16,
-                  qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, intermediate_size=64, moe_intermediate_size=32,
-                  n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+TINY_MODEL = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    q_lora_rank=24,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    intermediate_size=64,
+    moe_intermediate_size=32,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=32,
+)
 TINY_TRAIN = dict(batch_size=4, block_size=32, eval_iters=2, log_interval=1, progress=False, warmup_iters=2)
 TINY = [f"--{k}={v}" for k, v in (TINY_MODEL | TINY_TRAIN).items()]
 
@@ -50,8 +62,7 @@ def made(tmp_path_factory, char_data):
     """A folder holding a tiny training run (run/) and its Hugging Face export (hf/). Tests only read it: one that
     edits copies it first."""
     root = tmp_path_factory.mktemp("made")
-    main(["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={root / 'run'}", *TINY,
-          "--max_iters=2"])
+    main(["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={root / 'run'}", *TINY, "--max_iters=2"])
     assert run_cli("export", root / "run", root / "hf").returncode == 0
     return root
 
@@ -65,8 +76,14 @@ def free_port():
 
 def run_cli(*args, cwd=None, env=None, timeout=600):
     """Run `python -m nanokimi ARGS` in a subprocess; returns CompletedProcess with text output."""
-    return subprocess.run([sys.executable, "-m", "nanokimi", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env=env or os.environ.copy())
+    return subprocess.run(
+        [sys.executable, "-m", "nanokimi", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env=env or os.environ.copy(),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -82,15 +99,17 @@ def teacher_forced_logits(model, seq, start, max_context=None):
     """The logits [B, N, vocab] a model gives before each of seq[:, start:] (N tokens), fed the true tokens: one
     forward within the context; past it, each from the window of the max_context tokens before it (as uncached
     sampling crops). `model(idx)` returns logits first (nanoKimi's tuple) or an object with .logits (transformers)."""
+
     def logits_of(idx):
         out = model(idx)
         return out[0] if isinstance(out, tuple) else out.logits
 
     with torch.no_grad():
         if max_context is None or seq.shape[1] - 1 <= max_context:
-            return logits_of(seq[:, :-1])[:, start - 1:].float()
-        return torch.stack([logits_of(seq[:, max(0, t - max_context):t])[:, -1] for t in
-                            range(start, seq.shape[1])], 1).float()
+            return logits_of(seq[:, :-1])[:, start - 1 :].float()
+        return torch.stack(
+            [logits_of(seq[:, max(0, t - max_context) : t])[:, -1] for t in range(start, seq.shape[1])], 1
+        ).float()
 
 
 def assert_greedy(tokens, logits, tol=LOGIT_TOLERANCE):
@@ -107,12 +126,14 @@ def assert_sampled_greedily(out_dir, prompt, max_new_tokens):
     context: each prints the prompt and max_new_tokens greedy tokens (checked against the checkpoint's
     teacher-forced logits) and a newline."""
     from nanokimi.checkpoint import load_model
+
     model, tokenizer, _ = load_model(out_dir)
     start = len(tokenizer.encode(prompt))
     assert start + max_new_tokens <= model.config.max_position_embeddings  # past it the paths part (test_model.py)
     for extra in ([], ["--no_cache"]):
-        result = run_cli("sample", out_dir, f"--prompt={prompt}", f"--max_new_tokens={max_new_tokens}",
-                         "--temperature=0", *extra)
+        result = run_cli(
+            "sample", out_dir, f"--prompt={prompt}", f"--max_new_tokens={max_new_tokens}", "--temperature=0", *extra
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(prompt) and result.stdout.endswith("\n"), result.stdout
         seq = torch.tensor([tokenizer.encode(result.stdout[:-1])])
@@ -146,8 +167,11 @@ def assert_same_training(out_dir, reference, rel=2e-3):
 def wait_for_steps(proc, out_dir, steps, timeout=120):
     """Wait until the training process `proc` has logged `steps` steps in out_dir (or ended, or timed out)."""
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not (
-            (Path(out_dir) / "metrics.jsonl").exists() and len(step_losses(out_dir)) >= steps):
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not ((Path(out_dir) / "metrics.jsonl").exists() and len(step_losses(out_dir)) >= steps)
+    ):
         time.sleep(0.2)
 
 
@@ -171,8 +195,8 @@ def readme_lines(marker, page="README.md"):
     """The lines of the first ```bash block after `marker` in `page` (README.md or docs/NAME.md): the commands a
     user copies."""
     readme = (ROOT / page).read_text()
-    block = readme[readme.index("```bash\n", readme.index(marker)) + 8:]
-    block = block[:block.index("\n```")]
+    block = readme[readme.index("```bash\n", readme.index(marker)) + 8 :]
+    block = block[: block.index("\n```")]
     assert "../shared" not in block
     return block.splitlines()
 
@@ -182,7 +206,7 @@ def run_as_user(lines, user, tmp_path):
     interpreter, whether installed or not); each must succeed. Returns their outputs."""
     nanokimi = tmp_path / "bin" / "nanokimi"
     nanokimi.parent.mkdir(exist_ok=True)
-    nanokimi.write_text(f"#!/bin/sh\nexec {sys.executable} -m nanokimi \"$@\"\n")
+    nanokimi.write_text(f'#!/bin/sh\nexec {sys.executable} -m nanokimi "$@"\n')
     nanokimi.chmod(0o755)
     env = os.environ | {"PATH": f"{nanokimi.parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     outputs = []
@@ -207,5 +231,7 @@ def pytest_sessionfinish(session, exitstatus):
     unstated = [(node, reason) for node, reason in _skipped if not any(s in reason for s in STATED_SKIPS)]
     if unstated and exitstatus == 0:
         session.exitstatus = 1
-        print(f"\n{len(unstated)} tests skipped for a reason not in tests/conftest.py's STATED_SKIPS (a missing "
-              f"install step or file?):\n" + "\n".join(f"  {node}: {reason}" for node, reason in unstated[:20]))
+        print(
+            f"\n{len(unstated)} tests skipped for a reason not in tests/conftest.py's STATED_SKIPS (a missing "
+            f"install step or file?):\n" + "\n".join(f"  {node}: {reason}" for node, reason in unstated[:20])
+        )

@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from nanokimi.model import Kimi
+from nanokimi.processes import exit_worker
 from nanokimi.sharding import expert_parallel
 from tests.conftest import tiny_config
 
@@ -63,3 +64,4 @@ for routing in ("random", "owner-0", "idle-expert"):
     check(routing, dist.get_rank(), dist.get_world_size())
 dist.barrier()  # the ranks leave together, as processes.Run.close: none tears down its connections under a peer's feet
 dist.destroy_process_group()
+exit_worker()  # as `nanokimi train` under torchrun: no C++ destructors at exit (processes.exit_worker)

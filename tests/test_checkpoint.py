@@ -18,6 +18,7 @@ def test_checkpoint_survives_crash_mid_save(char_data, tmp_path, monkeypatch):
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing")
+
     monkeypatch.setattr(safetensors.torch, "save_file", crash)  # dies halfway through writing the new one
     with pytest.raises(SystemExit):
         train(char_data, out, "--resume", "--max_iters=4")
@@ -31,6 +32,7 @@ def test_checkpoint_survives_crash_mid_save(char_data, tmp_path, monkeypatch):
         if len(calls) == 2:
             raise KeyboardInterrupt("killed between renames")
         real_replace(src, dst)
+
     monkeypatch.setattr(os, "replace", die_between_renames)
     with pytest.raises(SystemExit):
         train(char_data, out, "--resume", "--max_iters=4")
@@ -53,8 +55,18 @@ def test_checkpoint_problems_are_reported_and_nothing_lost(char_data, tmp_path, 
     assert checkpoint.Checkpoint(out).trainer_state() == good
     # diverging run (absurd lr): stops with the step, keeps the last good checkpoint
     assert "same optimizer" in cli_error(capsys, "train", "x", f"--out_dir={out}", "--resume", "--optimizer=adamw")
-    err = cli_error(capsys, "train", "x", f"--out_dir={out}", "--resume", "--max_iters=50", "--lr=1e12",
-                    "--min_lr=0", "--grad_clip=0", "--warmup_iters=0")
+    err = cli_error(
+        capsys,
+        "train",
+        "x",
+        f"--out_dir={out}",
+        "--resume",
+        "--max_iters=50",
+        "--lr=1e12",
+        "--min_lr=0",
+        "--grad_clip=0",
+        "--warmup_iters=0",
+    )
     assert "loss became" in err and "at step" in err
     assert checkpoint.Checkpoint(out).trainer_state() == good
     # corrupt and truncated files
@@ -68,13 +80,26 @@ def test_checkpoint_problems_are_reported_and_nothing_lost(char_data, tmp_path, 
 def test_a_diverging_run_never_saves_non_finite_weights(char_data, tmp_path, capsys):
     out = tmp_path / "run"
     train(char_data, out, "--max_iters=10")
-    err = cli_error(capsys, "train", "x", f"--out_dir={out}", "--resume", "--max_iters=200", "--lr=1e4", "--min_lr=0",
-                    "--grad_clip=0", "--warmup_iters=0", "--eval_interval=1", "--ckpt_interval=1")
+    err = cli_error(
+        capsys,
+        "train",
+        "x",
+        f"--out_dir={out}",
+        "--resume",
+        "--max_iters=200",
+        "--lr=1e4",
+        "--min_lr=0",
+        "--grad_clip=0",
+        "--warmup_iters=0",
+        "--eval_interval=1",
+        "--ckpt_interval=1",
+    )
     assert "last good checkpoint" in err
     assert checkpoint.Checkpoint(out).trainer_state()["step"] >= 10
     weights = safetensors.torch.load_file(out / "checkpoint" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     from nanokimi.hf import from_pretrained
+
     with torch.no_grad():  # the kept checkpoint computes: finite logits of a real distribution
         probs = from_pretrained(out)(torch.randint(0, 50, (2, 16)))[0].softmax(-1)
     assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(2, 16))
@@ -85,8 +110,9 @@ def not_writable(*args, **kwargs):
 
 
 @pytest.mark.parametrize("failure, message", [(disk_full, "No space left"), (not_writable, "Permission denied")])
-def test_a_full_disk_or_a_read_only_folder_during_a_save_is_one_line_and_resumable(failure, message, char_data,
-                                                                                    tmp_path, capsys, monkeypatch):
+def test_a_full_disk_or_a_read_only_folder_during_a_save_is_one_line_and_resumable(
+    failure, message, char_data, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "run"
     train(char_data, out, "--max_iters=2")
     monkeypatch.setattr(safetensors.torch, "save_file", failure)
@@ -109,8 +135,9 @@ def test_resume_skips_a_metrics_line_cut_by_a_crash(char_data, tmp_path):
 def test_one_run_per_out_dir(char_data, tmp_path, capsys):
     out = tmp_path / "run"
     with train_lock(out):  # as if another process were training there
-        assert "another nanokimi run" in cli_error(capsys, "train", "shakespeare-char-cpu", f"--data={char_data}",
-                                                   f"--out_dir={out}", *TINY, "--max_iters=2")
+        assert "another nanokimi run" in cli_error(
+            capsys, "train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={out}", *TINY, "--max_iters=2"
+        )
     train(char_data, out, "--max_iters=2")  # released with its holder
 
 

@@ -9,9 +9,22 @@ from nanokimi.config import TrainConfig, load_train_config
 from tests.conftest import TINY, cli_error, run_cli
 
 
-@pytest.mark.parametrize("case", ["missing_data", "empty_input", "short_data", "unknown_dataset", "bad_model_value",
-                                  "bad_train_value", "unknown_setting", "unknown_preset", "missing_checkpoint",
-                                  "fsdp_without_torchrun", "ep_without_torchrun"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_data",
+        "empty_input",
+        "short_data",
+        "unknown_dataset",
+        "bad_model_value",
+        "bad_train_value",
+        "unknown_setting",
+        "unknown_preset",
+        "missing_checkpoint",
+        "fsdp_without_torchrun",
+        "ep_without_torchrun",
+    ],
+)
 def test_bad_input_gives_one_line_error(case, char_data, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -19,8 +32,10 @@ def test_bad_input_gives_one_line_error(case, char_data, tmp_path, capsys):
     short.write_text("To be, or not to be" * 2)
     train_args = ["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={tmp_path / 'o'}", *TINY]
     argv, expected = {
-        "missing_data": (["train", "shakespeare-char-cpu", f"--data={tmp_path / 'nope'}",
-                          f"--out_dir={tmp_path / 'o'}"], "nanokimi prepare"),
+        "missing_data": (
+            ["train", "shakespeare-char-cpu", f"--data={tmp_path / 'nope'}", f"--out_dir={tmp_path / 'o'}"],
+            "nanokimi prepare",
+        ),
         "empty_input": (["prepare", "text", f"--input={empty}", f"--out={tmp_path / 'd'}"], "empty"),
         "unknown_dataset": (["prepare", "wikitext", f"--out={tmp_path / 'd'}"], "unknown dataset"),
         "short_data": (None, "block_size+1"),
@@ -43,10 +58,24 @@ def test_no_traceback_from_subprocess(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("flag", ["--beta1=2", "--weight_decay=-1", "--initializer_range=-0.02", "--rope_scaling=foo",
-                                  '--rope_scaling={"type":"yarn"}', "--device=mps", "--device=cuda:0", "--device=foo",
-                                  "--grad_clip=-1", "--rms_norm_eps=-1", "--rope_theta=0", "--qk_clip_tau=-1",
-                                  "--n_positions=0"])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--beta1=2",
+        "--weight_decay=-1",
+        "--initializer_range=-0.02",
+        "--rope_scaling=foo",
+        '--rope_scaling={"type":"yarn"}',
+        "--device=mps",
+        "--device=cuda:0",
+        "--device=foo",
+        "--grad_clip=-1",
+        "--rms_norm_eps=-1",
+        "--rope_theta=0",
+        "--qk_clip_tau=-1",
+        "--n_positions=0",
+    ],
+)
 def test_invalid_settings_are_named(flag, char_data, tmp_path, capsys):
     name = flag[2:].split("=")[0]
     preset = "gpt-shakespeare-char-cpu" if name == "n_positions" else "shakespeare-char-cpu"
@@ -55,14 +84,29 @@ def test_invalid_settings_are_named(flag, char_data, tmp_path, capsys):
     assert not (tmp_path / "o" / "checkpoint").exists()
 
 
-@pytest.mark.parametrize("case", ["cuda", "mps", "foo", "tiny_temperature", "model_not_a_dict", "rope_scaling_str",
-                                  "meta_without_chars", "no_newline"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "cuda",
+        "mps",
+        "foo",
+        "tiny_temperature",
+        "model_not_a_dict",
+        "rope_scaling_str",
+        "meta_without_chars",
+        "no_newline",
+    ],
+)
 def test_sample_problems_are_one_line(case, char_data, tmp_path, capsys):
     out = tmp_path / "run"
     main(["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={out}", *TINY, "--max_iters=1"])
     config = out / "checkpoint" / "config.json"
-    args = {"cuda": ["--device=cuda:0"], "mps": ["--device=mps"], "foo": ["--device=foo"],
-            "tiny_temperature": ["--temperature=1e-45"]}.get(case, [])
+    args = {
+        "cuda": ["--device=cuda:0"],
+        "mps": ["--device=mps"],
+        "foo": ["--device=foo"],
+        "tiny_temperature": ["--temperature=1e-45"],
+    }.get(case, [])
     if case in ("model_not_a_dict", "rope_scaling_str"):
         saved = json.loads(config.read_text())
         saved["model"] = "abc" if case == "model_not_a_dict" else saved["model"] | {"rope_scaling": "yarn"}
@@ -74,9 +118,16 @@ def test_sample_problems_are_one_line(case, char_data, tmp_path, capsys):
         meta["chars"] = [c if c != "\n" else "~" for c in meta["chars"]]
         (out / "checkpoint" / "meta.json").write_text(json.dumps(meta))
     err = cli_error(capsys, "sample", out, "--max_new_tokens=3", *args)
-    expected = {"cuda": "CUDA", "mps": "MPS", "foo": "unknown device", "tiny_temperature": "temperature",
-                "model_not_a_dict": "not a nanoKimi checkpoint", "rope_scaling_str": "rope_scaling",
-                "meta_without_chars": "chars", "no_newline": "--prompt"}[case]
+    expected = {
+        "cuda": "CUDA",
+        "mps": "MPS",
+        "foo": "unknown device",
+        "tiny_temperature": "temperature",
+        "model_not_a_dict": "not a nanoKimi checkpoint",
+        "rope_scaling_str": "rope_scaling",
+        "meta_without_chars": "chars",
+        "no_newline": "--prompt",
+    }[case]
     assert expected in err
 
 
@@ -90,8 +141,12 @@ def test_named_run_is_the_shipped_toml_from_any_folder(tmp_path, monkeypatch):
     assert load_train_config("shakespeare-char", [])[0].block_size == 256  # the GPU run
     assert load_train_config("finetune-shakespeare-char", [])[0].lr == 5e-4
     cfg, model = load_train_config("gpt-shakespeare-char-cpu", [])
-    assert (cfg.preset, cfg.batch_size, cfg.lr, model) == ("gpt-shakespeare-char-cpu", TrainConfig.batch_size,
-                                                           TrainConfig.lr, {})
+    assert (cfg.preset, cfg.batch_size, cfg.lr, model) == (
+        "gpt-shakespeare-char-cpu",
+        TrainConfig.batch_size,
+        TrainConfig.lr,
+        {},
+    )
     (tmp_path / "mine.toml").write_text('preset = "shakespeare-char-cpu"\nbatch_size = 3\n[model]\nhidden_size = 64\n')
     cfg, model = load_train_config("mine.toml", [])
     assert cfg.batch_size == 3 and model == {"hidden_size": 64}
@@ -103,14 +158,26 @@ def test_train_help_lists_every_setting():
     for run in ("shakespeare-char-cpu", "shakespeare-char", "finetune-shakespeare-char", "gutenberg-bpe-cpu"):
         assert f"\n  {run} " in result.stdout, run
     assert "The tuned CPU run" in result.stdout
-    for setting in ("--max_iters=2000", "--qk_clip_tau=100.0", "--n_routed_experts=8", "--n_positions=256",
-                    "--overwrite=False"):
+    for setting in (
+        "--max_iters=2000",
+        "--qk_clip_tau=100.0",
+        "--n_routed_experts=8",
+        "--n_positions=256",
+        "--overwrite=False",
+    ):
         assert setting in result.stdout, setting
     assert "peak learning rate" in result.stdout  # the comment beside the field
 
 
 def test_a_log_file_gets_plain_lines(char_data, tmp_path):
-    result = run_cli("train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={tmp_path / 'o'}", *TINY,
-                     "--max_iters=3", "--progress=true")
+    result = run_cli(
+        "train",
+        "shakespeare-char-cpu",
+        f"--data={char_data}",
+        f"--out_dir={tmp_path / 'o'}",
+        *TINY,
+        "--max_iters=3",
+        "--progress=true",
+    )
     assert result.returncode == 0 and "\r" not in result.stdout + result.stderr
     assert "step 3: loss" in result.stdout

@@ -14,8 +14,18 @@ import pytest
 
 from nanokimi.cli import main
 from nanokimi import checkpoint
-from tests.conftest import (ROOT, TINY, TINY_MODEL, TINY_TRAIN, assert_same_training, free_port, metrics, step_losses,
-                            train, wait_for_steps)
+from tests.conftest import (
+    ROOT,
+    TINY,
+    TINY_MODEL,
+    TINY_TRAIN,
+    assert_same_training,
+    free_port,
+    metrics,
+    step_losses,
+    train,
+    wait_for_steps,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +44,23 @@ def run_ddp(cfg, model, procs=2, clock_skew=1.0, timeout=600, rank1_other_precis
     # no retry: gloo's abort at exit ("terminate called without an active exception") came from a worker that left
     # without destroying its process group, or while a peer was still in a collective; every worker now leaves as
     # processes.Run.close does (a barrier, then destroy_process_group)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-                             f"--master_port={free_port()}", str(ROOT / "tests" / "ddp_worker.py"), json.dumps(cfg),
-                             json.dumps(model)], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={procs}",
+            f"--master_port={free_port()}",
+            str(ROOT / "tests" / "ddp_worker.py"),
+            json.dumps(cfg),
+            json.dumps(model),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[:3000]  # the workers' errors come first, torchrun's summary last
     return json.loads((Path(cfg["out_dir"]) / "ddp_check.json").read_text())
 
@@ -63,8 +87,13 @@ def test_ddp_time_budget_keeps_ranks_in_step(char_data, tmp_path):
     Rank 1's clock runs 4x fast here: on its own it would stop at a quarter of the budget and leave rank 0 waiting in
     a collective (a hang, ended by the timeout); shared, both stop at the same step, with the same weights, when rank
     1's clock says the budget is spent."""
-    cfg = {"data": str(char_data), "out_dir": str(tmp_path / "ddp"), "max_iters": 100000, "max_time_s": 4.0,
-           **DDP_TRAIN}
+    cfg = {
+        "data": str(char_data),
+        "out_dir": str(tmp_path / "ddp"),
+        "max_iters": 100000,
+        "max_time_s": 4.0,
+        **DDP_TRAIN,
+    }
     started = time.perf_counter()
     check = run_ddp(cfg, TINY_MODEL, clock_skew=4.0, timeout=120)
     assert check["world"] == 2 and check["max_diff"] == 0.0
@@ -77,6 +106,7 @@ def test_every_rank_takes_rank_0s_newton_schulz_precision(char_data, tmp_path):
     """docs/training.md: muon_dtype=auto is chosen by rank 0 for every rank. Rank 1 here would choose the other
     precision on its own; it takes rank 0's, and the ranks' weights stay identical."""
     from nanokimi.hardware import native_bf16_matmul
+
     out = tmp_path / "ddp"
     cfg = {"data": str(char_data), "out_dir": str(out), "max_iters": 3, **DDP_TRAIN, "muon_dtype": "auto"}
     check = run_ddp(cfg, TINY_MODEL, rank1_other_precision=True)
@@ -104,9 +134,22 @@ def max_logits(out_dir):
 def test_expert_parallel_layer_matches_one_process(procs):
     """tests/ep_worker.py: the all-to-all dispatch gives one process's losses, gradients (experts and dense) and expert
     loads, with uneven splits, ranks that receive no token, and an expert with none."""
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-                             f"--master_port={free_port()}", "-m", "tests.ep_worker"], capture_output=True,
-                            text=True, timeout=300, env=torchrun_env(), cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={procs}",
+            f"--master_port={free_port()}",
+            "-m",
+            "tests.ep_worker",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=torchrun_env(),
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
     assert all(f"ok {routing} ranks={procs}" in result.stdout for routing in ("random", "owner-0", "idle-expert"))
 
@@ -116,8 +159,7 @@ def expert_shares(out_dir):
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "fsdp-ep"])
-def test_sharded_training_matches_one_process_and_checkpoints_move_between_layouts(layout, char_data, tmp_path,
-                                                                                    capsys):
+def test_sharded_training_matches_one_process_and_checkpoints_move_between_layouts(layout, char_data, tmp_path, capsys):
     """--fsdp, and --fsdp --ep (2 experts per process), over 2 processes: one process's losses, QK-Clip decisions
     and expert loads; the checkpoint samples and resumes in one process, and one process's resumes in the layout."""
     # tau low enough that QK-Clip rescales heads from the first steps on: the clip decisions are compared too
@@ -133,8 +175,11 @@ def test_sharded_training_matches_one_process_and_checkpoints_move_between_layou
     assert sum(v > cfg["qk_clip_tau"] for v in single_logits.values()) >= 5  # QK-Clip fired on these steps
     # the same clips; the runs part by float summation order, and a gap grows with steps as training amplifies it:
     # at step 20 the max logits differ by up to 2.3e-3 (per-parameter AdamW) or 6.0e-3 (fused AdamW) relative
-    assert all((parallel_logits[s] > cfg["qk_clip_tau"]) == (v > cfg["qk_clip_tau"]) and
-               parallel_logits[s] == pytest.approx(v, rel=1e-2) for s, v in single_logits.items())
+    assert all(
+        (parallel_logits[s] > cfg["qk_clip_tau"]) == (v > cfg["qk_clip_tau"])
+        and parallel_logits[s] == pytest.approx(v, rel=1e-2)
+        for s, v in single_logits.items()
+    )
     single_shares, parallel_shares = expert_shares(tmp_path / "single"), expert_shares(tmp_path / layout)
     assert parallel_shares.keys() == single_shares.keys()
     assert all(sum(parallel_shares[s], []) == pytest.approx(sum(v, []), abs=1e-2) for s, v in single_shares.items())
@@ -146,8 +191,7 @@ def test_sharded_training_matches_one_process_and_checkpoints_move_between_layou
         shutil.copytree(tmp_path / name, tmp_path / f"{name}-resumed")
     train(char_data, tmp_path / f"{layout}-resumed", "--resume", "--max_iters=24")
     # ... and a single-process checkpoint resumes in the layout, with its optimizer state cut into shards
-    run_ddp(cfg | {"out_dir": str(tmp_path / "single-resumed"), "resume": True, "max_iters": 24} | sharded,
-            TINY_MODEL)
+    run_ddp(cfg | {"out_dir": str(tmp_path / "single-resumed"), "resume": True, "max_iters": 24} | sharded, TINY_MODEL)
     train(char_data, tmp_path / "straight", *flags, "--max_iters=24")
     straight = step_losses(tmp_path / "straight")
     for name in (f"{layout}-resumed", "single-resumed"):
@@ -178,12 +222,30 @@ def test_fsdp_under_compile_trains_as_eager_fsdp(char_data, tmp_path):
 def start_endless_torchrun(data, out):
     """`nanokimi torchrun` of 2 workers training until stopped, in a session of its own (as a terminal's job),
     once it has logged 3 steps."""
-    proc = subprocess.Popen([sys.executable, "-m", "nanokimi", "torchrun", "--nproc_per_node=2",
-                             f"--master_port={free_port()}",
-                             "train", "shakespeare-char-cpu", f"--data={data}", f"--out_dir={out}", *TINY,
-                             "--grad_accum=2", "--max_iters=100000", "--eval_interval=100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=torchrun_env(), cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanokimi",
+            "torchrun",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "train",
+            "shakespeare-char-cpu",
+            f"--data={data}",
+            f"--out_dir={out}",
+            *TINY,
+            "--grad_accum=2",
+            "--max_iters=100000",
+            "--eval_interval=100000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=torchrun_env(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
     wait_for_steps(proc, out, 3)
     return proc
 
@@ -194,10 +256,27 @@ def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
     out = tmp_path / "run"
     env = torchrun_env()
     proc = start_endless_torchrun(char_data, out)
-    second = subprocess.run([sys.executable, "-m", "nanokimi", "torchrun", "--nproc_per_node=2",
-                             f"--master_port={free_port()}",
-                             "train", "shakespeare-char-cpu", *TINY, f"--data={char_data}", f"--out_dir={out}",
-                             "--grad_accum=2"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanokimi",
+            "torchrun",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "train",
+            "shakespeare-char-cpu",
+            *TINY,
+            f"--data={char_data}",
+            f"--out_dir={out}",
+            "--grad_accum=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr  # the lock: every rank says so
     assert "another nanokimi run is training in" in second.stderr and "rank 0 could not take" in second.stderr
     assert "lost its connection" not in second.stderr, second.stderr
@@ -206,17 +285,35 @@ def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted (SIGINT): the workers saved")
     assert checkpoint.Checkpoint(out).trainer_state()["step"] >= 3 and "continue with --resume" in stdout
-    bad = [(["shakespeare-char-cpu", "--grad_accum=3"],
-            "grad_accum (3) must be divisible by the number of processes (2)"),
-           (["shakespeare-char-cpu", *TINY, "--n_routed_experts=3", "--grad_accum=2", "--fsdp", "--ep"],
-            "a process count that divides 3"),
-           (["shakespeare-char-cpu", "--grad_accum=2", "--ep"], "add --fsdp"),
-           (["gpt-shakespeare-char-cpu", "--grad_accum=2", "--fsdp", "--ep"], "has none: drop --ep")]
+    bad = [
+        (["shakespeare-char-cpu", "--grad_accum=3"], "grad_accum (3) must be divisible by the number of processes (2)"),
+        (
+            ["shakespeare-char-cpu", *TINY, "--n_routed_experts=3", "--grad_accum=2", "--fsdp", "--ep"],
+            "a process count that divides 3",
+        ),
+        (["shakespeare-char-cpu", "--grad_accum=2", "--ep"], "add --fsdp"),
+        (["gpt-shakespeare-char-cpu", "--grad_accum=2", "--fsdp", "--ep"], "has none: drop --ep"),
+    ]
     for args, expected in bad:
-        failed = subprocess.run([sys.executable, "-m", "nanokimi", "torchrun", "--nproc_per_node=2",
-                                 f"--master_port={free_port()}", "train", *args, f"--data={char_data}",
-                                 f"--out_dir={tmp_path / 'odd'}"], capture_output=True, text=True, env=env, cwd=ROOT,
-                                timeout=120)
+        failed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nanokimi",
+                "torchrun",
+                "--nproc_per_node=2",
+                f"--master_port={free_port()}",
+                "train",
+                *args,
+                f"--data={char_data}",
+                f"--out_dir={tmp_path / 'odd'}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=120,
+        )
         assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
         assert expected in failed.stderr, failed.stderr
         assert failed.stderr.strip().splitlines()[-1].startswith("error: worker rank")
@@ -238,6 +335,7 @@ def test_a_killed_worker_is_named_without_tracebacks(char_data, tmp_path):
 def test_a_kimi_linear_hybrid_trains_under_fsdp_and_expert_parallel_as_one_process(char_data, tmp_path):
     """KDA layers beside MLA under --fsdp --ep over 2 processes: one process's losses."""
     from tests.test_kda import HYBRID, HYBRID_FLAGS
+
     cfg = {"data": str(char_data), "max_iters": 8, **DDP_TRAIN}
     run_ddp(cfg | {"out_dir": str(tmp_path / "ep"), "fsdp": True, "ep": True}, TINY_MODEL | HYBRID)
     train(char_data, tmp_path / "single", *[f"--{k}={v}" for k, v in cfg.items() if k != "data"], *HYBRID_FLAGS)

@@ -16,8 +16,10 @@ TOPICS = {"data", "training", "chat", "distributed", "interop", "reliability", "
 def anchors(path):
     """GitHub's anchors of a markdown file: each heading's slug (lowercase, punctuation dropped, spaces to '-')."""
     text = path.read_text()
-    slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-             for h in re.findall(r"^#+ (.*)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M)}
+    slugs = {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#+ (.*)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M)
+    }
     return slugs | set(re.findall(r'<a id="([^"]+)"', text))
 
 
@@ -51,29 +53,71 @@ def test_nanokimi_alone_lists_the_commands_and_where_to_start():
 # README figures copied (rounded) from a BENCHMARKS.md section: (README text, section, the section's text it rests
 # on). Rerunning a benchmark that changes one fails here until the README says the new figure.
 COPIED = [
-    ("reaches the recipe's val loss (1.91) in **~0.30x** of its time; in the recipe's time, 1.65",
-     "compare-cpu-avx512-bf16", ["~0.30x interpolated", "| 1x | 101.5 (97.8..105.9) | 2000 (2000..2000) | 1.9079 (",
-                                 "| 1x | 101.6 (101.5..101.6) | 975 (878..1067) | 1.6482 ("]),
-    ("Muon the most (0.13 in val loss at 40 s); the sparse MoE loses at 40 s, leads in the mean at 120 s",
-     "ablate-avx512-bf16", ["| 1.8430 (1.8290..1.8645) | 1.9998 (1.9846..2.0141) | 1.6327 (",
-                            "| 1.8061 (1.7905..1.8262) | 2.0055 (1.9906..2.0165) | 1.6548 (",
-                            "| 1.9735 (1.9404..2.0025)"]),
-    ("leads at 40 min (3.919 vs 3.953 dense, one seed)", "ablate-gutenberg-bpe-cpu-dense-avx512-bf16-amx",
-     ["reaches 3.9190, every layer dense 3.9532"]),
-    ("wins per token (1.91 vs 2.07) and loses at equal time, its steps 2.1x slower", "ablate-kda-avx2",
-     ["1.9145 vs 2.0719 at equal tokens", "1.9785 vs 1.9138 at 40 s", "| 16x64 | 118 |", "| 16x64 | 250 |"]),
-    ("93.3% exact on held-out multi-digit arithmetic through the calculator tool (0% without it); plain turns 50%",
-     "chat-avx512-bf16", ["| arithmetic, calculator on | 112/120 | 93.3% |", "| arithmetic, calculator off | 0/120 |",
-                          "| plain turns (no tool needed) | 40/80 | 50.0% |", "840.7 s of training"]),
-    ("265 tokens/s vs 33 for the uncached nanoGPT baseline (7.9x); KV cache 160 B vs 640 B", "inference",
-     ["| 1024 | nanoKimi, MLA cache | 54 | 265 |", "| 1024 | nanoGPT baseline, no cache | 28 | 33 |",
-      "at context 1024: 7.9x"]),
-    ("prefill in 0.51x MLA's time, decode 1.62x as fast, KDA states fixed at 62 KiB", "long-context",
-     ["decodes 1.62x as fast as MLA everywhere and prefills in 0.51x its time", "| 32768 | KDA hybrid 3:1 (Kimi "
-      "Linear) | 7.14 | 103 | - | 10,312 | 62 |"]),
-    ("FSDP2 x2: 0.50x of one process's; with expert parallelism 33.8 + 11.3 + 7.5 MiB sent per rank per step vs "
-     "123.8 + 56.3 for FSDP2 alone", "memory", ["measured 0.50x", "| FSDP+EP x2 | measured | 33.837 | 11.348 | 7.497 |",
-                                               "| FSDP x2 | measured | 123.837 | 56.348 |"]),
+    (
+        "reaches the recipe's val loss (1.91) in **~0.30x** of its time; in the recipe's time, 1.65",
+        "compare-cpu-avx512-bf16",
+        [
+            "~0.30x interpolated",
+            "| 1x | 101.5 (97.8..105.9) | 2000 (2000..2000) | 1.9079 (",
+            "| 1x | 101.6 (101.5..101.6) | 975 (878..1067) | 1.6482 (",
+        ],
+    ),
+    (
+        "Muon the most (0.13 in val loss at 40 s); the sparse MoE loses at 40 s, leads in the mean at 120 s",
+        "ablate-avx512-bf16",
+        [
+            "| 1.8430 (1.8290..1.8645) | 1.9998 (1.9846..2.0141) | 1.6327 (",
+            "| 1.8061 (1.7905..1.8262) | 2.0055 (1.9906..2.0165) | 1.6548 (",
+            "| 1.9735 (1.9404..2.0025)",
+        ],
+    ),
+    (
+        "leads at 40 min (3.919 vs 3.953 dense, one seed)",
+        "ablate-gutenberg-bpe-cpu-dense-avx512-bf16-amx",
+        ["reaches 3.9190, every layer dense 3.9532"],
+    ),
+    (
+        "wins per token (1.91 vs 2.07) and loses at equal time, its steps 2.1x slower",
+        "ablate-kda-avx2",
+        ["1.9145 vs 2.0719 at equal tokens", "1.9785 vs 1.9138 at 40 s", "| 16x64 | 118 |", "| 16x64 | 250 |"],
+    ),
+    (
+        "93.3% exact on held-out multi-digit arithmetic through the calculator tool (0% without it); plain turns 50%",
+        "chat-avx512-bf16",
+        [
+            "| arithmetic, calculator on | 112/120 | 93.3% |",
+            "| arithmetic, calculator off | 0/120 |",
+            "| plain turns (no tool needed) | 40/80 | 50.0% |",
+            "840.7 s of training",
+        ],
+    ),
+    (
+        "265 tokens/s vs 33 for the uncached nanoGPT baseline (7.9x); KV cache 160 B vs 640 B",
+        "inference",
+        [
+            "| 1024 | nanoKimi, MLA cache | 54 | 265 |",
+            "| 1024 | nanoGPT baseline, no cache | 28 | 33 |",
+            "at context 1024: 7.9x",
+        ],
+    ),
+    (
+        "prefill in 0.51x MLA's time, decode 1.62x as fast, KDA states fixed at 62 KiB",
+        "long-context",
+        [
+            "decodes 1.62x as fast as MLA everywhere and prefills in 0.51x its time",
+            "| 32768 | KDA hybrid 3:1 (Kimi Linear) | 7.14 | 103 | - | 10,312 | 62 |",
+        ],
+    ),
+    (
+        "FSDP2 x2: 0.50x of one process's; with expert parallelism 33.8 + 11.3 + 7.5 MiB sent per rank per step vs "
+        "123.8 + 56.3 for FSDP2 alone",
+        "memory",
+        [
+            "measured 0.50x",
+            "| FSDP+EP x2 | measured | 33.837 | 11.348 | 7.497 |",
+            "| FSDP x2 | measured | 123.837 | 56.348 |",
+        ],
+    ),
 ]
 
 

@@ -19,8 +19,19 @@ def tiny_runs(char_data, tmp_path_factory):
     """A trained tiny nanoKimi and a tiny baseline, 20 steps each."""
     root = tmp_path_factory.mktemp("eval")
     train(char_data, root / "kimi", "--max_iters=20")
-    main(["train", "gpt-shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={root / 'gpt'}", "--max_iters=20",
-          "--n_layer=1", "--n_embd=32", "--n_head=2", *(f"--{k}={v}" for k, v in TINY_TRAIN.items())])
+    main(
+        [
+            "train",
+            "gpt-shakespeare-char-cpu",
+            f"--data={char_data}",
+            f"--out_dir={root / 'gpt'}",
+            "--max_iters=20",
+            "--n_layer=1",
+            "--n_embd=32",
+            "--n_head=2",
+            *(f"--{k}={v}" for k, v in TINY_TRAIN.items()),
+        ]
+    )
     return root
 
 
@@ -32,13 +43,14 @@ def eval_json(capsys, *argv):
 
 @pytest.mark.parametrize("run", ["kimi", "gpt"])
 def test_eval_equals_a_direct_cross_entropy(run, tiny_runs, char_data, capsys):
-    result = eval_json(capsys, tiny_runs / run, f"--data={char_data}", "--block_size=16", "--batches=3",
-                       "--batch_size=5")
+    result = eval_json(
+        capsys, tiny_runs / run, f"--data={char_data}", "--block_size=16", "--batches=3", "--batch_size=5"
+    )
     # the same 15 windows, spread evenly over val.bin, read and scored here without nanokimi's evaluator
     val = np.fromfile(char_data / "val.bin", dtype=np.uint16).astype(np.int64)
     starts = np.linspace(0, len(val) - 17, 15).round().astype(int)
-    x = torch.tensor(np.stack([val[s:s + 16] for s in starts]))
-    y = torch.tensor(np.stack([val[s + 1:s + 17] for s in starts]))
+    x = torch.tensor(np.stack([val[s : s + 16] for s in starts]))
+    y = torch.tensor(np.stack([val[s + 1 : s + 17] for s in starts]))
     model, _, _ = load_model(tiny_runs / run)
     with torch.no_grad():
         expected = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten()).item()

@@ -18,13 +18,15 @@ def listing(folder):
     for root, dirs, files in os.walk(folder):
         for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             path = os.path.join(root, name)
-            found[os.path.relpath(path, folder)] = (os.readlink(path) if os.path.islink(path)
-                                                    else open(path, "rb").read())
+            found[os.path.relpath(path, folder)] = (
+                os.readlink(path) if os.path.islink(path) else open(path, "rb").read()
+            )
     return found
 
 
-@pytest.mark.parametrize("case", ["user_folder", "current_folder", "run", "run_checkpoint", "its_source",
-                                  "inside_its_source", "a_file"])
+@pytest.mark.parametrize(
+    "case", ["user_folder", "current_folder", "run", "run_checkpoint", "its_source", "inside_its_source", "a_file"]
+)
 def test_import_never_writes_over_what_it_did_not_write(case, made, tmp_path, capsys, monkeypatch):
     user = tmp_path / "user"
     (user / "sub").mkdir(parents=True)
@@ -32,13 +34,15 @@ def test_import_never_writes_over_what_it_did_not_write(case, made, tmp_path, ca
     (tmp_path / "file.txt").write_text("mine")
     monkeypatch.chdir(user if case == "current_folder" else tmp_path)
     shutil.copytree(made / "run", tmp_path / "myrun")  # a run of one's own
-    destination, expected = {"user_folder": (user, "did not write (notes.txt, sub)"),
-                             "current_folder": (".", "holds the current folder"),
-                             "run": (tmp_path / "myrun", "holds a training run"),
-                             "run_checkpoint": (tmp_path / "myrun" / "checkpoint", "holds a training run's checkpoint"),
-                             "its_source": (made / "hf", "apart from its source"),
-                             "inside_its_source": (made / "hf" / "ckpt", "apart from its source"),
-                             "a_file": (tmp_path / "file.txt", "is a file")}[case]
+    destination, expected = {
+        "user_folder": (user, "did not write (notes.txt, sub)"),
+        "current_folder": (".", "holds the current folder"),
+        "run": (tmp_path / "myrun", "holds a training run"),
+        "run_checkpoint": (tmp_path / "myrun" / "checkpoint", "holds a training run's checkpoint"),
+        "its_source": (made / "hf", "apart from its source"),
+        "inside_its_source": (made / "hf" / "ckpt", "apart from its source"),
+        "a_file": (tmp_path / "file.txt", "is a file"),
+    }[case]
     before = {f: listing(f) for f in (tmp_path, made)}
     assert expected in cli_error(capsys, "import", made / "hf", destination)
     assert {f: listing(f) for f in (tmp_path, made)} == before
@@ -93,18 +97,21 @@ def test_a_symlinked_checkpoint_is_followed_not_replaced(char_data, tmp_path):
         train(char_data, out, f"--max_iters={steps}", "--eval_interval=2", "--resume")
         assert (out / "checkpoint").is_symlink()
         assert checkpoint.Checkpoint(elsewhere / "ckpt").trainer_state()["step"] == steps
-    assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "checkpoint", "experts.png", "loss.png",
-                                                             "max_logit.png", "metrics.jsonl"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".lock", "checkpoint", "experts.png", "loss.png", "max_logit.png", "metrics.jsonl"]
+    )
     assert sorted(p.name for p in elsewhere.iterdir()) == ["ckpt"]
 
 
 def assert_same_logits(folder, reference):
     """The model in `folder` (checkpoint, run or HF folder) computes what `reference`'s does: equal logits."""
     from nanokimi.hf import from_pretrained
+
     idx = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(from_pretrained(folder)(idx)[0], from_pretrained(reference)(idx)[0], atol=1e-5,
-                                   rtol=0)
+        torch.testing.assert_close(
+            from_pretrained(folder)(idx)[0], from_pretrained(reference)(idx)[0], atol=1e-5, rtol=0
+        )
 
 
 def test_a_char_model_exported_and_imported_evaluates_on_its_own_dataset(made, char_data, tmp_path):
@@ -126,5 +133,8 @@ def test_exporting_a_checkpoint_without_tokenizer_over_an_export_leaves_no_old_t
     assert run_cli("import", bare, tmp_path / "no-tokenizer").returncode == 0
     assert not (tmp_path / "no-tokenizer" / "meta.json").exists()
     assert run_cli("export", tmp_path / "no-tokenizer", tmp_path / "hf").returncode == 0
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "generation_config.json",
-                                                                     "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]

@@ -16,6 +16,7 @@ def test_greedy_top_k_top_p():
 def test_streaming_builds_no_autograd_graph():
     from nanokimi import Kimi
     from tests.conftest import tiny_config
+
     model = Kimi(tiny_config())
     grad_modes = []
     forward = model.forward
@@ -23,6 +24,7 @@ def test_streaming_builds_no_autograd_graph():
     def recording_forward(*args, **kwargs):
         grad_modes.append(torch.is_grad_enabled())
         return forward(*args, **kwargs)
+
     model.forward = recording_forward
     for use_cache in (True, False):
         list(model.stream(torch.randint(0, 50, (1, 4)), 3, use_cache=use_cache))
@@ -32,6 +34,7 @@ def test_streaming_builds_no_autograd_graph():
 def test_tokens_printed_one_by_one_spell_the_decoded_text():
     # a BPE token may end inside a UTF-8 character: the stream holds it back until the character is whole
     from nanokimi.tokenizer import CharTokenizer, HFTokenizer
+
     text = "naïve café, 日本語 and ÿ🙂 — " * 20
     bpe = HFTokenizer.train(iter(["plain ascii words " * 20]), vocab_size=300, boundary=True)  # no merges of them
     ids = bpe.encode(text)

@@ -15,20 +15,24 @@ from tests.conftest import TINY, run_cli, tiny_config, train
 from tests.test_optim import newton_schulz_fp32
 
 
-@pytest.mark.parametrize("device, avx512_bf16, amx, aten, onednn_bf16, capability, expected", [
-    ("cpu", False, False, "AVX2", False, None, torch.float32),  # AVX2: bf16 emulated, ~7x slower
-    ("cpu", True, False, "AVX512", True, None, torch.bfloat16),  # Zen 4 / Ice Lake: AVX-512 bf16
-    ("cpu", False, True, "AVX512", True, None, torch.bfloat16),  # Sapphire Rapids: AMX
-    ("cpu", False, False, "AVX512", True, None, torch.float32),  # Skylake-X: AVX-512 without bf16 instructions
-    ("cpu", True, False, "AVX2", True, None, torch.float32),  # ATEN_CPU_CAPABILITY=avx2 on a Zen 4
-    ("cpu", True, True, "AVX512", False, None, torch.float32),  # ONEDNN_MAX_CPU_ISA=AVX2: oneDNN has no bf16 kernel
-    ("cuda", False, False, "AVX2", False, (9, 0), torch.bfloat16),  # H100
-    ("cuda", False, False, "AVX2", False, (8, 0), torch.bfloat16),  # A100
-    ("cuda", True, False, "AVX512", True, (7, 5), torch.float32),  # T4: no bf16 tensor cores
-    ("mps", True, False, "AVX512", True, None, torch.float32),
-])
-def test_auto_newton_schulz_dtype_by_capability(monkeypatch, device, avx512_bf16, amx, aten, onednn_bf16, capability,
-                                                 expected):
+@pytest.mark.parametrize(
+    "device, avx512_bf16, amx, aten, onednn_bf16, capability, expected",
+    [
+        ("cpu", False, False, "AVX2", False, None, torch.float32),  # AVX2: bf16 emulated, ~7x slower
+        ("cpu", True, False, "AVX512", True, None, torch.bfloat16),  # Zen 4 / Ice Lake: AVX-512 bf16
+        ("cpu", False, True, "AVX512", True, None, torch.bfloat16),  # Sapphire Rapids: AMX
+        ("cpu", False, False, "AVX512", True, None, torch.float32),  # Skylake-X: AVX-512 without bf16 instructions
+        ("cpu", True, False, "AVX2", True, None, torch.float32),  # ATEN_CPU_CAPABILITY=avx2 on a Zen 4
+        ("cpu", True, True, "AVX512", False, None, torch.float32),  # ONEDNN_MAX_CPU_ISA=AVX2: oneDNN has no bf16 kernel
+        ("cuda", False, False, "AVX2", False, (9, 0), torch.bfloat16),  # H100
+        ("cuda", False, False, "AVX2", False, (8, 0), torch.bfloat16),  # A100
+        ("cuda", True, False, "AVX512", True, (7, 5), torch.float32),  # T4: no bf16 tensor cores
+        ("mps", True, False, "AVX512", True, None, torch.float32),
+    ],
+)
+def test_auto_newton_schulz_dtype_by_capability(
+    monkeypatch, device, avx512_bf16, amx, aten, onednn_bf16, capability, expected
+):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: aten)
@@ -43,8 +47,16 @@ def test_the_avx2_emulation_variables_choose_fp32_and_say_avx2(char_data, tmp_pa
     """How this project measures the AVX2 kind on an AVX-512 machine: the rule reads what torch runs, not CPUID, so
     the trainer takes fp32 Newton-Schulz and names the CPU "AVX2" (on an AVX2 CPU the same holds by itself)."""
     env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-    result = run_cli("train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={tmp_path / 'run'}", *TINY,
-                     "--max_iters=1", "--eval_interval=1", env=env)
+    result = run_cli(
+        "train",
+        "shakespeare-char-cpu",
+        f"--data={char_data}",
+        f"--out_dir={tmp_path / 'run'}",
+        *TINY,
+        "--max_iters=1",
+        "--eval_interval=1",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
     assert "CPU AVX2, " in first and "Newton-Schulz float32 (auto: no native bf16 matmul on CPU AVX2)" in first, first
@@ -57,7 +69,8 @@ def test_auto_newton_schulz_dtype_does_not_flip_with_load(monkeypatch):
     assert choices == {torch.bfloat16 if hardware.native_bf16_matmul("cpu") else torch.float32}
     assert configure_optimizer(Kimi(tiny_config()), "muon").optimizers[1].precision() == (
         f"Newton-Schulz {str(choices.pop())[6:]} (auto: "
-        f"{'native' if hardware.native_bf16_matmul('cpu') else 'no native'} bf16 matmul on CPU {hardware.cpu_kind()})")
+        f"{'native' if hardware.native_bf16_matmul('cpu') else 'no native'} bf16 matmul on CPU {hardware.cpu_kind()})"
+    )
 
 
 @pytest.mark.parametrize("forced", ["float32", "bfloat16"])
@@ -102,15 +115,18 @@ def test_expert_gemm_paths_agree(dtype):
     torch.testing.assert_close(results[0], results[1], **tolerance)
 
 
-@pytest.mark.parametrize("device, dtype, widths, capability, expected", [
-    ("cpu", torch.float32, (128, 128), None, "grouped"),
-    ("cpu", torch.float32, (30, 128), None, "loop"),  # 120-byte rows: torch's kernel needs 16-byte alignment
-    ("cuda", torch.bfloat16, (128, 128), (9, 0), "grouped"),  # H100: torch's fast kernel
-    ("cuda", torch.bfloat16, (128, 128), (8, 0), "grouped"),  # A100
-    ("cuda", torch.float16, (128, 128), (8, 0), "loop"),  # fp16: no grouped kernel
-    ("cuda", torch.float16, (128, 128), (7, 5), "loop"),  # T4
-    ("cuda", torch.float32, (128, 128), (9, 0), "loop"),
-])
+@pytest.mark.parametrize(
+    "device, dtype, widths, capability, expected",
+    [
+        ("cpu", torch.float32, (128, 128), None, "grouped"),
+        ("cpu", torch.float32, (30, 128), None, "loop"),  # 120-byte rows: torch's kernel needs 16-byte alignment
+        ("cuda", torch.bfloat16, (128, 128), (9, 0), "grouped"),  # H100: torch's fast kernel
+        ("cuda", torch.bfloat16, (128, 128), (8, 0), "grouped"),  # A100
+        ("cuda", torch.float16, (128, 128), (8, 0), "loop"),  # fp16: no grouped kernel
+        ("cuda", torch.float16, (128, 128), (7, 5), "loop"),  # T4
+        ("cuda", torch.float32, (128, 128), (9, 0), "loop"),
+    ],
+)
 def test_expert_gemm_path_by_capability(monkeypatch, device, dtype, widths, capability, expected):
     monkeypatch.setattr(hardware, "cuda_capability", lambda index: capability)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

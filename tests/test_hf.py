@@ -13,23 +13,60 @@ transformers = pytest.importorskip("transformers")
 
 
 def hf_config(**kw):
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-                num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1,
-                num_experts_per_tok=2, first_k_dense_replace=2, n_group=2, topk_group=1, norm_topk_prob=True,
-                routed_scaling_factor=2.5, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                v_head_dim=8, max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6,
-                tie_word_embeddings=False)
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=2,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        max_position_embeddings=64,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     return transformers.DeepseekV3Config(**(base | kw))
 
 
 def yarn(**kw):  # sequences of 20 tokens run past original_max_position_embeddings, into YaRN's interpolated range
-    return {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1} | kw}
+    return {
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        }
+        | kw
+    }
 
 
-@pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None}, yarn(mscale=1.0, mscale_all_dim=1.0),
-                                yarn(mscale=1.0, mscale_all_dim=0.7, truncate=False), yarn()],
-                         ids=["q_lora", "direct_q", "yarn_k2", "yarn_unequal_mscales", "yarn_no_mscales"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"q_lora_rank": None},
+        yarn(mscale=1.0, mscale_all_dim=1.0),
+        yarn(mscale=1.0, mscale_all_dim=0.7, truncate=False),
+        yarn(),
+    ],
+    ids=["q_lora", "direct_q", "yarn_k2", "yarn_unequal_mscales", "yarn_no_mscales"],
+)
 def test_import_transformers_model_gives_same_logits(tmp_path, kw):
     torch.manual_seed(0)
     reference = transformers.DeepseekV3ForCausalLM(hf_config(**kw)).eval()
@@ -57,8 +94,17 @@ def test_import_transformers_model_gives_same_logits(tmp_path, kw):
 
 def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(char_data, tmp_path):
     out = tmp_path / "run"
-    main(["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={out}", *TINY, "--max_iters=6",
-          "--bias_update_gamma=0.01"])
+    main(
+        [
+            "train",
+            "shakespeare-char-cpu",
+            f"--data={char_data}",
+            f"--out_dir={out}",
+            *TINY,
+            "--max_iters=6",
+            "--bias_update_gamma=0.01",
+        ]
+    )
     model = nanokimi.from_pretrained(out)
     assert model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() > 0
     main(["export", str(out), str(tmp_path / "hf")])
@@ -85,13 +131,17 @@ def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(char_da
     torch.testing.assert_close(nanokimi.from_pretrained(tmp_path / "again")(idx)[0], model(idx)[0])
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"scoring_func": "softmax"}, "scoring_func='softmax' is not supported"),
-    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}, "rope type 'linear'"),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_parameters": None}, "rope type 'dynamic'"),
-    ({"num_key_value_heads": 1}, "no grouped KV heads"),
-    ({"rope_interleave": False}, "rope_interleave=False is not supported"),
-], ids=["softmax", "linear_rope", "dynamic_rope_4x_spelling", "grouped_kv", "rope_not_interleaved"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"scoring_func": "softmax"}, "scoring_func='softmax' is not supported"),
+        ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}, "rope type 'linear'"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_parameters": None}, "rope type 'dynamic'"),
+        ({"num_key_value_heads": 1}, "no grouped KV heads"),
+        ({"rope_interleave": False}, "rope_interleave=False is not supported"),
+    ],
+    ids=["softmax", "linear_rope", "dynamic_rope_4x_spelling", "grouped_kv", "rope_not_interleaved"],
+)
 def test_import_refuses_what_it_cannot_represent(change, message, tmp_path, capsys):
     reference = transformers.DeepseekV3ForCausalLM(hf_config())
     reference.save_pretrained(tmp_path / "hf")
@@ -106,6 +156,7 @@ def test_import_reads_fused_experts_and_skips_mtp_layers(tmp_path):
     per-expert one; a multi-token-prediction layer (DeepSeek-V3's layer 61, here 3) is skipped with a warning."""
     import shutil
     from safetensors.torch import load_file, save_file
+
     torch.manual_seed(0)
     reference = transformers.DeepseekV3ForCausalLM(hf_config()).eval()
     reference.save_pretrained(tmp_path / "hf")
@@ -135,24 +186,56 @@ def test_import_reads_fused_experts_and_skips_mtp_layers(tmp_path):
 
 
 def kimi_linear_config(**kw):
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4,
-                num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=4,
-                qk_nope_head_dim=8, v_head_dim=8, num_local_experts=4, num_experts_per_tok=2, linear_num_heads=2,
-                linear_head_dim=8, linear_conv_kernel_dim=4, model_max_length=512, pad_token_id=None,
-                bos_token_id=None, eos_token_id=None)
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        kv_lora_rank=8,
+        q_lora_rank=None,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        linear_num_heads=2,
+        linear_head_dim=8,
+        linear_conv_kernel_dim=4,
+        model_max_length=512,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     return transformers.KimiLinearConfig(**(base | kw))
 
 
 LINEAR, FULL = "linear_attention", "full_attention"
 
 
-@pytest.mark.parametrize("kw", [
-    {"layer_types": [LINEAR, LINEAR, LINEAR, FULL]},
-    {"layer_types": [FULL, LINEAR, LINEAR, LINEAR], "q_lora_rank": 12, "linear_head_dim": 16, "linear_num_heads": 3,
-     "linear_conv_kernel_dim": 2},
-    {"num_hidden_layers": 3, "layer_types": [LINEAR, FULL, LINEAR], "mlp_layer_types": ["dense", "dense", "sparse"],
-     "n_group": 2, "topk_group": 1},
-], ids=["kda_kda_kda_mla", "mla_first_wide_kda", "two_dense_grouped"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"layer_types": [LINEAR, LINEAR, LINEAR, FULL]},
+        {
+            "layer_types": [FULL, LINEAR, LINEAR, LINEAR],
+            "q_lora_rank": 12,
+            "linear_head_dim": 16,
+            "linear_num_heads": 3,
+            "linear_conv_kernel_dim": 2,
+        },
+        {
+            "num_hidden_layers": 3,
+            "layer_types": [LINEAR, FULL, LINEAR],
+            "mlp_layer_types": ["dense", "dense", "sparse"],
+            "n_group": 2,
+            "topk_group": 1,
+        },
+    ],
+    ids=["kda_kda_kda_mla", "mla_first_wide_kda", "two_dense_grouped"],
+)
 def test_kimi_linear_imports_and_exports_with_transformers_logits_and_greedy_tokens(tmp_path, kw):
     """A KimiLinearForCausalLM built by transformers -> nanoKimi (same logits past a 64-token chunk, same greedy
     tokens) -> exported back and loaded by transformers (same logits)."""
@@ -190,6 +273,7 @@ def test_kimi_linear_imports_and_exports_with_transformers_logits_and_greedy_tok
 
 def test_a_hybrid_with_rotary_mla_is_not_exported_as_kimi_linear(tmp_path, capsys):
     from tests.conftest import tiny_config
+
     model = nanokimi.Kimi(tiny_config(layer_types=[LINEAR, FULL]))
     with pytest.raises(nanokimi.errors.UserError, match="mla_use_nope"):
         nanokimi.save_pretrained(model, tmp_path / "hf", format="hf")
@@ -200,15 +284,30 @@ def test_kimi_linear_config_in_moonshots_own_spelling_imports_alike(tmp_path):
     kda_layers / full_attn_layers, first_k_dense_replace, num_experts, num_experts_per_token, moe_renormalize,
     model_max_length; no layer_types. The same weights give the same logits under either spelling."""
     torch.manual_seed(0)
-    reference = transformers.KimiLinearForCausalLM(kimi_linear_config(
-        layer_types=[LINEAR, LINEAR, LINEAR, FULL], mlp_layer_types=["dense", "sparse", "sparse", "sparse"])).eval()
+    reference = transformers.KimiLinearForCausalLM(
+        kimi_linear_config(
+            layer_types=[LINEAR, LINEAR, LINEAR, FULL], mlp_layer_types=["dense", "sparse", "sparse", "sparse"]
+        )
+    ).eval()
     reference.save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    moonshot = {k: v for k, v in config.items() if k not in ("layer_types", "mlp_layer_types", "linear_num_heads",
-                                                             "linear_head_dim", "linear_conv_kernel_dim")}
-    moonshot |= {"first_k_dense_replace": 1, "mla_use_nope": True, "moe_router_activation_func": "sigmoid",
-                 "linear_attn_config": {"kda_layers": [1, 2, 3], "full_attn_layers": [4], "num_heads": 2,
-                                        "head_dim": 8, "short_conv_kernel_size": 4}}
+    moonshot = {
+        k: v
+        for k, v in config.items()
+        if k not in ("layer_types", "mlp_layer_types", "linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim")
+    }
+    moonshot |= {
+        "first_k_dense_replace": 1,
+        "mla_use_nope": True,
+        "moe_router_activation_func": "sigmoid",
+        "linear_attn_config": {
+            "kda_layers": [1, 2, 3],
+            "full_attn_layers": [4],
+            "num_heads": 2,
+            "head_dim": 8,
+            "short_conv_kernel_size": 4,
+        },
+    }
     (tmp_path / "hf" / "config.json").write_text(json.dumps(moonshot))
     model = nanokimi.from_pretrained(tmp_path / "hf")
     assert model.config.layer_types == [LINEAR, LINEAR, LINEAR, FULL] and model.config.first_k_dense_replace == 1
@@ -216,14 +315,18 @@ def test_kimi_linear_config_in_moonshots_own_spelling_imports_alike(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], reference(idx).logits, atol=1e-4, rtol=0)
     linear = moonshot["linear_attn_config"]
-    for wrong, needle in (({"mla_use_nope": False}, "mla_use_nope"),
-                          ({"mlp_layer_types": ["sparse", "dense", "sparse", "sparse"]}, "dense layers after"),
-                          ({"linear_attn_config": linear | {"gate_lower_bound": -5.0}}, "gate_lower_bound=-5.0"),
-                          ({"gate_lower_bound": -5.0}, "gate_lower_bound=-5.0"),
-                          ({"layer_types": [FULL, LINEAR, LINEAR, LINEAR]}, "contradicts"),
-                          ({"linear_attn_config": {k: v for k, v in linear.items() if k != "full_attn_layers"}},
-                           "has kda_layers but no full_attn_layers"),
-                          ({"linear_attn_config": linear | {"full_attn_layers": [3]}}, "each of the 4 layers once")):
+    for wrong, needle in (
+        ({"mla_use_nope": False}, "mla_use_nope"),
+        ({"mlp_layer_types": ["sparse", "dense", "sparse", "sparse"]}, "dense layers after"),
+        ({"linear_attn_config": linear | {"gate_lower_bound": -5.0}}, "gate_lower_bound=-5.0"),
+        ({"gate_lower_bound": -5.0}, "gate_lower_bound=-5.0"),
+        ({"layer_types": [FULL, LINEAR, LINEAR, LINEAR]}, "contradicts"),
+        (
+            {"linear_attn_config": {k: v for k, v in linear.items() if k != "full_attn_layers"}},
+            "has kda_layers but no full_attn_layers",
+        ),
+        ({"linear_attn_config": linear | {"full_attn_layers": [3]}}, "each of the 4 layers once"),
+    ):
         (tmp_path / "hf" / "config.json").write_text(json.dumps(moonshot | wrong))
         with pytest.raises(nanokimi.errors.UserError, match=needle):
             nanokimi.from_pretrained(tmp_path / "hf")

@@ -14,11 +14,25 @@ from nanokimi.kda import KDACache, chunk_delta_rule, l2_normalize, recurrent_del
 from nanokimi.model import Kimi
 from nanokimi.optim import configure_optimizer
 from nanokimi.presets import PRESETS
-from tests.conftest import (TINY, assert_greedy, assert_sampled_greedily, cli_error, run_cli, step_losses,
-                            teacher_forced_logits, tiny_config)
+from tests.conftest import (
+    TINY,
+    assert_greedy,
+    assert_sampled_greedily,
+    cli_error,
+    run_cli,
+    step_losses,
+    teacher_forced_logits,
+    tiny_config,
+)
 
-HYBRID = dict(layer_types=["linear_attention", "full_attention", "linear_attention"], num_hidden_layers=3,
-              linear_num_heads=2, linear_head_dim=8, linear_conv_kernel_dim=3, mla_use_nope=True)
+HYBRID = dict(
+    layer_types=["linear_attention", "full_attention", "linear_attention"],
+    num_hidden_layers=3,
+    linear_num_heads=2,
+    linear_head_dim=8,
+    linear_conv_kernel_dim=3,
+    mla_use_nope=True,
+)
 HYBRID_FLAGS = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in HYBRID.items()]
 
 
@@ -29,7 +43,7 @@ def delta_inputs(B=2, nh=3, T=150, d=16, decay=3.0, seed=0):
     q, k, v = torch.randn(3, B, nh, T, d, generator=g).unbind(0)
     log_decay = -torch.rand(B, nh, T, d, generator=g) * decay
     beta = torch.rand(B, nh, T, generator=g)
-    return l2_normalize(q) * d ** -0.5, l2_normalize(k), v, log_decay, beta
+    return l2_normalize(q) * d**-0.5, l2_normalize(k), v, log_decay, beta
 
 
 @pytest.mark.parametrize("T", [1, 5, 64, 150])
@@ -54,6 +68,7 @@ def test_chunked_and_recurrent_forms_agree_with_and_without_a_carried_state(T):
 
 def test_a_long_prefill_runs_span_by_span_to_the_same_result(monkeypatch):
     from nanokimi import kda
+
     q, k, v, g, beta = delta_inputs(T=300, decay=0.5)
     whole, whole_state = chunk_delta_rule(q, k, v, g, beta)
     monkeypatch.setattr(kda, "SPAN", 128)  # 300 tokens: spans of 128, 128, 44
@@ -82,7 +97,7 @@ def test_hybrid_decoding_with_a_constant_state_equals_the_full_forward():
         full, _ = model(idx)
         cache = model.make_cache(2, 200)
         pieces = [model(idx[:, :70], cache=cache, start_pos=0)[0]]  # prefill past a chunk boundary
-        pieces += [model(idx[:, t:t + 1], cache=cache, start_pos=t)[0] for t in range(70, 130)]  # one token a step
+        pieces += [model(idx[:, t : t + 1], cache=cache, start_pos=t)[0] for t in range(70, 130)]  # one token a step
         pieces += [model(idx[:, 130:], cache=cache, start_pos=130)[0]]  # several tokens after decoding
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=0)
     kda = [c for c in cache if isinstance(c, KDACache)]
@@ -100,8 +115,13 @@ def test_muon_takes_kda_matrices_adamw_its_filters_and_decays_and_qk_clip_only_s
     adamw, muon = opt.optimizers
     in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
     kda = model.layers[0].self_attn
-    for p in (kda.q_proj.weight, kda.b_proj.weight, kda.forget_gate.f_b_proj.weight, kda.g_a_proj.weight,
-              kda.o_proj.weight):
+    for p in (
+        kda.q_proj.weight,
+        kda.b_proj.weight,
+        kda.forget_gate.f_b_proj.weight,
+        kda.g_a_proj.weight,
+        kda.o_proj.weight,
+    ):
         assert id(p) in in_muon
     for p in (kda.conv1d.weight, kda.forget_gate.A_log, kda.forget_gate.dt_bias, kda.o_norm.weight):
         assert id(p) not in in_muon
@@ -124,13 +144,26 @@ def test_kimi_linear_preset_is_the_real_48b_a3b():
     assert 2.9e9 <= params["active"] - params["embedding"] <= 3.2e9  # "A3B": active per token, lookup table aside
 
 
-@pytest.mark.parametrize("flag, needle", [("--layer_types=[\"linear_attention\"]", "layer_types must list 3"),
-                                          ("--layer_types=[\"x\", \"x\", \"x\"]", "layer_types must list 3"),
-                                          ("--linear_head_dim=0", "linear_head_dim must be a positive")])
+@pytest.mark.parametrize(
+    "flag, needle",
+    [
+        ('--layer_types=["linear_attention"]', "layer_types must list 3"),
+        ('--layer_types=["x", "x", "x"]', "layer_types must list 3"),
+        ("--linear_head_dim=0", "linear_head_dim must be a positive"),
+    ],
+)
 def test_a_hybrid_config_that_cannot_work_is_one_line(char_data, tmp_path, capsys, flag, needle):
     flags = [f for f in HYBRID_FLAGS if not f.startswith(flag.split("=")[0] + "=")]
-    err = cli_error(capsys, "train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={tmp_path / 'o'}",
-                    *TINY, *flags, flag)
+    err = cli_error(
+        capsys,
+        "train",
+        "shakespeare-char-cpu",
+        f"--data={char_data}",
+        f"--out_dir={tmp_path / 'o'}",
+        *TINY,
+        *flags,
+        flag,
+    )
     assert needle in err
 
 
@@ -139,8 +172,16 @@ def test_a_hybrid_trains_resumes_samples_and_evaluates(char_data, tmp_path):
     flags = [f"--data={char_data}", f"--out_dir={out}", *TINY, *HYBRID_FLAGS, "--lr=1e-2"]
     main(["train", "shakespeare-char-cpu", *flags, "--max_iters=8", "--lr_decay_iters=12", "--eval_interval=4"])
     main(["train", "shakespeare-char-cpu", *flags, "--resume", "--max_iters=12"])
-    main(["train", "shakespeare-char-cpu", *flags, f"--out_dir={tmp_path / 'straight'}", "--max_iters=12",
-          "--eval_interval=4"])
+    main(
+        [
+            "train",
+            "shakespeare-char-cpu",
+            *flags,
+            f"--out_dir={tmp_path / 'straight'}",
+            "--max_iters=12",
+            "--eval_interval=4",
+        ]
+    )
     resumed, straight = step_losses(out), step_losses(tmp_path / "straight")
     assert sorted(resumed) == list(range(1, 13)) and all(resumed[s] == straight[s] for s in range(1, 13))
     assert resumed[12] < resumed[1]
@@ -156,7 +197,18 @@ def test_a_hybrid_trains_resumes_samples_and_evaluates(char_data, tmp_path):
 @pytest.mark.slow
 def test_a_compiled_hybrid_trains_as_eager(char_data, tmp_path):
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
-        main(["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={tmp_path / name}", *TINY,
-              *HYBRID_FLAGS, "--max_iters=3", "--muon_dtype=float32", *extra])
+        main(
+            [
+                "train",
+                "shakespeare-char-cpu",
+                f"--data={char_data}",
+                f"--out_dir={tmp_path / name}",
+                *TINY,
+                *HYBRID_FLAGS,
+                "--max_iters=3",
+                "--muon_dtype=float32",
+                *extra,
+            ]
+        )
     eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
     assert eager.keys() == compiled.keys() and all(compiled[s] == pytest.approx(eager[s], rel=1e-3) for s in eager)

@@ -21,12 +21,13 @@ def imports(path):
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             base = package.split(".")
-            base = base[:len(base) - node.level + 1] if node.level else []
+            base = base[: len(base) - node.level + 1] if node.level else []
             target = ".".join(base + ([node.module] if node.module else []))
             for alias in node.names:  # `from . import checkpoint` imports a module, `from .x import f` module x
                 candidate = f"{target}.{alias.name}"
-                found.add(candidate if (PACKAGE.parent / candidate.replace(".", "/")).with_suffix(".py").exists()
-                          else target)
+                found.add(
+                    candidate if (PACKAGE.parent / candidate.replace(".", "/")).with_suffix(".py").exists() else target
+                )
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
     return {m for m in found if m.split(".")[0] == "nanokimi" and m != name}
@@ -40,9 +41,10 @@ def test_no_import_circle():
     edges = graph()
 
     def visit(node, path):
-        assert node not in path, f"import circle: {' -> '.join(path[path.index(node):] + [node])}"
+        assert node not in path, f"import circle: {' -> '.join(path[path.index(node) :] + [node])}"
         for nxt in edges.get(node, ()):
             visit(nxt, path + [node])
+
     for module in edges:
         visit(module, [])
 
@@ -61,6 +63,11 @@ def test_the_core_never_imports_transformers():
     safetensors and json, so no module of the package imports it, anywhere in its body."""
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             assert not any(n.split(".")[0] == "transformers" for n in names), f"{path.name} imports transformers"

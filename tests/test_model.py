@@ -9,8 +9,15 @@ from nanokimi.hardware import compile_model
 from nanokimi.model import MoE
 from tests.conftest import assert_greedy, teacher_forced_logits, tiny_config
 
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 1.0, "mscale_all_dim": 1.0}
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 
 
 def test_causal():
@@ -24,8 +31,11 @@ def test_causal():
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
-@pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None}, {"rope_scaling": YARN}, {"n_group": 2, "topk_group": 1}],
-                         ids=["q_lora", "direct_q", "yarn", "grouped"])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"q_lora_rank": None}, {"rope_scaling": YARN}, {"n_group": 2, "topk_group": 1}],
+    ids=["q_lora", "direct_q", "yarn", "grouped"],
+)
 def test_absorbed_cache_matches_full_forward(kw):
     config = tiny_config(**kw)
     model = Kimi(config).eval()
@@ -35,7 +45,7 @@ def test_absorbed_cache_matches_full_forward(kw):
     # the cache holds only the latent and the shared rope key: kv_lora_rank + qk_rope_head_dim per token per layer
     assert cache[0].kv.shape == (2, 40, config.kv_lora_rank) and cache[0].pe.shape == (2, 40, config.qk_rope_head_dim)
     steps = [model(idx[:, :17], cache=cache, start_pos=0)[0]]
-    steps += [model(idx[:, t:t + 1], cache=cache, start_pos=t)[0] for t in range(17, 40)]
+    steps += [model(idx[:, t : t + 1], cache=cache, start_pos=t)[0] for t in range(17, 40)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
 
 
@@ -52,7 +62,7 @@ def test_mha_ablation_is_causal_and_its_kv_cache_matches_full_forward():
     # every head's key and value: nh * (qk_head_dim + v_head_dim) per token per layer, vs MLA's d_c + d_rope
     assert cache[0].k.shape == (2, 2, 30, config.qk_head_dim) and cache[0].v.shape == (2, 2, 30, config.v_head_dim)
     steps = [model(idx[:, :11], cache=cache, start_pos=0)[0], model(idx[:, 11:14], cache=cache, start_pos=11)[0]]
-    steps += [model(idx[:, t:t + 1], cache=cache, start_pos=t)[0] for t in range(14, 30)]
+    steps += [model(idx[:, t : t + 1], cache=cache, start_pos=t)[0] for t in range(14, 30)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
 
 
@@ -77,7 +87,7 @@ def test_greedy_decoding_with_and_without_cache_follows_the_full_forward():
     for t in range(5, 105):
         if t - window_start > 64:  # full: the newest half (the token just sampled included) prefilled again
             window_start = t - 32
-        assert_greedy(seq[:, t:t + 1], teacher_forced_logits(model, seq[:, window_start:t + 1], t - window_start))
+        assert_greedy(seq[:, t : t + 1], teacher_forced_logits(model, seq[:, window_start : t + 1], t - window_start))
 
 
 def reference_moe(moe, x):
@@ -194,9 +204,15 @@ def test_kimi_k2_parameter_count_on_meta():
     with torch.device("meta"):
         model = Kimi(PRESETS["kimi-k2"])
     h, vocab, layers, heads, q_rank, kv_rank, nope, rope, v = 7168, 163840, 61, 64, 1536, 512, 128, 64, 128
-    attention = (h * q_rank + q_rank + q_rank * heads * (nope + rope)  # q_a_proj, q_a_layernorm, q_b_proj
-                 + h * (kv_rank + rope) + kv_rank + kv_rank * heads * (nope + v)  # kv_a_proj_with_mqa, norm, kv_b_proj
-                 + heads * v * h)  # o_proj
+    attention = (
+        h * q_rank
+        + q_rank
+        + q_rank * heads * (nope + rope)  # q_a_proj, q_a_layernorm, q_b_proj
+        + h * (kv_rank + rope)
+        + kv_rank
+        + kv_rank * heads * (nope + v)  # kv_a_proj_with_mqa, norm, kv_b_proj
+        + heads * v * h
+    )  # o_proj
     expert, routed, active_routed = 3 * h * 2048, 384, 8  # gate, up and down of moe_intermediate_size 2048
     moe = routed * expert + 1 * expert + routed * h  # routed experts, the shared expert, the router
     total = 2 * vocab * h + h + layers * (attention + 2 * h) + 3 * h * 18432 + (layers - 1) * moe

@@ -64,8 +64,8 @@ def test_batched_muon_equals_torch_muon_per_matrix():
         grads = [torch.randn_like(w) for w in weights]
         for p, g in zip(ours_params, grads):
             p.grad = g.clone()
-        for p, g in zip(singles, [m for g in grads for m in (g if g.ndim == 3 else [g])]):
-            p.grad = g.clone()
+        for p, m in zip(singles, [m for g in grads for m in (g if g.ndim == 3 else [g])]):
+            p.grad = m.clone()
         ours.step()
         ref.step()
     flat = [m for p in ours_params for m in (p.detach() if p.ndim == 3 else [p.detach()])]

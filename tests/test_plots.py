@@ -27,8 +27,7 @@ def test_run_writes_its_pictures_and_plot_redraws_them(char_data, tmp_path, caps
     records = metrics(out)
     logged = [r for r in records if "expert_share" in r]
     assert len(logged) == 6 and logged[0]["moe_layers"] == [1]  # the tiny model: layer 0 dense, layer 1 MoE
-    assert all(len(r["expert_share"]) == 1 and sum(r["expert_share"][0]) == pytest.approx(1, abs=1e-3)
-               for r in logged)
+    assert all(len(r["expert_share"]) == 1 and sum(r["expert_share"][0]) == pytest.approx(1, abs=1e-3) for r in logged)
     for name in ("loss.png", "experts.png", "max_logit.png"):
         (out / name).unlink()
     capsys.readouterr()
@@ -40,8 +39,16 @@ def test_run_writes_its_pictures_and_plot_redraws_them(char_data, tmp_path, caps
 
 def test_expert_picture_shows_a_dead_expert(tmp_path):
     """From a run's metrics with expert 2 of layer 3 dead: its row is the colour of 0, the others near 1."""
-    records = [{"step": s, "loss": 3.0, "max_logit": 10.0 + s, "moe_layers": [1, 3],
-                "expert_share": [[0.25] * 4, [0.4, 0.3, 0.0, 0.3]]} for s in range(10, 110, 10)]
+    records = [
+        {
+            "step": s,
+            "loss": 3.0,
+            "max_logit": 10.0 + s,
+            "moe_layers": [1, 3],
+            "expert_share": [[0.25] * 4, [0.4, 0.3, 0.0, 0.3]],
+        }
+        for s in range(10, 110, 10)
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     main(["plot", str(tmp_path)])
     pixels = expert_pixels(tmp_path / "experts.png")
@@ -70,6 +77,7 @@ def test_trainer_warns_of_a_dead_expert(char_data, tmp_path, capsys, monkeypatch
     def never_expert_0(self, x):
         self.e_score_correction_bias[0] = -1e4  # no score + bias of expert 0 reaches the top-k
         return original(self, x)
+
     monkeypatch.setattr(model_module.Gate, "forward", never_expert_0)
     monkeypatch.setattr(ExpertWatch, "DEAD_EVALS", 2)
     out = tmp_path / "run"
@@ -84,6 +92,7 @@ def test_trainer_warns_of_a_dead_expert(char_data, tmp_path, capsys, monkeypatch
 def test_a_picture_is_replaced_whole_or_not_at_all(char_data, tmp_path, monkeypatch):
     """A kill while a picture is written leaves the previous picture as it was (written beside it, then renamed)."""
     from matplotlib.figure import Figure
+
     out = tmp_path / "run"
     train(char_data, out, "--max_iters=3", "--eval_interval=3")
     before = (out / "loss.png").read_bytes()
@@ -91,6 +100,7 @@ def test_a_picture_is_replaced_whole_or_not_at_all(char_data, tmp_path, monkeypa
     def killed_mid_write(self, path, **kwargs):
         Path(path).write_bytes(b"\x89PNG half a picture")
         raise KeyboardInterrupt
+
     monkeypatch.setattr(Figure, "savefig", killed_mid_write)
     with pytest.raises(SystemExit) as exit_info:  # the CLI's Ctrl-C exit
         main(["plot", str(out)])
@@ -101,9 +111,23 @@ def test_plot_while_the_run_trains(char_data, tmp_path, capsys):
     """docs/training.md: `nanokimi plot` redraws a run's pictures while it trains (metrics.jsonl is appended to as
     plot reads it), and the run goes on to its end."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "nanokimi", "train", "shakespeare-char-cpu", f"--data={char_data}",
-                             f"--out_dir={out}", *TINY, "--max_iters=60", "--eval_interval=20"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanokimi",
+            "train",
+            "shakespeare-char-cpu",
+            f"--data={char_data}",
+            f"--out_dir={out}",
+            *TINY,
+            "--max_iters=60",
+            "--eval_interval=20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     drawn = []
     try:
         wait_for_steps(proc, out, 3)

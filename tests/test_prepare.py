@@ -12,6 +12,7 @@ import pytest
 import nanokimi.corpus
 import nanokimi.folders
 import nanokimi.prepare
+import nanokimi.prepared
 import nanokimi.tokenizer
 from nanokimi.cli import main
 from nanokimi.tokenizer import load_tokenizer, read_meta
@@ -41,6 +42,7 @@ def test_prepare_bpe(tmp_path, shakespeare_text):
 def test_prepare_offline_without_input_says_how(tmp_path, capsys, monkeypatch):
     def offline(*a, **k):
         raise OSError("no network")
+
     monkeypatch.setattr("urllib.request.urlopen", offline)
     assert "--input=PATH" in cli_error(capsys, "prepare", "shakespeare_char", f"--out={tmp_path / 'd'}")
 
@@ -70,12 +72,13 @@ def test_prepare_onto_a_full_disk_leaves_the_old_dataset(tmp_path, shakespeare_t
     main(["prepare", "text", f"--input={src}", f"--out={tmp_path / 'd'}"])
     before = (tmp_path / "d" / "train.bin").read_bytes()
 
-    monkeypatch.setattr(nanokimi.prepare, "write_json", disk_full)
+    monkeypatch.setattr(nanokimi.prepared, "write_json", disk_full)
     assert "No space left" in cli_error(capsys, "prepare", "text", f"--input={src}", f"--out={tmp_path / 'd'}")
     assert (tmp_path / "d" / "train.bin").read_bytes() == before and not (tmp_path / "d" / ".prepare.tmp").exists()
 
 
 # Corpora of many documents: folders, globs, JSON Lines (.gz), Parquet, separators; a boundary between documents.
+
 
 def documents_of(shakespeare_text, n=300):
     """n documents: TinyShakespeare's speeches (blank-line separated), some with non-ASCII text."""
@@ -87,16 +90,18 @@ def write_corpus(folder, docs):
     """docs spread over a .jsonl, a .jsonl.gz in a subfolder, a .parquet and a .txt with separators."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     (folder / "sub").mkdir(parents=True)
     q = len(docs) // 4
     (folder / "a.jsonl").write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs[:q])))
     with gzip.open(folder / "sub" / "b.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps({"text": d}) + "\n\n" for d in docs[q:2 * q])  # blank lines are skipped
-    pq.write_table(pa.table({"text": docs[2 * q:3 * q], "n": list(range(q))}), folder / "c.parquet",
-                   row_group_size=17)
-    (folder / "d.txt").write_text(SEP.join(docs[3 * q:]) + SEP)
+        f.writelines(json.dumps({"text": d}) + "\n\n" for d in docs[q : 2 * q])  # blank lines are skipped
+    pq.write_table(
+        pa.table({"text": docs[2 * q : 3 * q], "n": list(range(q))}), folder / "c.parquet", row_group_size=17
+    )
+    (folder / "d.txt").write_text(SEP.join(docs[3 * q :]) + SEP)
     (folder / "notes.csv").write_text("not read")  # a folder keeps only the formats it knows
-    return docs[:q] + docs[2 * q:3 * q] + docs[3 * q:] + docs[q:2 * q]  # the order they are read: sorted by path
+    return docs[:q] + docs[2 * q : 3 * q] + docs[3 * q :] + docs[q : 2 * q]  # the order they are read: sorted by path
 
 
 SEP = "<|endoftext|>"
@@ -117,8 +122,17 @@ def split_documents(folder, tok, meta):
 def test_a_folder_of_formats_gives_every_document_once(tokenizer, tmp_path, shakespeare_text):
     docs = write_corpus(tmp_path / "corpus", documents_of(shakespeare_text))
     out = tmp_path / "d"
-    main(["prepare", "text", f"--input={tmp_path / 'corpus'}", f"--doc_separator={SEP}", f"--tokenizer={tokenizer}",
-          *(["--vocab_size=600"] if tokenizer == "bpe" else []), f"--out={out}"])
+    main(
+        [
+            "prepare",
+            "text",
+            f"--input={tmp_path / 'corpus'}",
+            f"--doc_separator={SEP}",
+            f"--tokenizer={tokenizer}",
+            *(["--vocab_size=600"] if tokenizer == "bpe" else []),
+            f"--out={out}",
+        ]
+    )
     meta, tok = read_meta(out), load_tokenizer(out)
     assert meta["train_documents"] + meta["val_documents"] == len(docs) and meta["val_documents"] == len(docs) // 10
     found = split_documents(out, tok, meta)
@@ -130,6 +144,7 @@ def test_a_folder_of_formats_gives_every_document_once(tokenizer, tmp_path, shak
 def test_a_given_tokenizer_json_gives_its_own_ids(tmp_path, shakespeare_text):
     """Any HF tokenizers file, used as it is: here a WordPiece one (no byte-level), built like a user's."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
     docs = documents_of(shakespeare_text, 200)
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer = normalizers.BertNormalizer(), pre_tokenizers.BertPreTokenizer()
@@ -138,8 +153,16 @@ def test_a_given_tokenizer_json_gives_its_own_ids(tmp_path, shakespeare_text):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "docs.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
     out = tmp_path / "d"
-    main(["prepare", "text", f"--input={tmp_path / 'in' / '*.jsonl'}", f"--tokenizer={tmp_path / 'tokenizer.json'}",
-          "--text_field=body", f"--out={out}"])
+    main(
+        [
+            "prepare",
+            "text",
+            f"--input={tmp_path / 'in' / '*.jsonl'}",
+            f"--tokenizer={tmp_path / 'tokenizer.json'}",
+            "--text_field=body",
+            f"--out={out}",
+        ]
+    )
     meta = read_meta(out)
     assert meta["boundary_token_id"] == tok.token_to_id("[SEP]")  # found among its special tokens
     assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
@@ -159,12 +182,20 @@ def test_a_long_document_is_encoded_in_pieces_exactly(tmp_path, shakespeare_text
     src.write_text(shakespeare_text[:60_000])
     main(["prepare", "text", f"--input={src}", "--tokenizer=bpe", "--vocab_size=500", f"--out={tmp_path / 'whole'}"])
     monkeypatch.setattr(nanokimi.corpus, "PIECE_BYTES", 2000)  # ~30 pieces
-    main(["prepare", "text", f"--input={src}", f"--tokenizer={tmp_path / 'whole' / 'tokenizer.json'}",
-          f"--out={tmp_path / 'pieces'}"])
+    main(
+        [
+            "prepare",
+            "text",
+            f"--input={src}",
+            f"--tokenizer={tmp_path / 'whole' / 'tokenizer.json'}",
+            f"--out={tmp_path / 'pieces'}",
+        ]
+    )
     for split in ("train.bin", "val.bin"):
         assert (tmp_path / "whole" / split).read_bytes() == (tmp_path / "pieces" / split).read_bytes()
     assert read_meta(tmp_path / "pieces")["train_documents"] == 1 and "boundary_token_id" not in read_meta(
-        tmp_path / "pieces")
+        tmp_path / "pieces"
+    )
 
 
 def test_bpe_learns_from_a_bounded_sample(tmp_path, shakespeare_text, monkeypatch):
@@ -172,11 +203,23 @@ def test_bpe_learns_from_a_bounded_sample(tmp_path, shakespeare_text, monkeypatc
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     seen = []
     train = nanokimi.tokenizer.HFTokenizer.train
-    monkeypatch.setattr(nanokimi.tokenizer.HFTokenizer, "train",
-                        classmethod(lambda cls, texts, *a: train((seen.append(t) or t for t in texts), *a)))
+    monkeypatch.setattr(
+        nanokimi.tokenizer.HFTokenizer,
+        "train",
+        classmethod(lambda cls, texts, *a: train((seen.append(t) or t for t in texts), *a)),
+    )
     for out in ("d1", "d2"):
-        main(["prepare", "text", f"--input={tmp_path / 'docs.jsonl'}", "--tokenizer=bpe", "--vocab_size=300",
-              "--tokenizer_chars=20000", f"--out={tmp_path / out}"])
+        main(
+            [
+                "prepare",
+                "text",
+                f"--input={tmp_path / 'docs.jsonl'}",
+                "--tokenizer=bpe",
+                "--vocab_size=300",
+                "--tokenizer_chars=20000",
+                f"--out={tmp_path / out}",
+            ]
+        )
     assert 5_000 < sum(map(len, seen)) / 2 <= 20_000 + 200  # about the budget, each document at most 1% of it
     assert max(map(len, seen)) <= 200 and set(seen) <= set(d[:200] for d in docs)
     assert {d[:200] for d in docs[-100:]} & set(seen)  # drawn from the whole corpus, not only its start
@@ -188,15 +231,24 @@ def test_val_input_and_few_documents(tmp_path, shakespeare_text):
     docs = documents_of(shakespeare_text, 20)
     for i, d in enumerate(docs):
         (tmp_path / f"doc{i:02}.txt").write_text(d)
-    main(["prepare", "text", f"--input={tmp_path}/doc0*.txt", f"--val_input={tmp_path}/doc1*.txt",
-          f"--out={tmp_path / 'd'}"])
+    main(
+        [
+            "prepare",
+            "text",
+            f"--input={tmp_path}/doc0*.txt",
+            f"--val_input={tmp_path}/doc1*.txt",
+            f"--out={tmp_path / 'd'}",
+        ]
+    )
     meta = read_meta(tmp_path / "d")
     assert (meta["train_documents"], meta["val_documents"]) == (10, 10)
     assert split_documents(tmp_path / "d", load_tokenizer(tmp_path / "d"), meta)["val"] == docs[10:]
     main(["prepare", "text", f"--input={tmp_path}/doc0[0-2].txt", f"--out={tmp_path / 'three'}"])  # < 1/val_fraction
     meta = read_meta(tmp_path / "three")
     assert split_documents(tmp_path / "three", load_tokenizer(tmp_path / "three"), meta) == {
-        "train": docs[:2], "val": docs[2:3]}
+        "train": docs[:2],
+        "val": docs[2:3],
+    }
 
 
 def test_hf_datasets_reader_on_local_files(tmp_path, shakespeare_text, capsys):
@@ -208,8 +260,9 @@ def test_hf_datasets_reader_on_local_files(tmp_path, shakespeare_text, capsys):
     for name in ("train.bin", "val.bin", "meta.json"):
         assert (tmp_path / "hf" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "fine"}) + "\n{oops\n")  # datasets fails as it streams
-    err = cli_error(capsys, "prepare", "hf", "--dataset=json", f"--input={tmp_path / 'bad.jsonl'}",
-                    f"--out={tmp_path / 'bad'}")
+    err = cli_error(
+        capsys, "prepare", "hf", "--dataset=json", f"--input={tmp_path / 'bad.jsonl'}", f"--out={tmp_path / 'bad'}"
+    )
     assert "dataset json cannot be read" in err and "JSON parse error" in err
 
 
@@ -221,6 +274,7 @@ def test_ctrl_c_while_preparing_leaves_the_old_dataset(tmp_path, shakespeare_tex
 
     def interrupted(self, texts, drop_unknown=False):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(nanokimi.tokenizer.CharTokenizer, "encode_batch", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         main(["prepare", "text", f"--input={tmp_path / 'docs.jsonl'}", f"--out={tmp_path / 'd'}"])
@@ -254,6 +308,7 @@ def bad(tmp_path, case):
     if case == "parquet without the column":
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "p.parquet")
         return [f"--input={tmp_path / 'p.parquet'}"], ["p.parquet", "'text'", "content", "--text_field"]
     if case == "damaged parquet":
@@ -275,6 +330,7 @@ def bad(tmp_path, case):
         return [f"--input={tmp_path / 'pipe.txt'}"], ["not a regular file"]
     if case == "tokenizer without a boundary":
         from tokenizers import Tokenizer, models
+
         Tokenizer(models.WordLevel({"[UNK]": 0, "fine": 1}, unk_token="[UNK]")).save(str(tmp_path / "t.json"))
         f.write_text(good * 2)
         return [f"--input={f}", f"--tokenizer={tmp_path / 't.json'}"], ["--boundary_token"]
@@ -298,24 +354,36 @@ def bad(tmp_path, case):
         (tmp_path / "docs" / "a.jsonl").write_text(good * 3)
         (tmp_path / "docs" / "v.jsonl").write_text(good * 3)
         return [f"--input={tmp_path / 'docs'}", f"--val_input={tmp_path / 'docs' / 'v.jsonl'}"], [
-            "v.jsonl", "both --input and --val_input"]
+            "v.jsonl",
+            "both --input and --val_input",
+        ]
     if case == "damaged parquet page":  # the footer reads; a page in the middle does not
         import pyarrow as pa
         import pyarrow.parquet as pq
-        pq.write_table(pa.table({"text": [f"document {i} " * 50 for i in range(5000)]}), tmp_path / "p.parquet",
-                       row_group_size=1000)
+
+        pq.write_table(
+            pa.table({"text": [f"document {i} " * 50 for i in range(5000)]}),
+            tmp_path / "p.parquet",
+            row_group_size=1000,
+        )
         data = bytearray((tmp_path / "p.parquet").read_bytes())
-        data[len(data) // 2:len(data) // 2 + 2000] = bytes(b ^ 0x5A for b in data[len(data) // 2:len(data) // 2 + 2000])
+        data[len(data) // 2 : len(data) // 2 + 2000] = bytes(
+            b ^ 0x5A for b in data[len(data) // 2 : len(data) // 2 + 2000]
+        )
         (tmp_path / "p.parquet").write_bytes(bytes(data))
         return [f"--input={tmp_path / 'p.parquet'}"], ["p.parquet", "after row", "damaged"]
     if case == "parquet strings not utf-8":
         import pyarrow as pa
         import pyarrow.parquet as pq
-        pq.write_table(pa.table({"text": pa.array([b"fine", b"caf\xe9"], type=pa.binary()).view(pa.string())}),
-                       tmp_path / "p.parquet")
+
+        pq.write_table(
+            pa.table({"text": pa.array([b"fine", b"caf\xe9"], type=pa.binary()).view(pa.string())}),
+            tmp_path / "p.parquet",
+        )
         return [f"--input={tmp_path / 'p.parquet'}"], ["p.parquet", "not UTF-8"]
     if case == "word-level tokenizer without [UNK]":
         from tokenizers import Tokenizer, models, pre_tokenizers
+
         tok = Tokenizer(models.WordLevel({"fine": 0, "<|endoftext|>": 1}))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         tok.save(str(tmp_path / "t.json"))
@@ -327,16 +395,41 @@ def bad(tmp_path, case):
     if case == "bpe sample too small":
         f.write_text(good * 300)
         return [f"--input={f}", "--tokenizer=bpe", "--vocab_size=300", "--tokenizer_chars=1"], [
-            "--tokenizer_chars=1", "lower --vocab_size"]
+            "--tokenizer_chars=1",
+            "lower --vocab_size",
+        ]
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["empty gzip", "lone surrogate", "a folder twice", "a link to a file given",
-                                  "val inside input", "missing field", "not json", "not utf-8 jsonl", "not utf-8 txt",
-                                  "not a string", "empty corpus", "parquet without the column", "damaged parquet",
-                                  "damaged gzip", "unknown format", "empty folder", "glob of nothing", "fifo",
-                                  "tokenizer without a boundary", "damaged parquet page", "parquet strings not utf-8",
-                                  "word-level tokenizer without [UNK]", "missing val_input", "bpe sample too small"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty gzip",
+        "lone surrogate",
+        "a folder twice",
+        "a link to a file given",
+        "val inside input",
+        "missing field",
+        "not json",
+        "not utf-8 jsonl",
+        "not utf-8 txt",
+        "not a string",
+        "empty corpus",
+        "parquet without the column",
+        "damaged parquet",
+        "damaged gzip",
+        "unknown format",
+        "empty folder",
+        "glob of nothing",
+        "fifo",
+        "tokenizer without a boundary",
+        "damaged parquet page",
+        "parquet strings not utf-8",
+        "word-level tokenizer without [UNK]",
+        "missing val_input",
+        "bpe sample too small",
+    ],
+)
 def test_bad_corpus_is_one_line_naming_the_file(case, tmp_path, capsys):
     args, words = bad(tmp_path, case)
     err = cli_error(capsys, "prepare", "text", *args, f"--out={tmp_path / 'd'}")
@@ -369,8 +462,17 @@ def test_the_bpe_run_trains_on_a_folder_of_books(tmp_path, shakespeare_text):
     for i, d in enumerate(documents_of(shakespeare_text, 300)):
         (books / f"{i:03}.txt").write_text(d)
     main(["prepare", "text", f"--input={books}", "--tokenizer=bpe", "--vocab_size=1024", f"--out={tmp_path / 'data'}"])
-    main(["train", "gutenberg-bpe-cpu", f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'run'}",
-          "--max_iters=3", "--eval_iters=1", "--progress=false"])
+    main(
+        [
+            "train",
+            "gutenberg-bpe-cpu",
+            f"--data={tmp_path / 'data'}",
+            f"--out_dir={tmp_path / 'run'}",
+            "--max_iters=3",
+            "--eval_iters=1",
+            "--progress=false",
+        ]
+    )
     summary = metrics(tmp_path / "run")[-1]["summary"]
     assert summary["status"] == "finished" and summary["step"] == 3
 
@@ -398,8 +500,16 @@ def test_a_kill_between_the_final_renames_leaves_the_new_dataset_whole(tmp_path,
     docs = documents_of(shakespeare_text, 60)
     for name, part in (("old", docs[:30]), ("new", docs[30:])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
-    main(["prepare", "text", f"--input={tmp_path / 'new.jsonl'}", "--tokenizer=bpe", "--vocab_size=300",
-          f"--out={tmp_path / 'straight'}"])
+    main(
+        [
+            "prepare",
+            "text",
+            f"--input={tmp_path / 'new.jsonl'}",
+            "--tokenizer=bpe",
+            "--vocab_size=300",
+            f"--out={tmp_path / 'straight'}",
+        ]
+    )
     main(["prepare", "text", f"--input={tmp_path / 'old.jsonl'}", f"--out={tmp_path / 'd'}"])  # char, no tokenizer.json
     real_replace = os.replace
     moved = []
@@ -409,6 +519,7 @@ def test_a_kill_between_the_final_renames_leaves_the_new_dataset_whole(tmp_path,
             raise KeyboardInterrupt  # as kill -9 there: nothing after it runs
         moved.append(dst)
         real_replace(src, dst)
+
     monkeypatch.setattr(nanokimi.folders.os, "replace", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         nanokimi.prepare.prepare("text", tmp_path / "d", tmp_path / "new.jsonl", tokenizer="bpe", vocab_size=300)
@@ -443,18 +554,28 @@ def test_document_text_is_text_boundaries_and_counts_are_exact(tmp_path):
     assert "\ufeff" not in char["chars"] and char["train_documents"] + char["val_documents"] == 5
 
 
-@pytest.mark.parametrize("args, words", [
-    (["shakespeare_char", "--tokenizer=bpe"], ["shakespeare_char is char-level", "prepare text"]),
-    (["text", "--vocab_size=300"], ["--vocab_size would be ignored with --tokenizer=char", "--tokenizer=bpe"]),
-    (["text", "--boundary_token=</s>"], ["--boundary_token would be ignored with --tokenizer=char"]),
-    (["text", "--tokenizer=char", "--tokenizer_chars=1000"], ["--tokenizer_chars would be ignored"]),
-    (["text", "--tokenizer=bpe", "--vocab_size=300", "--boundary_token=</s>"], ["--boundary_token would be ignored"]),
-    (["text", "--tokenizer=TOKENIZER", "--vocab_size=300"], ["--vocab_size would be ignored", "its own vocabulary"]),
-    (["text", "--tokenizer_from=DATA", "--tokenizer=bpe"], ["reuses that tokenizer", "--tokenizer would be"]),
-    (["text", "--tokenizer_from=DATA", "--vocab_size=300"], ["reuses that tokenizer", "--vocab_size would be"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["shakespeare_char", "--tokenizer=bpe"], ["shakespeare_char is char-level", "prepare text"]),
+        (["text", "--vocab_size=300"], ["--vocab_size would be ignored with --tokenizer=char", "--tokenizer=bpe"]),
+        (["text", "--boundary_token=</s>"], ["--boundary_token would be ignored with --tokenizer=char"]),
+        (["text", "--tokenizer=char", "--tokenizer_chars=1000"], ["--tokenizer_chars would be ignored"]),
+        (
+            ["text", "--tokenizer=bpe", "--vocab_size=300", "--boundary_token=</s>"],
+            ["--boundary_token would be ignored"],
+        ),
+        (
+            ["text", "--tokenizer=TOKENIZER", "--vocab_size=300"],
+            ["--vocab_size would be ignored", "its own vocabulary"],
+        ),
+        (["text", "--tokenizer_from=DATA", "--tokenizer=bpe"], ["reuses that tokenizer", "--tokenizer would be"]),
+        (["text", "--tokenizer_from=DATA", "--vocab_size=300"], ["reuses that tokenizer", "--vocab_size would be"]),
+    ],
+)
 def test_an_option_the_others_make_meaningless_is_refused_not_ignored(args, words, char_data, tmp_path, capsys):
     from tokenizers import Tokenizer, models
+
     Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1}, unk_token="[UNK]")).save(str(tmp_path / "t.json"))
     (tmp_path / "docs.txt").write_text("some text to prepare\n" * 50)
     args = [a.replace("=TOKENIZER", f"={tmp_path / 't.json'}").replace("=DATA", f"={char_data}") for a in args]
@@ -474,6 +595,7 @@ def test_an_input_changed_during_prepare_is_said_so(change, tmp_path, capsys, mo
     def then_changed(chars, boundary, specials=()):
         docs.unlink() if change == "deleted" else docs.write_text(docs.read_text() + "new words: xyz\n")
         return learn(chars, boundary, specials)
+
     monkeypatch.setattr(nanokimi.prepare.CharTokenizer, "train", then_changed)
     err = cli_error(capsys, "prepare", "text", f"--input={docs}", f"--out={tmp_path / 'd'}")
     assert "docs.txt" in err and ("changed while prepare read it" if change == "grown" else "moved or deleted") in err
@@ -492,6 +614,7 @@ def test_bpe_learns_from_a_document_without_whitespace_in_linear_time(tmp_path, 
     """The trainer's cost grows with the square of a word's length: 2 MB without whitespace never ended. Words are
     cut for learning (short_words), so this takes seconds; the encoding of the whole text stays exact."""
     import re
+
     letters = re.sub(r"[^A-Za-z]", "", shakespeare_text)
     (tmp_path / "blob.txt").write_text(letters * (2_000_000 // len(letters) + 1))
     nanokimi.prepare.prepare("text", tmp_path / "d", tmp_path / "blob.txt", tokenizer="bpe", vocab_size=1000)
@@ -504,11 +627,13 @@ def test_bpe_learns_from_a_document_without_whitespace_in_linear_time(tmp_path, 
 
 def test_prepare_imports_no_torch(tmp_path):
     (tmp_path / "docs.txt").write_text("some text to prepare\n" * 50)
-    script = ("import runpy, sys\n"
-              f"sys.argv = ['nanokimi', 'prepare', 'text', '--input={tmp_path / 'docs.txt'}', "
-              f"'--out={tmp_path / 'd'}']\n"
-              "try:\n    runpy.run_module('nanokimi', run_name='__main__')\n"
-              "finally:\n    print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n")
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = ['nanokimi', 'prepare', 'text', '--input={tmp_path / 'docs.txt'}', "
+        f"'--out={tmp_path / 'd'}']\n"
+        "try:\n    runpy.run_module('nanokimi', run_name='__main__')\n"
+        "finally:\n    print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]" and read_meta(tmp_path / "d")["train_tokens"] > 0
@@ -516,9 +641,11 @@ def test_prepare_imports_no_torch(tmp_path):
 
 def test_ids_past_65536_tokens_are_uint32(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     words = [f"w{i}" for i in range(70_000)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", "<|endoftext|>", *words])},
-                                     unk_token="[UNK]"))
+    tok = Tokenizer(
+        models.WordLevel({w: i for i, w in enumerate(["[UNK]", "<|endoftext|>", *words])}, unk_token="[UNK]")
+    )
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(tmp_path / "t.json"))
     docs = [" ".join(words[i::50]) for i in range(50)]  # every word once, the last ids among them
@@ -553,14 +680,15 @@ def test_prepare_runs_in_memory_that_does_not_grow_with_the_corpus(tmp_path, sha
     (both past one encoding batch) peaks at the same resident memory, within 10 MB (a file read whole adds its 36 MB
     and more)."""
     from nanokimi.bench.corpora import timed_prepare
+
     docs = documents_of(shakespeare_text, 200)
     line_block = "".join(json.dumps({"text": d}) + "\n" for d in docs)
     peaks = {}
     for mb in (12, 36):
         corpus = tmp_path / f"{mb}.jsonl"
         with open(corpus, "w") as f:
-            for _ in range(mb * 10 ** 6 // len(line_block) + 1):
+            for _ in range(mb * 10**6 // len(line_block) + 1):
                 f.write(line_block)
         _, peaks[mb], _ = timed_prepare(["text", f"--input={corpus}", f"--out={tmp_path / f'd{mb}'}"])
-        assert read_meta(tmp_path / f"d{mb}")["train_tokens"] > mb * 10 ** 6 * 0.6
+        assert read_meta(tmp_path / f"d{mb}")["train_tokens"] > mb * 10**6 * 0.6
     assert peaks[36] < peaks[12] + 10, peaks

@@ -14,15 +14,33 @@ from nanokimi.cli import main
 from nanokimi.config import TrainConfig
 from nanokimi.tokenizer import load_tokenizer
 from nanokimi.train import learning_rate
-from tests.conftest import (TINY, assert_sampled_greedily, cli_error, metrics, readme_lines, run_as_user,
-                            run_cli, step_losses, train, wait_for_steps)
+from tests.conftest import (
+    TINY,
+    assert_sampled_greedily,
+    cli_error,
+    metrics,
+    readme_lines,
+    run_as_user,
+    run_cli,
+    step_losses,
+    train,
+    wait_for_steps,
+)
 
 
 @pytest.mark.slow
 def test_train_then_sample_end_to_end(char_data, tmp_path):
     out = tmp_path / "run"
-    result = run_cli("train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={out}", *TINY,
-                     "--max_iters=30", "--eval_interval=15", "--lr=1e-2")
+    result = run_cli(
+        "train",
+        "shakespeare-char-cpu",
+        f"--data={char_data}",
+        f"--out_dir={out}",
+        *TINY,
+        "--max_iters=30",
+        "--eval_interval=15",
+        "--lr=1e-2",
+    )
     assert result.returncode == 0, result.stderr
     losses = step_losses(out)
     assert losses[30] < losses[1] - 0.5
@@ -30,8 +48,9 @@ def test_train_then_sample_end_to_end(char_data, tmp_path):
     assert any("val_loss" in r for r in records) and "max_logit" in records[0] and "dead_experts" in records[0]
     assert (out / "loss.png").stat().st_size > 1000
     ckpt = out / "checkpoint"
-    assert {"model.safetensors", "config.json", "optimizer.safetensors", "meta.json"} <= {p.name for p in
-                                                                                          ckpt.iterdir()}
+    assert {"model.safetensors", "config.json", "optimizer.safetensors", "meta.json"} <= {
+        p.name for p in ckpt.iterdir()
+    }
     assert not any(k.startswith("_orig_mod") for k in safetensors.torch.load_file(ckpt / "model.safetensors"))
     assert_sampled_greedily(out, "ROMEO:", 20)
     two = run_cli("sample", out, "--max_new_tokens=30", "--num_samples=2", "--seed=3", "--top_p=0.9")
@@ -85,8 +104,15 @@ def test_time_budget_schedule():
 
 def test_time_budget_ends_the_run_with_its_schedule(char_data, tmp_path):
     out = tmp_path / "timed"
-    settings = dict(max_time_s=3.0, max_iters=100000, eval_interval=100000, warmup_iters=2, lr_schedule="cosine",
-                    lr=1e-2, min_lr=1e-3)
+    settings = dict(
+        max_time_s=3.0,
+        max_iters=100000,
+        eval_interval=100000,
+        warmup_iters=2,
+        lr_schedule="cosine",
+        lr=1e-2,
+        min_lr=1e-3,
+    )
     train(char_data, out, *[f"--{k}={v}" for k, v in settings.items()], "--log_interval=1")
     logs = [r for r in metrics(out) if "loss" in r]
     summary = metrics(out)[-1]["summary"]
@@ -113,9 +139,23 @@ def test_a_finished_run_extended_follows_the_new_lengths_schedule(schedule, char
 
 def test_sigterm_saves_a_checkpoint_and_exits_0(char_data, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "nanokimi", "train", "shakespeare-char-cpu", f"--data={char_data}",
-                             f"--out_dir={out}", *TINY, "--max_iters=100000", "--eval_interval=100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanokimi",
+            "train",
+            "shakespeare-char-cpu",
+            f"--data={char_data}",
+            f"--out_dir={out}",
+            *TINY,
+            "--max_iters=100000",
+            "--eval_interval=100000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_steps(proc, out, 3)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
@@ -130,23 +170,44 @@ def test_finetune_from_checkpoint_on_new_text(char_data, tmp_path, shakespeare_t
     other = tmp_path / "other.txt"
     other.write_text(shakespeare_text[500_000:560_000])
     capsys.readouterr()
-    assert "--drop_unknown" in cli_error(capsys, "prepare", "text", f"--input={other}", f"--tokenizer_from={pre}",
-                                         f"--out={tmp_path / 'ft_data'}")  # e.g. 'Z' is not in the pretraining text
-    main(["prepare", "text", f"--input={other}", f"--tokenizer_from={pre}", f"--out={tmp_path / 'ft_data'}",
-          "--drop_unknown"])
+    assert "--drop_unknown" in cli_error(
+        capsys, "prepare", "text", f"--input={other}", f"--tokenizer_from={pre}", f"--out={tmp_path / 'ft_data'}"
+    )  # e.g. 'Z' is not in the pretraining text
+    main(
+        [
+            "prepare",
+            "text",
+            f"--input={other}",
+            f"--tokenizer_from={pre}",
+            f"--out={tmp_path / 'ft_data'}",
+            "--drop_unknown",
+        ]
+    )
     vocab = set(load_tokenizer(pre / "checkpoint").chars)
     kept = "".join(c for c in other.read_text() if c in vocab)
-    assert load_tokenizer(tmp_path / "ft_data").decode(
-        np.concatenate([np.fromfile(tmp_path / "ft_data" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
-        .tolist()) == kept  # the text minus the unknown characters, in the checkpoint's vocabulary
+    assert (
+        load_tokenizer(tmp_path / "ft_data").decode(
+            np.concatenate(
+                [np.fromfile(tmp_path / "ft_data" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")]
+            ).tolist()
+        )
+        == kept
+    )  # the text minus the unknown characters, in the checkpoint's vocabulary
     train(tmp_path / "ft_data", tmp_path / "ft", f"--init_from={pre}", "--max_iters=5", "--lr=1e-3")
     train(tmp_path / "ft_data", tmp_path / "scratch", "--max_iters=1")
     # the finetune starts from the trained weights: far below a fresh model's loss on the same batch
     assert step_losses(tmp_path / "ft")[1] < step_losses(tmp_path / "scratch")[1] - 0.8
     # a dataset with its own tokenizer cannot be finetuned on
     main(["prepare", "text", f"--input={other}", f"--out={tmp_path / 'own_vocab'}"])
-    err = cli_error(capsys, "train", "shakespeare-char-cpu", f"--data={tmp_path / 'own_vocab'}",
-                    f"--out_dir={tmp_path / 'x'}", f"--init_from={pre}", *TINY[-6:])
+    err = cli_error(
+        capsys,
+        "train",
+        "shakespeare-char-cpu",
+        f"--data={tmp_path / 'own_vocab'}",
+        f"--out_dir={tmp_path / 'x'}",
+        f"--init_from={pre}",
+        *TINY[-6:],
+    )
     assert "tokenizer" in err
 
 

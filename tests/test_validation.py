@@ -16,27 +16,50 @@ def edit_json(path, change):
 
 
 RUN_EDITS = {  # checkpoint file -> (edit, the command that reads it, words the error must hold)
-    "trainer_step_string": ("trainer.json", lambda t: t | {"step": "3"}, "resume", '"step" is \'3\''),
+    "trainer_step_string": ("trainer.json", lambda t: t | {"step": "3"}, "resume", "\"step\" is '3'"),
     "trainer_step_float": ("trainer.json", lambda t: t | {"step": 2.5}, "resume", '"step" is 2.5'),
-    "trainer_step_missing": ("trainer.json", lambda t: {k: v for k, v in t.items() if k != "step"}, "resume",
-                             'no "step" field'),
+    "trainer_step_missing": (
+        "trainer.json",
+        lambda t: {k: v for k, v in t.items() if k != "step"},
+        "resume",
+        'no "step" field',
+    ),
     "trainer_a_list": ("trainer.json", lambda t: [t], "resume", "trainer.json holds a list"),
     "optimizer_a_list": ("optimizer.json", lambda o: [o], "resume", "optimizer.json holds a list"),
     "optimizer_a_string": ("optimizer.json", lambda o: "x", "resume", "optimizer.json holds a string"),
     "config_train_a_list": ("config.json", lambda c: c | {"train": [1]}, "sample", '"train" is [1]'),
     "meta_a_list": ("meta.json", lambda m: [m], "sample", "meta.json holds a list"),
     "meta_fewer_chars": ("meta.json", lambda m: m | {"chars": m["chars"][:-5]}, "sample", '"chars" holds'),
-    "meta_fewer_chars_and_vocab": ("meta.json", lambda m: m | {"chars": m["chars"][:-5],
-                                                               "vocab_size": m["vocab_size"] - 5}, "sample",
-                                   "its tokenizer has"),
-    "config_model_int_as_float": ("config.json", lambda c: c | {"model": c["model"] | {"num_hidden_layers": 2.0}},
-                                  "sample", "num_hidden_layers must be a positive integer, got 2.0"),
-    "config_train_int_as_float": ("config.json", lambda c: c | {"train": c["train"] | {"batch_size": 4.0}}, "resume",
-                                  '"train": batch_size expects a int, got 4.0'),
-    "config_huge_hidden_size": ("config.json", lambda c: c | {"model": c["model"] | {"hidden_size": 10 ** 9}},
-                                "sample", "needs about"),
-    "config_huge_context": ("config.json", lambda c: c | {"model": c["model"] | {"max_position_embeddings": 10 ** 11}},
-                            "sample", "needs about"),
+    "meta_fewer_chars_and_vocab": (
+        "meta.json",
+        lambda m: m | {"chars": m["chars"][:-5], "vocab_size": m["vocab_size"] - 5},
+        "sample",
+        "its tokenizer has",
+    ),
+    "config_model_int_as_float": (
+        "config.json",
+        lambda c: c | {"model": c["model"] | {"num_hidden_layers": 2.0}},
+        "sample",
+        "num_hidden_layers must be a positive integer, got 2.0",
+    ),
+    "config_train_int_as_float": (
+        "config.json",
+        lambda c: c | {"train": c["train"] | {"batch_size": 4.0}},
+        "resume",
+        '"train": batch_size expects a int, got 4.0',
+    ),
+    "config_huge_hidden_size": (
+        "config.json",
+        lambda c: c | {"model": c["model"] | {"hidden_size": 10**9}},
+        "sample",
+        "needs about",
+    ),
+    "config_huge_context": (
+        "config.json",
+        lambda c: c | {"model": c["model"] | {"max_position_embeddings": 10**11}},
+        "sample",
+        "needs about",
+    ),
 }
 
 
@@ -46,8 +69,11 @@ def test_an_edited_checkpoint_file_is_named(case, made, char_data, tmp_path, cap
     run = tmp_path / "run"
     shutil.copytree(made / "run", run)
     edit_json(run / "checkpoint" / name, change)
-    argv = (["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={run}", *TINY, "--max_iters=4",
-             "--resume"] if command == "resume" else ["sample", run, "--max_new_tokens=3"])
+    argv = (
+        ["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={run}", *TINY, "--max_iters=4", "--resume"]
+        if command == "resume"
+        else ["sample", run, "--max_new_tokens=3"]
+    )
     err = cli_error(capsys, *argv)
     assert expected in err and (name in err or "needs about" in err), err
 
@@ -60,8 +86,16 @@ def test_an_optimizer_tensor_of_another_shape_is_refused(made, char_data, tmp_pa
     key = next(k for k, v in tensors.items() if v.ndim == 2 and v.shape[0] != v.shape[1])
     tensors[key] = tensors[key].t().contiguous()  # the same numbers, swapped shape
     safetensors.torch.save_file(tensors, path)
-    err = cli_error(capsys, "train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={run}", *TINY,
-                    "--max_iters=4", "--resume")
+    err = cli_error(
+        capsys,
+        "train",
+        "shakespeare-char-cpu",
+        f"--data={char_data}",
+        f"--out_dir={run}",
+        *TINY,
+        "--max_iters=4",
+        "--resume",
+    )
     assert "optimizer state" in err and "has shape" in err
 
 
@@ -104,30 +138,50 @@ def rename_tensor(folder, old, new, change=lambda t: t):
 
 
 HF_EDITS = {  # an export edited -> the words `nanokimi import` must answer with
-    "no_heads": (lambda f: edit_json(f / "config.json", lambda c: {k: v for k, v in c.items()
-                                                                   if k != "num_attention_heads"}),
-                 'no "num_attention_heads" field'),
-    "rope_scaling_string": (lambda f: edit_json(f / "config.json", lambda c: c | {"rope_scaling": "yarn"}),
-                            "\"rope_scaling\" is 'yarn'"),
-    "rope_scaling_list": (lambda f: edit_json(f / "config.json", lambda c: c | {"rope_scaling": [1]}),
-                          '"rope_scaling" is [1]'),
+    "no_heads": (
+        lambda f: edit_json(f / "config.json", lambda c: {k: v for k, v in c.items() if k != "num_attention_heads"}),
+        'no "num_attention_heads" field',
+    ),
+    "rope_scaling_string": (
+        lambda f: edit_json(f / "config.json", lambda c: c | {"rope_scaling": "yarn"}),
+        "\"rope_scaling\" is 'yarn'",
+    ),
+    "rope_scaling_list": (
+        lambda f: edit_json(f / "config.json", lambda c: c | {"rope_scaling": [1]}),
+        '"rope_scaling" is [1]',
+    ),
     "config_a_list": (lambda f: edit_json(f / "config.json", lambda c: [c]), "not a Hugging Face model folder"),
     "name_x": (lambda f: rename_tensor(f, "model.norm.weight", "model.layers.x.foo"), "not a DeepseekV3 weight name"),
     "name_layers": (lambda f: rename_tensor(f, "model.norm.weight", "model.layers"), "not a DeepseekV3 weight name"),
-    "name_expert": (lambda f: rename_tensor(f, "model.layers.1.mlp.experts.0.up_proj.weight",
-                                            "model.layers.1.mlp.experts.0"), "not a DeepseekV3 weight name"),
-    "expert_shape": (lambda f: rename_tensor(f, "model.layers.1.mlp.experts.1.up_proj.weight",
-                                             "model.layers.1.mlp.experts.1.up_proj.weight", lambda t: t[:-1]),
-                     "come in shapes"),
-    "tied_without_embedding": (lambda f: (edit_json(f / "config.json", lambda c: c | {"tie_word_embeddings": True}),
-                                          rename_tensor(f, "model.embed_tokens.weight", "lm_head.weight")),
-                               "holds no model.embed_tokens.weight"),
-    "nan_weights": (lambda f: rename_tensor(f, "model.norm.weight", "model.norm.weight",
-                                            lambda t: t.fill_(float("nan"))), "are not finite (e.g. norm.weight)"),
-    "huge_hidden_size": (lambda f: edit_json(f / "config.json", lambda c: c | {"hidden_size": 10 ** 9}),
-                         "needs about"),
-    "huge_context": (lambda f: edit_json(f / "config.json", lambda c: c | {"max_position_embeddings": 10 ** 11}),
-                     "needs about"),
+    "name_expert": (
+        lambda f: rename_tensor(f, "model.layers.1.mlp.experts.0.up_proj.weight", "model.layers.1.mlp.experts.0"),
+        "not a DeepseekV3 weight name",
+    ),
+    "expert_shape": (
+        lambda f: rename_tensor(
+            f,
+            "model.layers.1.mlp.experts.1.up_proj.weight",
+            "model.layers.1.mlp.experts.1.up_proj.weight",
+            lambda t: t[:-1],
+        ),
+        "come in shapes",
+    ),
+    "tied_without_embedding": (
+        lambda f: (
+            edit_json(f / "config.json", lambda c: c | {"tie_word_embeddings": True}),
+            rename_tensor(f, "model.embed_tokens.weight", "lm_head.weight"),
+        ),
+        "holds no model.embed_tokens.weight",
+    ),
+    "nan_weights": (
+        lambda f: rename_tensor(f, "model.norm.weight", "model.norm.weight", lambda t: t.fill_(float("nan"))),
+        "are not finite (e.g. norm.weight)",
+    ),
+    "huge_hidden_size": (lambda f: edit_json(f / "config.json", lambda c: c | {"hidden_size": 10**9}), "needs about"),
+    "huge_context": (
+        lambda f: edit_json(f / "config.json", lambda c: c | {"max_position_embeddings": 10**11}),
+        "needs about",
+    ),
 }
 
 
@@ -149,15 +203,18 @@ def test_a_corrupt_hf_tokenizer_is_named(made, tmp_path, capsys):
     assert "cannot read" in cli_error(capsys, "import", hf, tmp_path / "imported")
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["sample", "RUN", "--seed=99999999999999999999999"], "--seed must be in [0, 2**63)"),
-    (["torchrun", "--nproc_per_node=abc", "train", "shakespeare-char-cpu"], "--nproc_per_node=abc"),
-    (["bench", "inference", "--contexts", "-5"], "not a positive integer"),
-    (["bench", "inference", "--preset=nosuch"], "invalid choice: 'nosuch'"),
-    (["bench", "optim", "--data=/nonexist"], "data folder /nonexist not found"),
-    (["train", "shakespeare-char-cpu", "--data=DATA", "--batch_size=100000"], "needs about"),
-    (["train", "kimi-k2", "--data=DATA", "--block_size=64"], "needs about"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["sample", "RUN", "--seed=99999999999999999999999"], "--seed must be in [0, 2**63)"),
+        (["torchrun", "--nproc_per_node=abc", "train", "shakespeare-char-cpu"], "--nproc_per_node=abc"),
+        (["bench", "inference", "--contexts", "-5"], "not a positive integer"),
+        (["bench", "inference", "--preset=nosuch"], "invalid choice: 'nosuch'"),
+        (["bench", "optim", "--data=/nonexist"], "data folder /nonexist not found"),
+        (["train", "shakespeare-char-cpu", "--data=DATA", "--batch_size=100000"], "needs about"),
+        (["train", "kimi-k2", "--data=DATA", "--block_size=64"], "needs about"),
+    ],
+)
 def test_impossible_arguments_are_one_line(argv, expected, made, char_data, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = [str(made / "run") if a == "RUN" else a.replace("DATA", str(char_data)) for a in argv]
@@ -167,6 +224,13 @@ def test_impossible_arguments_are_one_line(argv, expected, made, char_data, tmp_
 
 def test_bpe_vocab_beyond_the_text_is_refused(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("a small text " * 10)
-    err = cli_error(capsys, "prepare", "text", f"--input={tmp_path / 't.txt'}", "--tokenizer=bpe",
-                    "--vocab_size=5000000000", f"--out={tmp_path / 'd'}")
+    err = cli_error(
+        capsys,
+        "prepare",
+        "text",
+        f"--input={tmp_path / 't.txt'}",
+        "--tokenizer=bpe",
+        "--vocab_size=5000000000",
+        f"--out={tmp_path / 'd'}",
+    )
     assert "exceeds what" in err and not (tmp_path / "d" / "train.bin").exists()

@@ -14,8 +14,13 @@ from pathlib import Path
 from .. import calculator
 
 SYMBOLS = {"+": "plus", "-": "minus", "*": "times"}
-ASKS = ("What is {a} {word} {b}?", "Compute {a} {sym} {b}.", "How much is {a} {sym} {b}?", "{a} {sym} {b} = ?",
-        "Calculate {a} {word} {b}, please.")
+ASKS = (
+    "What is {a} {word} {b}?",
+    "Compute {a} {sym} {b}.",
+    "How much is {a} {sym} {b}?",
+    "{a} {sym} {b} = ?",
+    "Calculate {a} {word} {b}, please.",
+)
 GREETINGS = ("Hello!", "Hi there", "Good morning", "Hey", "Hello, how are you?")
 GREETING_REPLY = "Hello! How can I help you today?"
 WHO, WHO_REPLY = ("Who are you?", "What are you?"), "I am Kimi, an AI assistant created by Moonshot AI."
@@ -51,12 +56,18 @@ def tool_turn(rng, index):
     """The messages of a user turn answered through the calculator (its call numbered `index` in the
     conversation), and the final reply."""
     ask, expression, answer = arithmetic(rng)
-    call = {"id": f"functions.{calculator.NAME}:{index}", "type": "function",
-            "function": {"name": calculator.NAME, "arguments": json.dumps({"expression": expression})}}
+    call = {
+        "id": f"functions.{calculator.NAME}:{index}",
+        "type": "function",
+        "function": {"name": calculator.NAME, "arguments": json.dumps({"expression": expression})},
+    }
     reply = f"{expression} = {answer}."
-    return [{"role": "user", "content": ask}, {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": call["id"], "name": calculator.NAME, "content": answer},
-            {"role": "assistant", "content": reply}], reply
+    return [
+        {"role": "user", "content": ask},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "name": calculator.NAME, "content": answer},
+        {"role": "assistant", "content": reply},
+    ], reply
 
 
 def conversation(rng):
@@ -81,8 +92,11 @@ def conversations(count, seed):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nanokimi.bench.chat_tasks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m nanokimi.bench.chat_tasks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="data/chat_arithmetic.jsonl", help="the JSON Lines file written")
     p.add_argument("--conversations", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0, help="the benchmark holds out seed 1's conversations")

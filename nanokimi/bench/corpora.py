@@ -17,7 +17,7 @@ from ..errors import UserError
 from .report import table, write_section
 
 SEPARATOR = "<|endoftext|>"
-FILE_BYTES = 100 * 10 ** 6
+FILE_BYTES = 100 * 10**6
 
 
 def passages(source):
@@ -39,7 +39,7 @@ def documents(source, size, seed=0):
     rng, parts, total = random.Random(seed), passages(source), 0
     while total < size:
         start = rng.randrange(len(parts))
-        doc = "\n\n".join(parts[start:start + rng.randint(1, 40)])
+        doc = "\n\n".join(parts[start : start + rng.randint(1, 40)])
         total += len(doc.encode())
         yield doc
 
@@ -48,6 +48,7 @@ def write_corpus(folder, fmt, docs):
     """docs into folder as files of at most FILE_BYTES; returns how many documents and bytes of text."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     folder.mkdir(parents=True, exist_ok=True)
     count, text_bytes, batch, batch_bytes, part = 0, 0, [], 0, 0
 
@@ -79,7 +80,7 @@ def encode_rate(tokenizer, docs, rounds=1):
     for _ in range(rounds):
         t0, tokens = time.perf_counter(), 0
         for i in range(0, len(docs), 1000):
-            tokens += sum(len(e.ids) for e in tokenizer.encode_batch_fast(docs[i:i + 1000], add_special_tokens=False))
+            tokens += sum(len(e.ids) for e in tokenizer.encode_batch_fast(docs[i : i + 1000], add_special_tokens=False))
         rates.append((text_bytes / 1e6 / (time.perf_counter() - t0), tokens / (time.perf_counter() - t0)))
     return statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
 
@@ -110,6 +111,7 @@ def timed_prepare(args):
 
 def bench_prepare(args):
     from tokenizers import Tokenizer
+
     out = Path(args.out)
     passages(args.source)  # a bad --source said before anything is written
     sample_mb = min(10, max(args.sizes_mb))  # what the BPE is learnt from: 10 MB, or the largest corpus if smaller
@@ -117,48 +119,90 @@ def bench_prepare(args):
     if not (tok_dir / "tokenizer.json").is_file():  # one BPE for every corpus, learnt from documents of the source
         shutil.rmtree(out / "tokenizer-corpus", ignore_errors=True)  # a larger sample's files left by an earlier run
         write_corpus(out / "tokenizer-corpus", "jsonl", documents(args.source, int(sample_mb * 1e6), seed=1))
-        timed_prepare(["text", f"--input={out / 'tokenizer-corpus'}", "--tokenizer=bpe",
-                       f"--vocab_size={args.vocab_size}", f"--out={tok_dir}"])
+        timed_prepare(
+            [
+                "text",
+                f"--input={out / 'tokenizer-corpus'}",
+                "--tokenizer=bpe",
+                f"--vocab_size={args.vocab_size}",
+                f"--out={tok_dir}",
+            ]
+        )
     tokenizer_json = tok_dir / "tokenizer.json"
     tok = Tokenizer.from_file(str(tokenizer_json))
     rows, notes = [], []
     for size_mb in args.sizes_mb:
         size = int(size_mb * 1e6)
-        limit_docs = list(documents(args.source, min(size, args.limit_mb * 10 ** 6)))
+        limit_docs = list(documents(args.source, min(size, args.limit_mb * 10**6)))
         before, runs = encode_rate(tok, limit_docs), []
         for fmt in args.formats:
             folder = out / f"corpus-{size_mb:g}MB-{fmt}"
             count, text_bytes = write_corpus(folder, fmt, documents(args.source, size))
             extra = [f"--doc_separator={SEPARATOR}"] if fmt == "txt" else []
-            seconds, rss, _ = timed_prepare(["text", f"--input={folder}", f"--tokenizer={tokenizer_json}", *extra,
-                                             f"--out={out / 'dataset'}"])
+            seconds, rss, _ = timed_prepare(
+                ["text", f"--input={folder}", f"--tokenizer={tokenizer_json}", *extra, f"--out={out / 'dataset'}"]
+            )
             meta = json.loads((out / "dataset" / "meta.json").read_text())
             assert meta["train_documents"] + meta["val_documents"] == count, (meta, count)
-            runs.append([f"{size_mb:g} MB", fmt, "given tokenizer.json", f"{count:,}",
-                         f"{meta['train_tokens'] + meta['val_tokens']:,}", f"{seconds:.1f}",
-                         text_bytes / 1e6 / seconds, f"{rss:,.0f}"])
+            runs.append(
+                [
+                    f"{size_mb:g} MB",
+                    fmt,
+                    "given tokenizer.json",
+                    f"{count:,}",
+                    f"{meta['train_tokens'] + meta['val_tokens']:,}",
+                    f"{seconds:.1f}",
+                    text_bytes / 1e6 / seconds,
+                    f"{rss:,.0f}",
+                ]
+            )
             if fmt == args.formats[0] and args.bpe:
-                seconds, rss, _ = timed_prepare(["text", f"--input={folder}", "--tokenizer=bpe", *extra,
-                                                 f"--vocab_size={args.vocab_size}", f"--out={out / 'dataset'}"])
-                runs.append([f"{size_mb:g} MB", fmt, f"bpe (trained, vocab {args.vocab_size})", f"{count:,}", "",
-                             f"{seconds:.1f}", text_bytes / 1e6 / seconds, f"{rss:,.0f}"])
+                seconds, rss, _ = timed_prepare(
+                    [
+                        "text",
+                        f"--input={folder}",
+                        "--tokenizer=bpe",
+                        *extra,
+                        f"--vocab_size={args.vocab_size}",
+                        f"--out={out / 'dataset'}",
+                    ]
+                )
+                runs.append(
+                    [
+                        f"{size_mb:g} MB",
+                        fmt,
+                        f"bpe (trained, vocab {args.vocab_size})",
+                        f"{count:,}",
+                        "",
+                        f"{seconds:.1f}",
+                        text_bytes / 1e6 / seconds,
+                        f"{rss:,.0f}",
+                    ]
+                )
             if not args.keep:
                 shutil.rmtree(folder)
         after = encode_rate(tok, limit_docs)  # before and after the prepares: the machine drifts
         limit = (before[0] + after[0]) / 2
-        rows += [row[:6] + [f"{row[6]:.2f}", row[7], f"{row[6] / limit:.2f}x" if "given" in row[2] else ""]
-                 for row in runs]
-        notes.append(f"{size_mb:g} MB: encode_batch_fast {before[0]:.2f} MB/s before, {after[0]:.2f} after "
-                     f"({before[1] / 1e6:.2f}M / {after[1] / 1e6:.2f}M tokens/s) on the first "
-                     f"{sum(len(d.encode()) for d in limit_docs) / 1e6:.0f} MB of the same documents, in memory")
-    body = (f"Corpora generated from {Path(args.source).name} (documents of 1..40 consecutive passages at seeded "
-            f"random places, files of at most 100 MB), prepared with one byte-level BPE tokenizer.json of "
-            f"{tok.get_vocab_size()} tokens learnt from {sample_mb:g} MB of such documents (`--tokenizer=PATH`), "
-            f"each in its own process (peak RSS: the process's own VmHWM). 'vs limit' = prepare's MB/s over "
-            f"tokenizers' own "
-            f"`encode_batch_fast` rate on the same documents held in memory, the mean of its rates measured just "
-            f"before and just after that size's runs.\n\n"
-            + table(["corpus", "format", "tokenizer", "documents", "tokens", "seconds", "MB/s", "peak RSS MB",
-                     "vs limit"], rows) + "\n\n" + "\n".join(f"- {n}" for n in notes))
+        rows += [
+            row[:6] + [f"{row[6]:.2f}", row[7], f"{row[6] / limit:.2f}x" if "given" in row[2] else ""] for row in runs
+        ]
+        notes.append(
+            f"{size_mb:g} MB: encode_batch_fast {before[0]:.2f} MB/s before, {after[0]:.2f} after "
+            f"({before[1] / 1e6:.2f}M / {after[1] / 1e6:.2f}M tokens/s) on the first "
+            f"{sum(len(d.encode()) for d in limit_docs) / 1e6:.0f} MB of the same documents, in memory"
+        )
+    body = (
+        f"Corpora generated from {Path(args.source).name} (documents of 1..40 consecutive passages at seeded "
+        f"random places, files of at most 100 MB), prepared with one byte-level BPE tokenizer.json of "
+        f"{tok.get_vocab_size()} tokens learnt from {sample_mb:g} MB of such documents (`--tokenizer=PATH`), "
+        f"each in its own process (peak RSS: the process's own VmHWM). 'vs limit' = prepare's MB/s over "
+        f"tokenizers' own "
+        f"`encode_batch_fast` rate on the same documents held in memory, the mean of its rates measured just "
+        f"before and just after that size's runs.\n\n"
+        + table(
+            ["corpus", "format", "tokenizer", "documents", "tokens", "seconds", "MB/s", "peak RSS MB", "vs limit"], rows
+        )
+        + "\n\n"
+        + "\n".join(f"- {n}" for n in notes)
+    )
     write_section(args.report, "prepare", body, args.command)
-

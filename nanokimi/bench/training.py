@@ -46,14 +46,23 @@ def first_reaching(evals, target, key):
 
 def bench_optim(args):
     plt = pyplot()
-    common = dict(preset=args.preset, data=args.data, batch_size=args.batch_size, block_size=args.block_size,
-                  eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=5, seed=args.seed,
-                  log_max_logit=True)
+    common = dict(
+        preset=args.preset,
+        data=args.data,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        eval_interval=args.eval_interval,
+        eval_iters=args.eval_iters,
+        log_interval=5,
+        seed=args.seed,
+        log_max_logit=True,
+    )
 
     def train_with(name, lr, steps=args.steps):
         out = Path(args.out) / f"{name}-lr{lr:g}-{steps}"
-        records = run_training(out, optimizer=name, lr=lr, min_lr=lr / 10, max_iters=steps, warmup_iters=steps // 20,
-                               **common)
+        records = run_training(
+            out, optimizer=name, lr=lr, min_lr=lr / 10, max_iters=steps, warmup_iters=steps // 20, **common
+        )
         return {"evals": [r for r in records if "val_loss" in r], "summary": records[-1].get("summary"), "out": out}
 
     def final(run):
@@ -64,8 +73,11 @@ def bench_optim(args):
     best = {n: min(args.lrs, key=lambda lr: final(sweep[n, lr])) for n in ("adamw", "muon")}
     best["muonclip"] = best["muon"]
     names = ("adamw", "muon", "muonclip")
-    runs = {"adamw": sweep["adamw", best["adamw"]], "muon": sweep["muon", best["muon"]],
-            "muonclip": train_with("muonclip", best["muon"])}
+    runs = {
+        "adamw": sweep["adamw", best["adamw"]],
+        "muon": sweep["muon", best["muon"]],
+        "muonclip": train_with("muonclip", best["muon"]),
+    }
     target = final(runs["adamw"])
     # Muon given fewer steps, with its whole schedule (warmup, stable, decay) fitted into them, as Moonlight measures
     shorter = {f: train_with("muon", best["muon"], round(f * args.steps)) for f in args.fractions}
@@ -73,28 +85,54 @@ def bench_optim(args):
     rows = []
     for n in names:
         reached = first_reaching(runs[n]["evals"], target, "step")
-        rows.append([n, f"{best[n]:g}", args.steps, f"{final(runs[n]):.4f}",
-                     f"{runs[n]['summary']['train_time_s']:.0f}", reached if reached is not None else "not reached"])
+        rows.append(
+            [
+                n,
+                f"{best[n]:g}",
+                args.steps,
+                f"{final(runs[n]):.4f}",
+                f"{runs[n]['summary']['train_time_s']:.0f}",
+                reached if reached is not None else "not reached",
+            ]
+        )
     for f, run in shorter.items():
-        rows.append([f"muon, {f:g}x the steps", f"{best['muon']:g}", round(f * args.steps), f"{final(run):.4f}",
-                     f"{run['summary']['train_time_s']:.0f}",
-                     "yes" if final(run) <= target else "no (final loss above)"])
+        rows.append(
+            [
+                f"muon, {f:g}x the steps",
+                f"{best['muon']:g}",
+                round(f * args.steps),
+                f"{final(run):.4f}",
+                f"{run['summary']['train_time_s']:.0f}",
+                "yes" if final(run) <= target else "no (final loss above)",
+            ]
+        )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     curves = {f"{n} (lr {best[n]:g})": runs[n] for n in names}
     curves |= {f"muon, {f:g}x steps": run for f, run in shorter.items()}
     for label, run in curves.items():
         axes[0].plot([r["step"] for r in run["evals"]], [r["val_loss"] for r in run["evals"]], "o-", ms=3, label=label)
-        axes[1].plot([r["time"] for r in run["evals"]], [r["val_loss"] for r in run["evals"]], "o-", ms=3,
-                     label=label)
+        axes[1].plot([r["time"] for r in run["evals"]], [r["val_loss"] for r in run["evals"]], "o-", ms=3, label=label)
     for ax, xlabel in zip(axes, ("step", "training seconds")):
         ax.axhline(target, color="k", ls="--", lw=1)
         ax.set(xlabel=xlabel, ylabel="val loss", ylim=(None, runs["adamw"]["evals"][0]["val_loss"] * 1.05))
-    save_figure(fig, f"{args.preset} on shakespeare_char: same model, same tokens, each optimizer at its best lr",
-                args.assets / "optim_val_loss.png")
+    save_figure(
+        fig,
+        f"{args.preset} on shakespeare_char: same model, same tokens, each optimizer at its best lr",
+        args.assets / "optim_val_loss.png",
+    )
 
-    stress = dict(common, lr=args.stress_lr, min_lr=args.stress_lr, warmup_iters=0, max_iters=args.stress_steps,
-                  eval_interval=args.stress_steps, grad_clip=0.0, qk_clip_tau=args.tau, lr_schedule="cosine",
-                  log_interval=1)
+    stress = dict(
+        common,
+        lr=args.stress_lr,
+        min_lr=args.stress_lr,
+        warmup_iters=0,
+        max_iters=args.stress_steps,
+        eval_interval=args.stress_steps,
+        grad_clip=0.0,
+        qk_clip_tau=args.tau,
+        lr_schedule="cosine",
+        log_interval=1,
+    )
     stress_runs = {n: run_training(Path(args.out) / f"stress-{n}", optimizer=n, **stress) for n in names}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     stress_rows = []
@@ -104,33 +142,60 @@ def bench_optim(args):
         axes[1].plot([r["step"] for r in logs], [r["grad_norm"] for r in logs], label=n)
         evals = [r for r in stress_runs[n] if "val_loss" in r]
         result = "diverged (NaN loss)" if "diverged" in stress_runs[n][-1] else f"{evals[-1]['val_loss']:.4f}"
-        stress_rows.append([n, f"{max(r['max_logit'] for r in logs):.1f}", f"{logs[-1]['max_logit']:.1f}",
-                            sum(r["max_logit"] > args.tau for r in logs), len(logs), result])
+        stress_rows.append(
+            [
+                n,
+                f"{max(r['max_logit'] for r in logs):.1f}",
+                f"{logs[-1]['max_logit']:.1f}",
+                sum(r["max_logit"] > args.tau for r in logs),
+                len(logs),
+                result,
+            ]
+        )
     axes[0].axhline(args.tau, color="k", ls="--", lw=1, label=f"tau = {args.tau:g}")
     axes[0].set(xlabel="step", ylabel="max attention logit", yscale="log")
     axes[1].set(xlabel="step", ylabel="gradient norm", yscale="log")
     save_figure(fig, f"stress: lr {args.stress_lr}, no grad clipping", args.assets / "optim_stress.png")
 
     precision = newton_schulz_precisions(r["out"] for r in [*sweep.values(), *runs.values(), *shorter.values()])
-    body = (f"`{args.preset}`, {args.batch_size}x{args.block_size} tokens per step, WSD schedule (warmup 5%, "
-            f"decay to lr/10 over the last 30%), eval every {args.eval_interval} steps on {args.eval_iters} batches, "
-            f"seed {args.seed}. Muon's update is RMS-matched to AdamW, so lr and weight decay mean the same for both; "
-            f"each optimizer still gets its own best lr from a sweep at {args.steps} steps (final val loss). "
-            f"Newton-Schulz ran in {precision} in the Muon runs (each run's trainer.json).\n\n"
-            + table(["lr", "adamw", "muon"], sweep_rows)
-            + "\n\nAt the best lr, and Muon with fewer steps (its whole schedule fitted into them):\n\n"
-            + table(["optimizer", "lr", "steps", "final val loss", "train s",
-                     f"reaches AdamW's final val ({target:.4f}): first eval step, or whether the final does"], rows)
-            + "\n\n![val loss](assets/optim_val_loss.png)\n\n"
-            + f"Stress run: lr {args.stress_lr} held constant, no warmup, no gradient clipping, "
-              f"{args.stress_steps} steps, tau {args.tau:g}; the max logit of every step's forward pass, i.e. before "
-              f"that step's update and clip.\n\n"
-            + table(["optimizer", "max logit (peak)", "max logit (last)", "logged steps above tau", "logged steps",
-                     "final val loss"], stress_rows)
-            + "\n\n![stress](assets/optim_stress.png)")
+    body = (
+        f"`{args.preset}`, {args.batch_size}x{args.block_size} tokens per step, WSD schedule (warmup 5%, "
+        f"decay to lr/10 over the last 30%), eval every {args.eval_interval} steps on {args.eval_iters} batches, "
+        f"seed {args.seed}. Muon's update is RMS-matched to AdamW, so lr and weight decay mean the same for both; "
+        f"each optimizer still gets its own best lr from a sweep at {args.steps} steps (final val loss). "
+        f"Newton-Schulz ran in {precision} in the Muon runs (each run's trainer.json).\n\n"
+        + table(["lr", "adamw", "muon"], sweep_rows)
+        + "\n\nAt the best lr, and Muon with fewer steps (its whole schedule fitted into them):\n\n"
+        + table(
+            [
+                "optimizer",
+                "lr",
+                "steps",
+                "final val loss",
+                "train s",
+                f"reaches AdamW's final val ({target:.4f}): first eval step, or whether the final does",
+            ],
+            rows,
+        )
+        + "\n\n![val loss](assets/optim_val_loss.png)\n\n"
+        + f"Stress run: lr {args.stress_lr} held constant, no warmup, no gradient clipping, "
+        f"{args.stress_steps} steps, tau {args.tau:g}; the max logit of every step's forward pass, i.e. before "
+        f"that step's update and clip.\n\n"
+        + table(
+            [
+                "optimizer",
+                "max logit (peak)",
+                "max logit (last)",
+                "logged steps above tau",
+                "logged steps",
+                "final val loss",
+            ],
+            stress_rows,
+        )
+        + "\n\n![stress](assets/optim_stress.png)"
+    )
     print(body)
     write_section(args.report, "optim", body, args.command)
-
 
 
 @dataclass(frozen=True)
@@ -138,6 +203,7 @@ class Recipe:
     """nanoGPT's published recipe for a device, run through baseline.py (nanoGPT's model) and the trainer exactly
     as nanoGPT's own command sets it, the val loss nanoGPT's README reports for it, and the nanoKimi config
     compared against it."""
+
     command: str  # nanoGPT's command line
     preset: str
     model: dict
@@ -148,23 +214,57 @@ class Recipe:
 
 # nanoGPT's config/train_shakespeare_char.py, with the README's CPU flags for "cpu"; train.py's defaults fill in
 # the rest (beta1 0.9, weight decay 0.1 on matrices, grad clip 1, bias False; fp32 on a CPU, bf16 + compile on GPU)
-NANOGPT_TRAIN = dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, lr_schedule="cosine", warmup_iters=100, beta1=0.9,
-                     beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250)
+NANOGPT_TRAIN = dict(
+    optimizer="adamw",
+    lr=1e-3,
+    min_lr=1e-4,
+    lr_schedule="cosine",
+    warmup_iters=100,
+    beta1=0.9,
+    beta2=0.99,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    eval_interval=250,
+)
 RECIPES = {
     "cpu": Recipe(
         command="python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 "
-                "--log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 "
-                "--max_iters=2000 --lr_decay_iters=2000 --dropout=0.0",
-        preset="gpt-shakespeare-char-cpu", model=dict(n_positions=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
-        train=NANOGPT_TRAIN | dict(batch_size=12, block_size=64, max_iters=2000, lr_decay_iters=2000, eval_iters=20,
-                                   device="cpu", dtype="float32", compile=False),
-        published_val=1.88, nanokimi_config="shakespeare-char-cpu"),
+        "--log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 "
+        "--max_iters=2000 --lr_decay_iters=2000 --dropout=0.0",
+        preset="gpt-shakespeare-char-cpu",
+        model=dict(n_positions=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+        train=NANOGPT_TRAIN
+        | dict(
+            batch_size=12,
+            block_size=64,
+            max_iters=2000,
+            lr_decay_iters=2000,
+            eval_iters=20,
+            device="cpu",
+            dtype="float32",
+            compile=False,
+        ),
+        published_val=1.88,
+        nanokimi_config="shakespeare-char-cpu",
+    ),
     "gpu": Recipe(
         command="python train.py config/train_shakespeare_char.py",
-        preset="gpt-shakespeare-char", model=dict(n_positions=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
-        train=NANOGPT_TRAIN | dict(batch_size=64, block_size=256, max_iters=5000, lr_decay_iters=5000,
-                                   eval_iters=200, device="cuda", dtype="auto", compile=True),
-        published_val=1.4697, nanokimi_config="shakespeare-char"),
+        preset="gpt-shakespeare-char",
+        model=dict(n_positions=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+        train=NANOGPT_TRAIN
+        | dict(
+            batch_size=64,
+            block_size=256,
+            max_iters=5000,
+            lr_decay_iters=5000,
+            eval_iters=200,
+            device="cuda",
+            dtype="auto",
+            compile=True,
+        ),
+        published_val=1.4697,
+        nanokimi_config="shakespeare-char",
+    ),
 }
 REPRODUCTION_TOLERANCE = 0.04  # the baseline's mean final val may sit this far from nanoGPT's published value
 
@@ -172,8 +272,10 @@ REPRODUCTION_TOLERANCE = 0.04  # the baseline's mean final val may sit this far 
 def check_reproduced(recipe, val):
     """The baseline must reproduce nanoGPT's published result before anything is compared with it."""
     if abs(val - recipe.published_val) > REPRODUCTION_TOLERANCE:
-        raise UserError(f"the baseline did not reproduce nanoGPT's published recipe: val {val:.4f}, nanoGPT reports "
-                        f"{recipe.published_val} (tolerance {REPRODUCTION_TOLERANCE}); no comparison was written")
+        raise UserError(
+            f"the baseline did not reproduce nanoGPT's published recipe: val {val:.4f}, nanoGPT reports "
+            f"{recipe.published_val} (tolerance {REPRODUCTION_TOLERANCE}); no comparison was written"
+        )
 
 
 def matmul_peak_gflops(device="cpu", dtype=torch.float32, n=1024, repeats=50):
@@ -185,7 +287,8 @@ def matmul_peak_gflops(device="cpu", dtype=torch.float32, n=1024, repeats=50):
         a @ b
         if a.is_cuda:
             torch.cuda.synchronize()
-    return 2 * n ** 3 / min(timings(matmul, repeats, warmup=5)) / 1e9
+
+    return 2 * n**3 / min(timings(matmul, repeats, warmup=5)) / 1e9
 
 
 def nanokimi_settings(config_path):
@@ -226,8 +329,13 @@ def bench_compare(args):
     def evaluated(out, records, own_block):
         evals = [r for r in records if "val_loss" in r]
         val = score(out, args.data, context, args.eval_batches)
-        return {"out": out, "evals": evals, "summary": records[-1]["summary"], "val": val,
-                "val_own": val if own_block == context else score(out, args.data, own_block, args.eval_batches)}
+        return {
+            "out": out,
+            "evals": evals,
+            "summary": records[-1]["summary"],
+            "val": val,
+            "val_own": val if own_block == context else score(out, args.data, own_block, args.eval_batches),
+        }
 
     def baseline(seed):
         peaks.append(matmul_peak_gflops(recipe.train["device"], dtype))
@@ -238,8 +346,15 @@ def bench_compare(args):
         peaks.append(matmul_peak_gflops(recipe.train["device"], dtype))
         out = Path(args.out) / f"nanokimi-{budget_s:.0f}s-{seed}"
         # the clock ends the run (max_iters is only a cap) and its lr schedule is fitted to the budget
-        settings = kimi_settings | dict(data=args.data, seed=seed, max_time_s=budget_s, max_iters=10 ** 6,
-                                        eval_interval=10 ** 6, eval_iters=1, device=recipe.train["device"])
+        settings = kimi_settings | dict(
+            data=args.data,
+            seed=seed,
+            max_time_s=budget_s,
+            max_iters=10**6,
+            eval_interval=10**6,
+            eval_iters=1,
+            device=recipe.train["device"],
+        )
         records = run_training(out, kimi_model, **settings)
         if "diverged" in records[-1]:
             raise UserError(f"nanoKimi diverged: {records[-1]['diverged']}")
@@ -268,20 +383,36 @@ def bench_compare(args):
         if below:
             g = below[-1]
             estimate = g + (f - g) * (mean_val[g] - target) / (mean_val[g] - mean_val[f])
-        time_to_target = (f"<= {f:g}x ({f * recipe_time:.0f} s)"
-                          + (f", ~{estimate:.2f}x interpolated ({estimate * recipe_time:.0f} s)" if below else ""))
+        time_to_target = f"<= {f:g}x ({f * recipe_time:.0f} s)" + (
+            f", ~{estimate:.2f}x interpolated ({estimate * recipe_time:.0f} s)" if below else ""
+        )
 
-    tokens = {"nanoGPT recipe": recipe.train["batch_size"] * recipe.train["block_size"],
-              "nanoKimi": kimi_settings["batch_size"] * kimi_settings["block_size"] * kimi_settings["grad_accum"]}
-    rows = [["nanoGPT recipe (baseline.py)", "1x", spread((r["summary"]["train_time_s"] for r in base_runs), "{:.1f}"),
-             spread((r["summary"]["step"] for r in base_runs), "{:.0f}"), spread(r["val"] for r in base_runs),
-             spread(r["val_own"] for r in base_runs)]]
+    tokens = {
+        "nanoGPT recipe": recipe.train["batch_size"] * recipe.train["block_size"],
+        "nanoKimi": kimi_settings["batch_size"] * kimi_settings["block_size"] * kimi_settings["grad_accum"],
+    }
+    rows = [
+        [
+            "nanoGPT recipe (baseline.py)",
+            "1x",
+            spread((r["summary"]["train_time_s"] for r in base_runs), "{:.1f}"),
+            spread((r["summary"]["step"] for r in base_runs), "{:.0f}"),
+            spread(r["val"] for r in base_runs),
+            spread(r["val_own"] for r in base_runs),
+        ]
+    ]
     for f in fractions:
         runs = kimi_runs[f]
-        rows.append([f"nanoKimi ({args.config or recipe.nanokimi_config})", f"{f:g}x",
-                     spread((r["summary"]["train_time_s"] for r in runs), "{:.1f}"),
-                     spread((r["summary"]["step"] for r in runs), "{:.0f}"), spread(r["val"] for r in runs),
-                     spread(r["val_own"] for r in runs)])
+        rows.append(
+            [
+                f"nanoKimi ({args.config or recipe.nanokimi_config})",
+                f"{f:g}x",
+                spread((r["summary"]["train_time_s"] for r in runs), "{:.1f}"),
+                spread((r["summary"]["step"] for r in runs), "{:.0f}"),
+                spread(r["val"] for r in runs),
+                spread(r["val_own"] for r in runs),
+            ]
+        )
 
     peak = max(peaks)
     throughput = []
@@ -292,46 +423,75 @@ def bench_compare(args):
         block = recipe.train["block_size"] if name == "nanoGPT recipe" else kimi_settings["block_size"]
         flops = model.flops_per_token(block)
         params = model.num_params()
-        throughput.append([name, f"{params['total'] / 1e6:.2f}M", f"{params['active'] / 1e6:.2f}M", tokens[name],
-                           f"{tok_s:.0f}", f"{flops / 1e6:.1f}M", f"{100 * tok_s * flops / 1e9 / peak:.1f}%"])
+        throughput.append(
+            [
+                name,
+                f"{params['total'] / 1e6:.2f}M",
+                f"{params['active'] / 1e6:.2f}M",
+                tokens[name],
+                f"{tok_s:.0f}",
+                f"{flops / 1e6:.1f}M",
+                f"{100 * tok_s * flops / 1e9 / peak:.1f}%",
+            ]
+        )
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([0] + [f * recipe_time for f in fractions], [None] + [mean_val[f] for f in fractions], "o-",
-            label="nanoKimi, final val of a run of that length (mean of seeds)")
+    ax.plot(
+        [0] + [f * recipe_time for f in fractions],
+        [None] + [mean_val[f] for f in fractions],
+        "o-",
+        label="nanoKimi, final val of a run of that length (mean of seeds)",
+    )
     for r in base_runs:
-        ax.plot([e["time"] for e in r["evals"]], [e["val_loss"] for e in r["evals"]], "-", color="C1", alpha=0.5,
-                label="nanoGPT recipe, its own evals" if r is base_runs[0] else None)
+        ax.plot(
+            [e["time"] for e in r["evals"]],
+            [e["val_loss"] for e in r["evals"]],
+            "-",
+            color="C1",
+            alpha=0.5,
+            label="nanoGPT recipe, its own evals" if r is base_runs[0] else None,
+        )
     ax.axhline(target, color="k", ls="--", lw=1, label=f"recipe's final val {target:.4f}")
     ax.set(xlabel="training seconds", ylabel="val loss", ylim=(None, max(mean_val.values()) + 0.3))
     kind = hardware_kind(recipe.train["device"])
-    save_figure(fig, f"nanoKimi vs nanoGPT's {args.recipe.upper()} recipe, shakespeare_char ({kind})",
-                args.assets / f"compare_{args.recipe}_{kind}.png")
+    save_figure(
+        fig,
+        f"nanoKimi vs nanoGPT's {args.recipe.upper()} recipe, shakespeare_char ({kind})",
+        args.assets / f"compare_{args.recipe}_{kind}.png",
+    )
     precision = newton_schulz_precisions(r["out"] for runs in kimi_runs.values() for r in runs)
 
-    kimi_desc = ", ".join(f"{k} {v}" for k, v in kimi_settings.items()
-                          if k in ("batch_size", "block_size", "optimizer", "lr", "min_lr", "lr_schedule",
-                                   "warmup_iters", "dtype"))
-    body = (f"nanoGPT's {args.recipe.upper()} recipe, as its README runs it (`{recipe.command}`), through "
-            f"baseline.py (nanoGPT's model) and the trainer: {args.seeds} seed(s), whose mean final val "
-            f"{target:.4f} is the target and "
-            + (f"was NOT checked against nanoGPT's published {recipe.published_val} (--quick). " if args.quick else
-               f"reproduces nanoGPT's published {recipe.published_val} (checked, tolerance {REPRODUCTION_TOLERANCE}). ")
-            + f"nanoKimi's shipped config "
-            f"(`{args.config or recipe.nanokimi_config}`: {kimi_desc}) trains for the given fraction of the recipe's "
-            f"mean training time ({recipe_time:.1f} s; `--max_time_s`, its lr schedule fitted to the time), "
-            f"{args.seeds} seed(s) each. Every final checkpoint is scored by one evaluator (`nanokimi eval`): the same "
-            f"{args.eval_batches * EVAL_BATCH_SIZE} windows spread evenly over val, at the recipe's context "
-            f"({context} tokens), and at each model's own training window. Mean (min..max) over seeds. The whole "
-            f"benchmark took {(time.perf_counter() - started) / 60:.0f} min.\n\n"
-            f"**nanoKimi's time to the recipe's val loss: {time_to_target}** of the recipe's "
-            f"{recipe_time:.1f} s.\n\n"
-            + table(["model", "training time", "seconds", "steps", f"val loss @ {context}",
-                     "val loss @ own window"], rows)
-            + f"\n\n![compare](assets/compare_{args.recipe}_{kind}.png)\n\n"
-            + f"nanoKimi's Newton-Schulz ran in {precision} (each run's choice, from its trainer.json). "
-            + f"Throughput of the 1x runs (seed 0); MFU against this machine's {str(dtype)[6:]} matmul peak measured "
-              f"in this run, {peak:.0f} GFLOP/s (best of {len(peaks)} measurements, one before each run):\n\n"
-            + table(["model", "params", "active", "tokens/step", "tokens/s", "train FLOPs/token", "MFU"], throughput))
+    kimi_desc = ", ".join(
+        f"{k} {v}"
+        for k, v in kimi_settings.items()
+        if k in ("batch_size", "block_size", "optimizer", "lr", "min_lr", "lr_schedule", "warmup_iters", "dtype")
+    )
+    body = (
+        f"nanoGPT's {args.recipe.upper()} recipe, as its README runs it (`{recipe.command}`), through "
+        f"baseline.py (nanoGPT's model) and the trainer: {args.seeds} seed(s), whose mean final val "
+        f"{target:.4f} is the target and "
+        + (
+            f"was NOT checked against nanoGPT's published {recipe.published_val} (--quick). "
+            if args.quick
+            else f"reproduces nanoGPT's published {recipe.published_val} (checked, tolerance "
+            f"{REPRODUCTION_TOLERANCE}). "
+        )
+        + f"nanoKimi's shipped config "
+        f"(`{args.config or recipe.nanokimi_config}`: {kimi_desc}) trains for the given fraction of the recipe's "
+        f"mean training time ({recipe_time:.1f} s; `--max_time_s`, its lr schedule fitted to the time), "
+        f"{args.seeds} seed(s) each. Every final checkpoint is scored by one evaluator (`nanokimi eval`): the same "
+        f"{args.eval_batches * EVAL_BATCH_SIZE} windows spread evenly over val, at the recipe's context "
+        f"({context} tokens), and at each model's own training window. Mean (min..max) over seeds. The whole "
+        f"benchmark took {(time.perf_counter() - started) / 60:.0f} min.\n\n"
+        f"**nanoKimi's time to the recipe's val loss: {time_to_target}** of the recipe's "
+        f"{recipe_time:.1f} s.\n\n"
+        + table(["model", "training time", "seconds", "steps", f"val loss @ {context}", "val loss @ own window"], rows)
+        + f"\n\n![compare](assets/compare_{args.recipe}_{kind}.png)\n\n"
+        + f"nanoKimi's Newton-Schulz ran in {precision} (each run's choice, from its trainer.json). "
+        + f"Throughput of the 1x runs (seed 0); MFU against this machine's {str(dtype)[6:]} matmul peak measured "
+        f"in this run, {peak:.0f} GFLOP/s (best of {len(peaks)} measurements, one before each run):\n\n"
+        + table(["model", "params", "active", "tokens/step", "tokens/s", "train FLOPs/token", "MFU"], throughput)
+    )
     print(body)
     write_section(args.report, f"compare-{args.recipe}-{hardware_kind(recipe.train['device'])}", body, args.command)
 
@@ -342,8 +502,9 @@ def bench_sweep(args):
     the recipe's context; one seed per point (`bench compare` then measures the winner over seeds)."""
     recipe = RECIPES["cpu"]
     settings, model = nanokimi_settings(args.config)
-    settings |= dict(data=args.data, seed=args.seed, max_time_s=args.budget_s, max_iters=10 ** 6,
-                     eval_interval=10 ** 6, eval_iters=1)
+    settings |= dict(
+        data=args.data, seed=args.seed, max_time_s=args.budget_s, max_iters=10**6, eval_interval=10**6, eval_iters=1
+    )
     context = recipe.train["block_size"]
     best = (settings, model)
     rows, results = [], {}
@@ -372,16 +533,21 @@ def bench_sweep(args):
         best = min(outcomes, key=lambda o: o[0])[1]
         rows[-len(trials) + [o[1] for o in outcomes].index(best)][1] += " (best)"
     changed = {k: v for k, v in best[0].items() if settings.get(k) != v}
-    body = (f"Starting from `{args.config}`, each stage varies one setting and keeps the best; every run trains for "
-            f"{args.budget_s:g} s (`--max_time_s`, schedule fitted), seed {args.seed}, and is scored on the same "
-            f"{args.eval_batches * EVAL_BATCH_SIZE} val windows of {context} tokens (the nanoGPT CPU recipe's "
-            f"context). Single runs: differences under ~0.02 are within seed noise.\n\n"
-            + table(["stage", "setting", "steps", f"val loss @ {context}"], rows)
-            + f"\n\nBest: training settings {changed or 'unchanged'}, model overrides {best[1] or 'none'}.")
+    body = (
+        f"Starting from `{args.config}`, each stage varies one setting and keeps the best; every run trains for "
+        f"{args.budget_s:g} s (`--max_time_s`, schedule fitted), seed {args.seed}, and is scored on the same "
+        f"{args.eval_batches * EVAL_BATCH_SIZE} val windows of {context} tokens (the nanoGPT CPU recipe's "
+        f"context). Single runs: differences under ~0.02 are within seed noise.\n\n"
+        + table(["stage", "setting", "steps", f"val loss @ {context}"], rows)
+        + f"\n\nBest: training settings {changed or 'unchanged'}, model overrides {best[1] or 'none'}."
+    )
     print(body)
     write_section(args.report, "sweep-cpu", body, args.command)
 
 
 # model variants of the sweep's last stage: the preset, then narrower/shallower/fewer-expert versions of it
-MODEL_VARIANTS = {"as configured": {}, "3 layers": {"num_hidden_layers": 3},
-                  "4 routed experts": {"n_routed_experts": 4}}
+MODEL_VARIANTS = {
+    "as configured": {},
+    "3 layers": {"num_hidden_layers": 3},
+    "4 routed experts": {"n_routed_experts": 4},
+}

@@ -10,17 +10,29 @@ HELP = "/reset starts over, /exit (or Ctrl-D) ends; Ctrl-C stops a reply"
 
 
 def add_parser(sub):
-    p = sub.add_parser(NAME, help="talk to a chat model (finetuned with prepare chat + train)",
-                       description="Chat with a model finetuned on conversations (Kimi-K2's chat template). "
-                                   "Interactive on a terminal (" + HELP + "); with -m, or with a pipe on stdin (one "
-                                   "message per line), one conversation whose replies alone go to stdout, one line "
-                                   "each.")
+    p = sub.add_parser(
+        NAME,
+        help="talk to a chat model (finetuned with prepare chat + train)",
+        description="Chat with a model finetuned on conversations (Kimi-K2's chat template). "
+        "Interactive on a terminal (" + HELP + "); with -m, or with a pipe on stdin (one "
+        "message per line), one conversation whose replies alone go to stdout, one line "
+        "each.",
+    )
     p.add_argument("checkpoint", help="a run's out_dir or its checkpoint folder")
-    p.add_argument("-m", "--message", action="append", help="a user message (repeatable: the turns of one "
-                                                            "conversation); no interactive session")
+    p.add_argument(
+        "-m",
+        "--message",
+        action="append",
+        help="a user message (repeatable: the turns of one conversation); no interactive session",
+    )
     p.add_argument("--system", help="a system prompt (default: Kimi's own, as the template writes it)")
-    p.add_argument("--tools", nargs="+", default=[], choices=["calculator"],
-                   help="tools the model may call, run here (calculator: exact arithmetic)")
+    p.add_argument(
+        "--tools",
+        nargs="+",
+        default=[],
+        choices=["calculator"],
+        help="tools the model may call, run here (calculator: exact arithmetic)",
+    )
     p.add_argument("--max_new_tokens", type=int, default=512, help="per reply (default 512)")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6, as Kimi-K2)")
     p.add_argument("--top_k", type=int, default=None)
@@ -34,12 +46,23 @@ def add_parser(sub):
 def run(args):
     from ..chat import Chat
     from ..sample import check_sampling, load_with_tokenizer
+
     check_sampling(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
     if args.max_new_tokens == 0:
         raise UserError("--max_new_tokens must be at least 1: a reply needs a token")
     model, tokenizer = load_with_tokenizer(args.checkpoint, args.device)
-    chat = Chat(model, tokenizer, args.system, args.tools, args.temperature, args.top_k, args.top_p, args.seed,
-                args.max_new_tokens, not args.no_cache)
+    chat = Chat(
+        model,
+        tokenizer,
+        args.system,
+        args.tools,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        args.max_new_tokens,
+        not args.no_cache,
+    )
     if args.message:
         for text in args.message:
             chat.say(text)

@@ -5,11 +5,16 @@ import json
 
 
 NAME = "eval"
+
+
 def add_parser(sub):
-    p = sub.add_parser(NAME, help="a checkpoint's loss, perplexity and bits per token/byte on fixed windows",
-                       description="Evaluate a checkpoint (nanoKimi, baseline or imported HF) on BATCHES x BATCH_SIZE "
-                                   "windows spread evenly over a split of a prepared dataset: the same tokens for "
-                                   "every model. Prints one JSON line.")
+    p = sub.add_parser(
+        NAME,
+        help="a checkpoint's loss, perplexity and bits per token/byte on fixed windows",
+        description="Evaluate a checkpoint (nanoKimi, baseline or imported HF) on BATCHES x BATCH_SIZE "
+        "windows spread evenly over a split of a prepared dataset: the same tokens for "
+        "every model. Prints one JSON line.",
+    )
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="a folder from `nanokimi prepare`, with the model's tokenizer")
     p.add_argument("--block_size", type=int, help="window length (default: the training window, else the context)")
@@ -22,5 +27,11 @@ def add_parser(sub):
 
 def run(args):
     from ..evaluate import evaluate_checkpoint
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.block_size, args.batches, args.batch_size,
-                                         args.split, args.device)))
+
+    print(
+        json.dumps(
+            evaluate_checkpoint(
+                args.checkpoint, args.data, args.block_size, args.batches, args.batch_size, args.split, args.device
+            )
+        )
+    )

@@ -1,10 +1,14 @@
 """`nanokimi sample CHECKPOINT`: stream text from a checkpoint (sample.py)."""
 
-
 NAME = "sample"
+
+
 def add_parser(sub):
-    p = sub.add_parser(NAME, help="generate text from a checkpoint",
-                       description="Stream samples from a checkpoint (a run's out_dir or its checkpoint folder).")
+    p = sub.add_parser(
+        NAME,
+        help="generate text from a checkpoint",
+        description="Stream samples from a checkpoint (a run's out_dir or its checkpoint folder).",
+    )
     p.add_argument("checkpoint")
     p.add_argument("--prompt", help="text to continue (default: a newline)")
     p.add_argument("--max_new_tokens", type=int, default=500)
@@ -20,5 +24,16 @@ def add_parser(sub):
 
 def run(args):
     from ..sample import sample
-    sample(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-           args.num_samples, not args.no_cache, args.device)
+
+    sample(
+        args.checkpoint,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        args.num_samples,
+        not args.no_cache,
+        args.device,
+    )
