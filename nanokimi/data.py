@@ -86,8 +86,9 @@ class TokenData:
 class ChatData(TokenData):
     """A chat dataset (prepare_chat.py): rows that start where a conversation starts and hold it and the whole
     conversations after it that fit (packed in order), padded to block_size + 1 tokens; a target trains only where
-    the assistant wrote it (elsewhere -1: the loss ignores it). A conversation longer than a row trains on its first
-    block_size + 1 tokens; one whose first reply starts beyond that is left out. `notes` says how many of each."""
+    the assistant wrote it (elsewhere -1: the loss ignores it). A conversation longer than a row is cut at a turn
+    boundary: the replies that end within the row train, none in part; one whose first reply does not end within the
+    row is left out. `notes` says how many of each."""
 
     def __init__(self, folder, block_size):
         super().__init__(folder, block_size)
@@ -109,24 +110,24 @@ class ChatData(TokenData):
                     f"{starts_path} is damaged (conversation starts out of order): prepare the chat data again"
                 )
             self.starts[split] = np.append(starts, n)  # conversation i is tokens [starts[i], starts[i + 1])
-            first = first_trained(self.masks[split], self.starts[split])
+            first = first_reply_end(tokens, self.masks[split], self.starts[split], self.pad_id)
             usable = (first >= 1) & (first <= block_size)  # a row's targets are its tokens 1..block_size
             self.rows[split] = np.flatnonzero(usable)
             long = int((np.diff(self.starts[split]) > block_size + 1).sum())
             if long:
                 self.notes.append(
                     f"{long} of {len(starts)} {split} conversations are longer than block_size + 1 = "
-                    f"{block_size + 1} tokens: only their first {block_size + 1} train (raise "
+                    f"{block_size + 1} tokens: only their replies that end within them train (raise "
                     f"--block_size to keep them whole)"
                 )
             if (~usable).sum():
                 self.notes.append(
-                    f"{int((~usable).sum())} {split} conversations have no reply within their first "
+                    f"{int((~usable).sum())} {split} conversations have no reply that ends within their first "
                     f"{block_size + 1} tokens: left out"
                 )
             if not len(self.rows[split]):
                 raise UserError(
-                    f"no {split} conversation of {folder} has an assistant reply within its first "
+                    f"no {split} conversation of {folder} has an assistant reply that ends within its first "
                     f"{block_size + 1} tokens: raise --block_size"
                 )
 
@@ -155,17 +156,21 @@ class ChatData(TokenData):
             fits = np.searchsorted(bounds, start + width, side="right") - 1
             end = bounds[fits] if fits > c else start + width
             rows[r, : end - start], trains[r, : end - start] = tokens[start:end], mask[start:end]
+            if fits == c:  # cut at the end of its last reply that fits: no reply trains in part
+                ends = np.flatnonzero(trains[r] & (rows[r] == self.pad_id))
+                trains[r, ends[-1] + 1 if len(ends) else 0 :] = False
         w = self.checked(split, rows)
         return w[:, :-1], w[:, 1:].masked_fill(torch.from_numpy(~trains[:, 1:]), -1)
 
 
-def first_trained(mask, bounds, chunk=1 << 16):
-    """Per conversation (tokens [bounds[i], bounds[i + 1])), the offset of its first trained token in it, or -1; read
-    `chunk` conversations at a time."""
+def first_reply_end(tokens, mask, bounds, end_id, chunk=1 << 16):
+    """Per conversation (tokens [bounds[i], bounds[i + 1])), the offset in it of its first reply's end (the first
+    trained <|im_end|>, id `end_id`), or -1; read `chunk` conversations at a time."""
     first = np.full(len(bounds) - 1, -1, dtype=np.int64)
     for c in range(0, len(bounds) - 1, chunk):
         starts, ends = bounds[c : c + chunk + 1][:-1], bounds[c + 1 : c + chunk + 1]
-        positions = np.flatnonzero(mask[starts[0] : ends[-1]]) + starts[0]
+        span = slice(starts[0], ends[-1])
+        positions = np.flatnonzero((mask[span] == 1) & (tokens[span] == end_id)) + starts[0]
         if len(positions):
             at = positions[np.minimum(np.searchsorted(positions, starts), len(positions) - 1)]
             first[c : c + len(starts)] = np.where((at >= starts) & (at < ends), at - starts, -1)

@@ -206,18 +206,25 @@ def test_empty_and_plain_text_inputs_are_refused(tmp_path):
 def test_rows_start_at_conversations_pack_whole_ones_and_score_only_the_assistant(chat_data):
     data = ChatData(chat_data, 96)
     tokens, mask, bounds = data.splits["train"], data.masks["train"], data.starts["train"]
-    x, y = data.windows("train", [0, 5])
-    for row, targets, c in zip(x, y, (0, 5)):
+    picked = data.rows["train"][:3].tolist()
+    x, y = data.windows("train", picked)
+    for row, targets, c in zip(x, y, picked):
         start = bounds[c]
-        fits = np.searchsorted(bounds, start + 97, side="right") - 1  # the conversations that fit whole
-        end = bounds[fits] if fits > c else start + 97  # else the first one, cut
-        assert row[: end - start].tolist() == tokens[start : min(end, start + 96)].tolist()
+        end = bounds[np.searchsorted(bounds, start + 97, side="right") - 1]  # the last whole conversation's end
+        assert end > start and row[: end - start].tolist() == tokens[start:end].tolist()
         assert (targets[: end - start - 1] >= 0).tolist() == (mask[start + 1 : end] == 1).tolist()
         assert (targets[end - start - 1 :] == -1).all()  # padding never trains
     short = ChatData(chat_data, 60)  # the multi-turn ones are cut; the tool ones reply after their tool list
     assert "36 of 72 train conversations are longer than block_size + 1 = 61 tokens" in short.notes[0]
-    assert "20 train conversations have no reply within their first 61 tokens: left out" in short.notes[1]
+    assert "20 train conversations have no reply that ends within their first 61 tokens: left out" in short.notes[1]
     assert len(short.rows["train"]) == sum(1 for i in range(80) if i % 4 and i % 10 != 9) > 0  # those left
+    c = next(c for c in short.rows["train"] if bounds[c + 1] - bounds[c] > 61)  # a two-reply conversation
+    trained = np.flatnonzero(mask[bounds[c] : bounds[c + 1]])
+    first_end = trained[np.flatnonzero(np.diff(trained) > 1)[0]]  # its first reply's <|im_end|>
+    second = trained[trained > first_end][0]  # where its second reply starts
+    x, y = ChatData(chat_data, second + 2).windows("train", [c])  # a row that ends inside the second reply
+    assert (y[0, :first_end] >= 0).tolist() == (mask[bounds[c] + 1 : bounds[c] + first_end + 1] == 1).tolist()
+    assert (y[0, first_end:] == -1).all() and mask[bounds[c] + second]  # the second reply does not train in part
 
 
 def test_sft_evaluates_the_assistants_tokens(chat_run, chat_data):
