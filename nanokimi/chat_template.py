@@ -17,7 +17,7 @@ import json
 import re
 from importlib import resources
 
-from .errors import UserError
+from .errors import UserError, check_text
 
 IM_SYSTEM, IM_USER, IM_ASSISTANT = "<|im_system|>", "<|im_user|>", "<|im_assistant|>"
 IM_MIDDLE, IM_END = "<|im_middle|>", "<|im_end|>"
@@ -206,13 +206,11 @@ def check_content(message, role, at):
                     f'{at}: content parts must be text ({{"type": "text", "text": "..."}}); '
                     f"images and other media are not supported"
                 )
+            check_text(part["text"], at, "text")
         return
     if not isinstance(content, str):
         raise UserError(f'{at}: "content" is {"missing" if content is None else type(content).__name__}, not a string')
-    try:
-        content.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UserError(f'{at}: "content" holds half of a UTF-16 surrogate pair, no character') from None
+    check_text(content, at, "content")
 
 
 def check_tool_calls(tool_calls, at):

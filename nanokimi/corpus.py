@@ -14,7 +14,7 @@ import itertools
 import json
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, check_text
 
 FORMATS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 PIECE_BYTES = 1 << 20  # a document longer than this is read and encoded in pieces of about this size
@@ -290,14 +290,7 @@ def document_text(record, field, where):
         )
     if not isinstance(record[field], str):
         raise UserError(f"{where}: {field!r} is {type(record[field]).__name__}, not a string of text")
-    try:
-        record[field].encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate escape ("\ud800"): no character, no UTF-8 byte
-        raise UserError(
-            f"{where}: {field!r} holds {e.object[e.start : e.end]!r}, half of a UTF-16 surrogate pair and no "
-            f"character: fix or drop that record"
-        ) from None
-    return record[field]
+    return check_text(record[field], where, field)
 
 
 def stamp(path):

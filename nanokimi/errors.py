@@ -50,3 +50,16 @@ def check_fields(value, path, fields, fix="restore it or write it again"):
                 f'{path}: "{name}" is {field!r}, expected {" or ".join(JSON_TYPES[t] for t in types)}: {fix}'
             )
     return value
+
+
+def check_text(text, where, name):
+    """`text`, unless it holds a lone UTF-16 surrogate ("\\ud800" in JSON: no character, no UTF-8 byte, and a
+    tokenizer would fail on it): then a UserError naming `where` and the field `name`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(
+            f"{where}: {name!r} holds {e.object[e.start : e.end]!r}, half of a UTF-16 surrogate pair and no "
+            f"character: fix or drop that record"
+        ) from None
+    return text

@@ -185,6 +185,7 @@ def test_json_arrays_gzip_and_parquet_give_the_same_dataset(chat_files, chat_dat
         ({"conversations": [{"from": "robot", "value": "hi"}]}, "unknown role 'robot'"),
         ({"text": "hi"}, 'no "messages" (OpenAI form) or "conversations"'),
         ({"messages": []}, "non-empty list of messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}, "half of a UTF-16"),
     ],
 )
 def test_a_bad_conversation_is_one_line_naming_file_and_line(tmp_path, record, expected):
