@@ -1,7 +1,7 @@
 """Talking to a chat model (`nanokimi chat`): a conversation kept as the token ids the model has read, so that each
-turn feeds only its new tokens on top of the MLA latent cache and the KDA state of the turns before (nothing is
-prefilled twice), the model's replies kept as the very ids it sampled, and its tool calls run (the calculator) and
-answered before it goes on."""
+turn feeds only its new tokens on top of the MLA latent cache and the KDA state of the turns before (the engine's row
+keeps them: nothing is prefilled twice), the model's replies kept as the very ids it sampled, and its tool calls run
+(the calculator) and answered before it goes on."""
 
 import sys
 from pathlib import Path
@@ -12,7 +12,7 @@ from . import calculator
 from .chat_template import CALLS_BEGIN, IM_END, chat_token_ids, check_conversation, encode, parse_reply
 from .checkpoint import resolve
 from .errors import UserError
-from .generation import sample_next
+from .engine import Engine, Request
 from .tokenizer import load_tokenizer
 
 TOOLS = {calculator.NAME: calculator}
@@ -42,10 +42,11 @@ class Chat:
         self.special = chat_token_ids(tokenizer)  # a base model's tokenizer: one line saying so
         self.tools = [TOOLS[name] for name in tools]
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
-        self.max_new_tokens, self.use_cache = max_new_tokens, use_cache and model.has_kv_cache
+        self.generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)  # one per conversation
+        self.max_new_tokens = max_new_tokens
         self.out, self.log = out or sys.stdout, log or sys.stderr
         self.context = model.context_length
+        self.engine = Engine(model, slots=1, use_cache=use_cache)
         self.reset()
 
     def reset(self):
@@ -53,9 +54,13 @@ class Chat:
         self.ids = []  # every token of the conversation so far, in order (but the `dropped` first ones)
         self.dropped = 0  # tokens dropped from the front when the conversation outgrew the context
         self.sampled = []  # (start, end) of each reply's tokens that the model sampled, counted with `dropped`
-        self.cached = 0  # how many of them the cache holds (positions 0 .. cached - 1)
-        self.cache = self.model.make_cache(1, self.context) if self.use_cache else None
+        self.engine.rows[0] = []  # nothing read yet
         self.rendered = 0  # messages whose tokens are in self.ids
+
+    @property
+    def cached(self):
+        """How many tokens of the conversation the cache holds (positions 0 .. cached - 1)."""
+        return len(self.engine.rows[0]) if self.engine.cache is not None else 0
 
     @property
     def tool_definitions(self):
@@ -96,53 +101,44 @@ class Chat:
                 f"--system with a prompt like the data's)"
             ) from None
         self.ids += new
-        start, sampled, shown, drawn = self.dropped + len(self.ids), [], True, 0
-        text_of = self.tokenizer.stream(self.ids)
-        try:
-            for _ in range(self.max_new_tokens):
-                token = self.next_token()
-                self.ids.append(token)
-                drawn += 1
-                if token == self.special[IM_END]:
-                    break
-                sampled.append(token)
-                shown = shown and token != self.special[CALLS_BEGIN]  # the calls go to the log, parsed
-                piece = text_of(token)
-                if shown:
-                    self.out.write(piece)
-                    self.out.flush()
-            else:  # out of tokens: the turn still ends as every turn does
-                self.ids.append(self.special[IM_END])
+        start, text_of = self.dropped + len(self.ids), self.tokenizer.stream(self.ids)
+        shown, warned = True, False
 
+        def show(token):
+            nonlocal shown, warned
+            if request.dropped and not warned:
+                warned = True
+                self.log.write(
+                    f"[the conversation outgrew the model's {self.context}-token context: it keeps its last "
+                    f"{self.context // 2} tokens]\n"
+                )
+            shown = shown and token not in (self.special[CALLS_BEGIN], self.special[IM_END])  # calls: to the log
+            if shown:
+                self.out.write(text_of(token))
+                self.out.flush()
+
+        request = Request(
+            self.ids,
+            self.max_new_tokens,
+            stop_ids=[self.special[IM_END]],
+            on_token=show,
+            generator=self.generator,
+            **self.sampling,
+        )
+        try:
+            tokens = self.engine.run(request)
         except KeyboardInterrupt:  # Ctrl-C ends the reply, not the conversation
-            self.ids = self.ids[: start - self.dropped + len(sampled)] + [self.special[IM_END]]
-            drawn = len(sampled)
-            self.cached = 0  # a forward cut short may have left the cache half-written: read it all again
+            self.engine.abort()  # a forward cut short may have left the cache half-written: read it all again
+            tokens = [t for t in request.tokens if t != self.special[IM_END]]
             self.log.write(" [stopped]")
-        self.sampled.append((start, start + drawn))
+        sampled = tokens[:-1] if tokens[-1:] == [self.special[IM_END]] else tokens
+        self.dropped += request.dropped
+        self.ids = (self.ids + sampled + [self.special[IM_END]])[request.dropped :]  # the turn ends as every turn
+        self.sampled.append((start, start + len(tokens)))
         message = parse_reply(self.tokenizer.decode(sampled))
         self.messages.append(message)
         self.rendered = len(self.messages)  # its tokens are the ones sampled, already in self.ids
         return message
-
-    @torch.no_grad()
-    def next_token(self):
-        """Feed the tokens the model has not read yet; sample the next one."""
-        if len(self.ids) >= self.context:  # the window is full: keep its newest half, read again from position 0
-            self.log.write(
-                f"[the conversation outgrew the model's {self.context}-token context: it keeps its last "
-                f"{self.context // 2} tokens]\n"
-            )
-            self.dropped += len(self.ids) - self.context // 2
-            self.ids, self.cached = self.ids[-(self.context // 2) :], 0
-        device = self.model.lm_head.weight.device
-        if self.use_cache:
-            new = torch.tensor([self.ids[self.cached :]], device=device)
-            logits, _ = self.model(new, cache=self.cache, start_pos=self.cached)
-            self.cached = len(self.ids)
-        else:
-            logits, _ = self.model(torch.tensor([self.ids], device=device))
-        return int(sample_next(logits[:, -1], generator=self.generator, **self.sampling))
 
 
 def encode_chat(path, messages, tools=None, add_generation_prompt=False):

@@ -171,7 +171,8 @@ class KDA(nn.Module):
     def forward(self, x, cos=None, sin=None, cache=None, start_pos=0, record_max_logit=False):
         B, T, _ = x.shape
         mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1).transpose(1, 2)  # [B, 3w, T]
-        carried = cache is not None and start_pos > 0  # decoding: continue the cached conv tail and state
+        # decoding (start_pos > 0, or per-row starts: model.continues_cache): continue the cached conv tail and state
+        carried = cache is not None and (isinstance(start_pos, torch.Tensor) or start_pos > 0)
         tail = cache.conv[:B] if carried else mixed.new_zeros(B, mixed.shape[1], self.kernel - 1)
         window = torch.cat([tail.to(mixed.dtype), mixed], dim=-1)  # [B, 3w, kernel - 1 + T]
         if cache is not None:
@@ -194,6 +195,8 @@ class KDA(nn.Module):
 class KDACache:
     """A KDA layer's decoding state, the same size at any context length: the delta-rule state [B, nh, d, d] (fp32)
     and the last kernel - 1 inputs of the short convolution. `max_len` is taken for the caches' common signature."""
+
+    ROWS = ("state", "conv")
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         nh, d = config.linear_num_heads, config.linear_head_dim

@@ -197,9 +197,44 @@ class Attention(nn.Module):
         weight.mul_(rows)
 
 
-def decode_mask(T, end, device):
-    """Query i of the T newest tokens sits at position end - T + i and sees keys 0..end - T + i (None for T=1)."""
-    return None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=device).tril(end - T)
+# start_pos, where a forward's T new tokens sit: an int (every row starts there: training, prefill, one sequence's
+# decoding) or a LongTensor [B] (batched decoding, engine.py: each row continues its own cache from its own length)
+
+
+def continues_cache(start_pos):
+    """Whether the new tokens follow tokens already in the cache (decoding), not start it (prefill)."""
+    return isinstance(start_pos, torch.Tensor) or start_pos > 0
+
+
+def token_positions(start_pos, T, device):
+    """[T] positions of the new tokens, or [B, T] with per-row starts."""
+    if isinstance(start_pos, torch.Tensor):
+        return start_pos[:, None] + torch.arange(T, device=device)
+    return torch.arange(start_pos, start_pos + T, device=device)
+
+
+def cache_end(start_pos, T):
+    """One past the last position any row's new tokens take: how much of the cache a forward reads."""
+    return (int(start_pos.max()) if isinstance(start_pos, torch.Tensor) else start_pos) + T
+
+
+def write_cache(buffer, start_pos, values):
+    """Write values [B, T, ...] into buffer [rows, max_len, ...] at rows 0..B-1, positions start_pos.. of each."""
+    B, T = values.shape[:2]
+    if isinstance(start_pos, torch.Tensor):
+        rows = torch.arange(B, device=values.device)[:, None]
+        buffer[rows, token_positions(start_pos, T, values.device)] = values
+    else:
+        buffer[:B, start_pos : start_pos + T] = values
+
+
+def decode_mask(start_pos, T, end, device):
+    """Query i of a row sits at position start + i and sees keys 0..start + i of [0, end): [T, end] (None for one
+    token) for one start, [B, 1, T, end] for per-row starts (rows of other lengths beside it)."""
+    if not isinstance(start_pos, torch.Tensor) and T == 1:
+        return None
+    mask = torch.arange(end, device=device) <= token_positions(start_pos, T, device).unsqueeze(-1)
+    return mask if mask.dim() == 2 else mask.unsqueeze(1)
 
 
 LATENT_NORM_EPS = 1e-6  # the q and kv latents' norms: DeepSeek-V3's RMSNorm default, whatever rms_norm_eps (so in
@@ -235,10 +270,10 @@ class MLA(Attention):
         if cos is not None:  # None: mla_use_nope (Kimi Linear), the slice stays shared but unrotated
             q_pe, k_pe = apply_rope(q_pe, cos, sin), apply_rope(k_pe, cos, sin)
         if cache is not None:
-            cache.kv[:B, start_pos : start_pos + T] = c_kv
-            cache.pe[:B, start_pos : start_pos + T] = k_pe.squeeze(1)
-            if start_pos > 0:  # decoding: attend over the cached latents
-                return self.o_proj(self.absorbed_attention(q_nope, q_pe, cache, start_pos + T)), None
+            write_cache(cache.kv, start_pos, c_kv)
+            write_cache(cache.pe, start_pos, k_pe.squeeze(1))
+            if continues_cache(start_pos):  # decoding: attend over the cached latents
+                return self.o_proj(self.absorbed_attention(q_nope, q_pe, cache, start_pos)), None
         # training and prefill: materialise per-head keys and values, causal SDPA
         kv = self.kv_b_proj(c_kv).view(B, T, self.nh, -1).transpose(1, 2)
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [B, nh, T, d_nope], [B, nh, T, d_v]
@@ -256,8 +291,8 @@ class MLA(Attention):
         self.scale_heads_(q_proj.weight, self.nh, torch.cat([root, gamma.unsqueeze(1).expand(-1, self.d_rope)], 1))
         self.scale_heads_(self.kv_b_proj.weight, self.nh, torch.cat([root, root.new_ones(self.nh, self.d_v)], 1))
 
-    def absorbed_attention(self, q_nope, q_pe, cache, end):
-        """Attention of the T newest tokens over cache positions [0, end), with W_UK folded into the query and W_UV
+    def absorbed_attention(self, q_nope, q_pe, cache, start_pos):
+        """Attention of the T newest tokens (from start_pos) over the cache, with W_UK folded into the query and W_UV
         applied after: MQA in latent space, query/key [c_kv | k_pe] (d_c + d_rope) and value c_kv (d_c), one
         key/value head shared by all heads. Never materialises per-head keys or values."""
         B, _, T, _ = q_nope.shape
@@ -265,8 +300,9 @@ class MLA(Attention):
         w_uk, w_uv = w_kv_b[:, : self.d_nope], w_kv_b[:, self.d_nope :]  # [nh, d_nope, d_c], [nh, d_v, d_c]
         q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # [B, nh, T, d_c]
         query = torch.cat([q_lat, q_pe], dim=-1)  # [B, nh, T, d_c + d_rope]
+        end = cache_end(start_pos, T)
         latent = cache.latent[:B, :end].unsqueeze(1)  # [B, 1, end, d_c + d_rope] = [c_kv | k_pe], no copy
-        mask = decode_mask(T, end, q_nope.device)
+        mask = decode_mask(start_pos, T, end, q_nope.device)
         # the value is c_kv; passing the whole latent (equal q/k/v dims: the fused kernel runs) and keeping the
         # first d_c output columns gives the same result without slicing a copy out of the cache
         o_lat = F.scaled_dot_product_attention(
@@ -278,12 +314,22 @@ class MLA(Attention):
 
 class MLACache:
     """Per-layer inference cache: ONLY the normalised latent c_kv and the roped shared key (d_c + d_rope numbers per
-    token per layer), preallocated to the longest sequence."""
+    token per layer), preallocated to the longest sequence. ROWS: its tensors, batch first (every cache names its
+    own, so that the engine can move a sequence's row or work on a view of it)."""
+
+    ROWS = ("latent",)
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        d_c = config.kv_lora_rank
-        self.latent = torch.zeros(batch_size, max_len, d_c + config.qk_rope_head_dim, device=device, dtype=dtype)
-        self.kv, self.pe = self.latent[..., :d_c], self.latent[..., d_c:]  # views: c_kv and the roped k_pe
+        self.d_c = config.kv_lora_rank
+        self.latent = torch.zeros(batch_size, max_len, self.d_c + config.qk_rope_head_dim, device=device, dtype=dtype)
+
+    @property
+    def kv(self):  # a view: c_kv
+        return self.latent[..., : self.d_c]
+
+    @property
+    def pe(self):  # a view: the roped k_pe
+        return self.latent[..., self.d_c :]
 
 
 class AttentionKind(NamedTuple):
@@ -511,20 +557,22 @@ class Kimi(nn.Module):
 
     def forward(self, idx, targets=None, cache=None, start_pos=0, record_max_logits=False):
         """idx: [B, T] token ids -> (logits [B, T, vocab], loss or None). With `cache`, runs absorbed MLA over the
-        cached latents, the new tokens sitting at positions start_pos..start_pos+T-1. The loss adds the MoE balance
+        cached latents, the new tokens sitting at positions start_pos..start_pos+T-1 (start_pos an int, or a
+        LongTensor [B] of each row's own start: every row then continues its cache). The loss adds the MoE balance
         loss in training mode only. With record_max_logits (for QK-Clip), returns a third value: every layer's
         per-head max attention logit [softmax-attention layers, heads]."""
         T = idx.shape[1]
-        if start_pos + T > self.config.max_position_embeddings:
+        if cache_end(start_pos, T) > self.config.max_position_embeddings:
             raise ValueError(
-                f"sequence of {start_pos + T} tokens exceeds max_position_embeddings "
+                f"sequence of {cache_end(start_pos, T)} tokens exceeds max_position_embeddings "
                 f"({self.config.max_position_embeddings})"
             )
-        cos, sin = (
-            (None, None)
-            if self.rope_cos is None
-            else (self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T])
-        )
+        cos = sin = None
+        if self.rope_cos is not None:
+            positions = token_positions(start_pos, T, idx.device)  # [T], or [B, T]
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [T, d_rope / 2] or [B, T, d_rope / 2]
+            if positions.dim() == 2:  # per row: [B, 1, T, d_rope / 2], broadcast over heads
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         x = F.dropout(self.embed_tokens(idx), self.config.dropout, self.training)
         aux_losses, max_logits = [], []
         for i, layer in enumerate(self.layers):
@@ -634,14 +682,15 @@ class MHA(Attention):
             q, k = (torch.cat([t[..., : self.d_nope], apply_rope(t[..., self.d_nope :], cos, sin)], -1) for t in (q, k))
         v = self.v_proj(x).view(B, T, self.nh, -1).transpose(1, 2)  # [B, nh, T, d_v]
         if cache is not None:
-            cache.k[:B, :, start_pos : start_pos + T], cache.v[:B, :, start_pos : start_pos + T] = k, v
-            if start_pos > 0:  # decoding: attend over every cached key and value
-                end = start_pos + T
+            write_cache(cache.k.transpose(1, 2), start_pos, k.transpose(1, 2))  # positions second, as MLA's
+            write_cache(cache.v.transpose(1, 2), start_pos, v.transpose(1, 2))
+            if continues_cache(start_pos):  # decoding: attend over every cached key and value
+                end = cache_end(start_pos, T)
                 y = F.scaled_dot_product_attention(
                     q,
                     cache.k[:B, :, :end],
                     cache.v[:B, :, :end],
-                    attn_mask=decode_mask(T, end, x.device),
+                    attn_mask=decode_mask(start_pos, T, end, x.device),
                     scale=self.scale,
                 )
                 return self.o_proj(y.transpose(1, 2).flatten(2)), None
@@ -656,6 +705,8 @@ class MHA(Attention):
 
 class KVCache:
     """The MHA ablation's cache: per-head keys and values, nh * (qk_head_dim + v_head_dim) numbers per token."""
+
+    ROWS = ("k", "v")
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (batch_size, config.num_attention_heads, max_len)

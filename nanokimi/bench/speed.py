@@ -55,8 +55,8 @@ def kv_bytes_per_token_layer(config, dtype=torch.bfloat16):
 
 
 def cache_nbytes(cache):
-    """Bytes an inference cache allocates: its tensors, not the views into them."""
-    return sum(t.nbytes for t in vars(cache).values() if isinstance(t, torch.Tensor) and t._base is None)
+    """Bytes an inference cache allocates: its tensors (ROWS), not the views into them."""
+    return sum(getattr(cache, name).nbytes for name in cache.ROWS)
 
 
 def decode_timing(model, prompt, new_tokens, use_cache):
