@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 # torch first, pinned: left to pip's resolver, a bare `torch` pulls several GB of CUDA packages on Linux.
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
-	$(PYTHON) -m pip install -q -e ".[test,hf,data]"
+	$(PYTHON) -m pip install -q -e ".[test,hf,data,serve]"
 
 demo: install
 	$(PYTHON) -m nanokimi prepare shakespeare_char $(if $(SHAKESPEARE),--input=$(SHAKESPEARE)) --out=data/shakespeare_char

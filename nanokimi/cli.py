@@ -1,16 +1,17 @@
-"""`nanokimi` command line: prepare, train, torchrun, sample, chat, eval, plot, export, import, bench. Train settings
-come from a named run, a TOML file or a model preset, and any `--field=value` on the command line, nanoGPT-style."""
+"""`nanokimi` command line: prepare, train, torchrun, sample, chat, serve, eval, plot, export, import, bench. Train
+settings come from a named run, a TOML file or a model preset, and any `--field=value` on the command line,
+nanoGPT-style."""
 
 import argparse
 import os
 import sys
 
-from .commands import bench, chat, export, import_, plot, prepare, sample, torchrun, train
+from .commands import bench, chat, export, import_, plot, prepare, sample, serve, torchrun, train
 from .commands import eval as evaluate
 from .errors import OneLineParser, UserError
 
 # in `nanokimi`'s list order
-COMMANDS = (prepare, train, torchrun, sample, chat, evaluate, plot, export, import_, bench)
+COMMANDS = (prepare, train, torchrun, sample, chat, serve, evaluate, plot, export, import_, bench)
 
 
 START = """start here:

@@ -98,14 +98,15 @@ class Engine:
         self.thread = threading.Thread(target=self.serve_forever, name="nanokimi-engine", daemon=True)
         self.thread.start()
 
-    def stop(self, timeout=10.0):
-        """Cancel every request, finish the step in flight, end the thread."""
+    def stop(self, wait=True, timeout=10.0):
+        """Cancel every request: the thread finishes the step in flight, ends them (on_finish "cancelled") and
+        returns. With wait, until it has."""
         with self.changed:
             self.stopping = True
             for request in [*self.waiting, *self.active]:
                 request.cancel()
             self.changed.notify()
-        if self.thread is not None:
+        if wait and self.thread is not None:
             self.thread.join(timeout)
 
     def serve_forever(self):
