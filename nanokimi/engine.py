@@ -82,8 +82,8 @@ class Engine:
         with self.changed:
             if self.stopping:
                 raise QueueFull("the engine is stopping")
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting already")
+            if len(self.waiting) >= self.max_waiting + self.slots - len(self.active):  # no free row, the line full
+                raise QueueFull(f"{len(self.active)} requests decoding, {len(self.waiting)} waiting")
             self.waiting.append(request)
             self.changed.notify()
 
