@@ -11,7 +11,9 @@ command, machine, torch version and date) and its plots under assets/.
     ablate        each Kimi-K2 idea removed, and nanoGPT three ways: equal time and equal tokens, seeds
     prepare       nanokimi prepare's MB/s and peak memory on 10 MB..1 GB corpora in each format, vs the tokenizer
     chat          a chat run's held-out exact match on chat_tasks.py's conversations, calculator on and off
+    serve         nanokimi serve's aggregate tokens/s and time to first token with 1, 4 and 16 streaming clients
 
 Layout: report.py (sections, tables, plots, timing), speed.py (benchmarks on random data), training.py (benchmarks
 through the trainer), ablation.py (the ablation, through the trainer), corpora.py (data preparation), chat_tasks.py
-and chat.py (the chat recipe's conversations and their scoring), cli.py (the subcommands)."""
+and chat.py (the chat recipe's conversations and their scoring), serve.py (a served model under load), cli.py
+(the subcommands)."""

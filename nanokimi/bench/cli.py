@@ -15,6 +15,7 @@ from .chat import bench_chat
 from .corpora import bench_prepare
 from .long_context import bench_long_context
 from .memory import bench_memory
+from .serve import bench_serve
 from .speed import bench_inference, bench_moe_scaling, bench_step
 from .training import RECIPES, bench_compare, bench_optim, bench_sweep
 
@@ -247,6 +248,15 @@ def build_parser():
     p.add_argument("--conversations", type=positive, default=200, help="held-out conversations of chat_tasks.py")
     p.add_argument("--seed", type=int, default=1, help="their seed (the recipe's data is seed 0)")
     p.set_defaults(run=bench_chat)
+
+    p = sub.add_parser("serve", help="nanokimi serve's aggregate tokens/s and first-token time at 1, 4, 16 clients")
+    p.add_argument("--checkpoint", default="out/chat-arithmetic-cpu", help="the run served")
+    p.add_argument("--clients", type=positive, nargs="+", default=[1, 4, 16], help="concurrent clients, per row")
+    p.add_argument("--requests", type=positive, default=32, help="requests per burst (every row the same)")
+    p.add_argument("--max_tokens", type=positive, default=64, help="per request")
+    p.add_argument("--rounds", type=positive, default=3, help="bursts per row, rows interleaved")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=bench_serve)
 
     p = sub.add_parser("sweep", parents=[data], help="the CPU config's batch shape, lr, warmup and dims")
     p.add_argument("--config", default="shakespeare-char-cpu", help="the starting point: a named run or .toml file")
