@@ -179,6 +179,8 @@ def build_app(served):
         where = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             return APIError(400, "the body is not valid JSON", None, "invalid_json").response()
+        if "json" not in request.headers.get("content-type", "json"):  # curl -d sends a form's type
+            return APIError(400, "send the body as JSON, with `Content-Type: application/json`", None).response()
         return APIError(
             400, f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid')}", ".".join(where) or None, "invalid_value"
         ).response()

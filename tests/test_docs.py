@@ -45,7 +45,19 @@ def test_nanokimi_alone_lists_the_commands_and_where_to_start():
     for args in ([], ["--help"]):
         result = subprocess.run([sys.executable, "-m", "nanokimi", *args], capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0, result.stderr
-        for command in ("prepare", "train", "sample", "chat", "serve", "eval", "plot", "export", "import", "torchrun", "bench"):
+        for command in (
+            "prepare",
+            "train",
+            "sample",
+            "chat",
+            "serve",
+            "eval",
+            "plot",
+            "export",
+            "import",
+            "torchrun",
+            "bench",
+        ):
             assert re.search(rf"^    {command} +\S", result.stdout, re.M), (command, result.stdout)
         assert "start here" in result.stdout and "nanokimi train shakespeare-char-cpu" in result.stdout
 

@@ -196,6 +196,9 @@ def test_bad_requests_get_openai_errors_with_4xx(server):
     for body, status in [(b"{not json", 400), (b'{"model": "x"', 400), (b"[]", 400)]:
         response = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
         assert response.status_code == status and "message" in response.json()["error"], response.text
+    curl_d = {"Content-Type": "application/x-www-form-urlencoded"}  # what `curl -d` sends without -H
+    form = httpx.post(url, content=json.dumps({"model": server.name, "messages": []}), headers=curl_d)
+    assert form.status_code == 400 and "Content-Type: application/json" in form.json()["error"]["message"]
     big = json.dumps({"model": server.name, "prompt": "x" * (2 << 20)})
     response = httpx.post(server.url + "/v1/completions", content=big, headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
