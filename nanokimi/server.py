@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from . import engine as engines
 from .chat_template import CALLS_BEGIN, IM_END, chat_token_ids, check_conversation, encode, parse_reply
 from .errors import UserError
+from .sample import MIN_TEMPERATURE
 
 log = logging.getLogger("nanokimi.serve")
 MAX_BODY_BYTES = 1 << 20  # a request body past this is refused (413) before it is read whole
@@ -69,6 +70,9 @@ class Completion(Sampling):
 
 
 def check_unsupported(body):
+    """What pydantic's types do not say: fields nanoKimi does not implement, and a temperature too low to sample at."""
+    if 0 < body.temperature < MIN_TEMPERATURE:
+        raise APIError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}", "temperature")
     for name, default in (("n", 1), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
         if getattr(body, name) != default:
             raise APIError(400, f"{name}={getattr(body, name)!r} is not supported by nanokimi serve", name)

@@ -184,6 +184,7 @@ def test_bad_requests_get_openai_errors_with_4xx(server):
         ({"max_tokens": 0}, "max_tokens must be at least 1"),
         ({"max_tokens": 10**6}, "maximum context length"),
         ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 1e-6}, "temperature must be 0"),
         ({"n": 2}, "n=2 is not supported"),
         ({"messages": [SYSTEM, {"role": "robot", "content": "hi"}]}, "unknown role 'robot'"),
         ({"messages": [SYSTEM, {"role": "user", "content": "x" * 1000}]}, "maximum context length"),
