@@ -184,7 +184,8 @@ class KDA(nn.Module):
         beta = self.b_proj(x).float().sigmoid().transpose(1, 2)  # [B, nh, T]
         state = cache.state[:B] if carried else None
         rule = recurrent_delta_rule if carried and T == 1 else chunk_delta_rule
-        o, state = rule(q, k, v, g, beta, state)
+        with torch.autocast(x.device.type, enabled=False):  # the state, scores and solve in fp32 under bf16 autocast
+            o, state = rule(q, k, v, g, beta, state)
         if cache is not None:
             cache.state[:B] = state
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, self.nh, self.d)

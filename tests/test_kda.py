@@ -89,6 +89,30 @@ def test_gradients_flow_through_both_forms_alike():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
 
 
+def test_the_delta_rule_runs_in_fp32_under_bf16_autocast(monkeypatch):
+    """Under autocast the layer's projections run in bf16, but the delta rule (state, decayed scores, triangular
+    solve) stays fp32: its output inside autocast is the one it gives the same inputs outside, to fp32 rounding."""
+    from nanokimi import kda
+
+    calls = []
+
+    def recorded(*args):
+        calls.append((args, kda_rule(*args)))
+        return calls[-1][1]
+
+    kda_rule = kda.chunk_delta_rule
+    monkeypatch.setattr(kda, "chunk_delta_rule", recorded)
+    layer = kda.KDA(tiny_config(**HYBRID)).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.randn(2, 70, 32))
+    ((args, (o, state)),) = calls
+    assert o.dtype == state.dtype == torch.float32
+    with torch.no_grad():
+        reference, reference_state = kda_rule(*args)
+    torch.testing.assert_close(o, reference, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(state, reference_state, atol=1e-6, rtol=1e-5)
+
+
 def test_hybrid_decoding_with_a_constant_state_equals_the_full_forward():
     torch.manual_seed(0)
     model = Kimi(tiny_config(**HYBRID, max_position_embeddings=256)).eval()
