@@ -383,9 +383,11 @@ class ChatReply(Reply):
         super().__init__(served, prompt, body, max_tokens, stop_ids=[served.special[IM_END]])
 
     async def pieces(self):
-        """("content", text) as it comes, then ("end", message, finish_reason)."""
+        """("start",) at the first token, ("content", text) as it comes, then ("end", message, finish_reason)."""
         special, in_calls = self.served.special, False
         async for token in self.sampled():
+            if len(self.tokens) == 1:
+                yield ("start",)
             in_calls = in_calls or token == special[CALLS_BEGIN]
             if not in_calls and token != special[IM_END] and (piece := self.text.add(token)):
                 yield "content", piece
@@ -400,12 +402,10 @@ class ChatReply(Reply):
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             return sse(self.envelope(choice, "chat.completion.chunk"))
 
-        started = False
         async for kind, *rest in self.pieces():
-            if not started:  # the first token is in: the role first, as OpenAI's first chunk
-                started = True
+            if kind == "start":  # the first token is in (a tool call's too): the role, as OpenAI's first chunk
                 yield chunk({"role": "assistant", "content": ""})
-            if kind == "content":
+            elif kind == "content":
                 yield chunk({"content": rest[0]})
             else:
                 message, finish = rest

@@ -255,6 +255,7 @@ def build_parser():
     p.add_argument("--requests", type=positive, default=32, help="requests per burst (every row the same)")
     p.add_argument("--max_tokens", type=positive, default=64, help="per request")
     p.add_argument("--rounds", type=positive, default=3, help="bursts per row, rows interleaved")
+    p.add_argument("--threads", type=positive, help="the server's torch threads (default: serve's own)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=bench_serve)
 

@@ -4,6 +4,7 @@ one at a time (temperature 0)."""
 
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from .report import hardware_kind, table, write_section
 class ServerProcess:
     """`nanokimi serve CHECKPOINT --slots=N` on a free port, in its own process (its own cores' worth of threads)."""
 
-    def __init__(self, checkpoint, slots, device):
+    def __init__(self, checkpoint, slots, device, threads=None):
         import socket
 
         with socket.socket() as s:
@@ -30,7 +31,8 @@ class ServerProcess:
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "nanokimi", "serve", str(checkpoint), f"--port={port}", f"--slots={slots}"]
-        self.proc = subprocess.Popen([*command, f"--device={device}"], stderr=subprocess.PIPE, text=True)
+        command += [f"--device={device}"] + ([f"--threads={threads}"] if threads else [])
+        self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 300
         while True:
             if self.proc.poll() is not None:
@@ -110,7 +112,8 @@ def burst(server, endpoint, bodies, clients):
 
 def bench_serve(args):
     endpoint, bodies, what = requests_for(args.checkpoint, args.requests, args.max_tokens)
-    server = ServerProcess(args.checkpoint, max(args.clients), args.device)
+    server = ServerProcess(args.checkpoint, max(args.clients), args.device, args.threads)
+    threads = re.search(r"(\d+) CPU threads", server.proc.stderr.readline())[1]  # its first line says
     try:
         burst(server, endpoint, bodies[:2], 2)  # warm-up
         rates, firsts, texts = {c: [] for c in args.clients}, {c: [] for c in args.clients}, {}
@@ -139,7 +142,8 @@ def bench_serve(args):
             ]
         )
     body = (
-        f"`nanokimi serve {args.checkpoint}` (its own process, {max(args.clients)} slots) answering {args.requests} "
+        f"`nanokimi serve {args.checkpoint}` (its own process, {max(args.clients)} slots, {threads} torch "
+        f"threads{'' if args.threads else ': its default'}) answering {args.requests} "
         f"streamed requests per burst: {what}, greedy, up to {args.max_tokens} tokens each; clients are threads of "
         f"the benchmark's process on the same machine, each sending its next request when one ends. Each row: "
         f"median over {args.rounds} rounds (rows interleaved) of completion tokens / the burst's wall time; time to "
