@@ -27,7 +27,7 @@ def add_parser(sub):
         "--threads",
         type=int,
         help="torch's CPU threads (default: every core torch would use but one, which the HTTP side keeps: on 2 "
-        "cores 1 thread served 1.7x the tokens/s of 2, docs/serving.md)",
+        "cores 1 thread served 1.9-2.4x the tokens/s of 2, BENCHMARKS.md)",
     )
     p.add_argument("--device", default="cpu")
     return p
