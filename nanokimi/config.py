@@ -7,13 +7,9 @@ Per-invocation flags (`resume`, `overwrite`, `init_from`, `fsdp`) say what this 
 into a run nor read back from one. `block_size` is always the training window; a model's context is its own setting
 (`max_position_embeddings` for Kimi, `n_positions` for the baseline)."""
 
-import ast
 import dataclasses
 import importlib.resources
-import inspect
-import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +18,6 @@ from . import checkpoint
 from .baseline import GPTConfig
 from .errors import UserError
 from .model import KimiConfig
-from .presets import BASELINE_PRESETS, PRESETS
 
 try:
     import tomllib
@@ -137,34 +132,6 @@ def saved_settings(cfg):
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in INVOCATION_FIELDS}
 
 
-def parse_value(raw):
-    """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, 'none' -> None, '{"type": "yarn"}' -> dict, else the string."""
-    low = raw.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    if low.lstrip("+-") in ("nan", "inf", "infinity"):  # every spelling, so that the finite check names it
-        return float(low)
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            return parse(raw)
-        except (ValueError, SyntaxError):
-            pass
-    return raw
-
-
-def parse_overrides(args):
-    """['--max_iters=10', '--resume'] -> {'max_iters': 10, 'resume': True}."""
-    out = {}
-    for arg in args:
-        if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r}: settings look like --name=value")
-        key, sep, value = arg[2:].partition("=")
-        out[key] = parse_value(value) if sep else True
-    return out
-
-
 def coerce(cls, values):
     """Check values against dataclass `cls`'s defaults: ints where ints belong, floats accept ints."""
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
@@ -179,25 +146,6 @@ def coerce(cls, values):
             raise UserError(f"--{key} expects a {type(default).__name__}, got {value!r}")
         out[key] = value
     return out
-
-
-def settings_help():
-    """Every --name=value setting of `nanokimi train` with its default and the comment beside it in the source: the
-    help text cannot drift from the dataclasses."""
-    sections = []
-    for title, cls in (
-        ("training (TrainConfig)", TrainConfig),
-        ("nanoKimi model (KimiConfig)", KimiConfig),
-        ("nanoGPT baseline model (GPTConfig)", GPTConfig),
-    ):
-        comments = dict(re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-        lines = [
-            (f"  --{f.name}={f.default}".ljust(35) + " " + comments.get(f.name, "")).rstrip()
-            for f in dataclasses.fields(cls)
-            if f.default is not dataclasses.MISSING
-        ]
-        sections.append(f"{title}:\n" + "\n".join(lines))
-    return "\n\n".join(sections)
 
 
 def train_fields():
@@ -220,20 +168,11 @@ def named_runs():
     }
 
 
-def runs_help():
-    """The named runs and the bare model presets, for `nanokimi train --help`."""
-    runs = "\n".join(f"  {name:<27} {purpose}" for name, purpose in named_runs().items())
-    bare = [p for p in [*PRESETS, *BASELINE_PRESETS] if p not in named_runs()]
-    return (
-        f"named runs (a run's settings and model; from any folder):\n{runs}\n\nmodel presets without a run of "
-        f"their own (trained with the defaults below): {', '.join(bare)}"
-    )
-
-
-def load_train_config(target, args):
-    """`nanokimi train TARGET ARGS...` -> (TrainConfig, model-field overrides). TARGET is a named run, a .toml file
-    ([model] table: model fields) or a model preset name; ARGS are --name=value flags. With --resume, the saved run's
-    settings are the base and this command line's flags update them."""
+def load_train_config(target, cli=None):
+    """`nanokimi train TARGET --name=value...` -> (TrainConfig, model-field overrides). TARGET is a named run, a .toml
+    file ([model] table: model fields) or a model preset name; `cli` the command line's settings, {name: value}
+    (commands/train.py parses the flags). With --resume, the saved run's settings are the base and this command
+    line's settings update them."""
     base, model_overrides = {}, {}
     path = Path(target)
     if not (path.suffix == ".toml" or path.is_file()) and target in named_runs():
@@ -260,7 +199,7 @@ def load_train_config(target, args):
             )
     else:
         base = {"preset": target, "out_dir": f"out/{target}"}
-    cli = parse_overrides(args)
+    cli = cli or {}
     infinite = [k for k, v in cli.items() if isinstance(v, float) and not math.isfinite(v)]
     if infinite:
         raise UserError(f"--{infinite[0]}={cli[infinite[0]]}: give a finite number")

@@ -118,11 +118,6 @@ class Engine:
                     return
             self.step()
 
-    @property
-    def busy(self):
-        """Requests decoding and waiting."""
-        return len(self.active) + len(self.waiting)
-
     # ---- one step ----
 
     @torch.no_grad()
@@ -179,7 +174,8 @@ class Engine:
                 if len(new) > 1:  # no room was left: the newest half, read again; its last token joins the batch
                     self.feed(i, new[:-1])
             tokens = torch.tensor([[r.tokens[-1]] for r in self.active], device=self.device)  # [n, 1]
-            starts = torch.tensor([len(row) for row in self.rows[:n]], device=self.device)  # each row's position
+            starts = [len(row) for row in self.rows[:n]]  # each row's own position; one row: the scalar path
+            starts = starts[0] if n == 1 else torch.tensor(starts, device=self.device)  # (no mask, as chat had)
             logits = self.model(tokens, cache=self.cache, start_pos=starts)[0][:, -1]  # [n, vocab]
             for i, request in enumerate(self.active):
                 self.rows[i].append(request.tokens[-1])

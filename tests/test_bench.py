@@ -13,7 +13,7 @@ from nanokimi.hardware import cpu_kind, native_bf16_matmul
 from nanokimi.bench.training import RECIPES, check_reproduced
 from nanokimi.cli import main
 from tests.conftest import SHAKESPEARE, cli_error
-from nanokimi.config import parse_value
+from nanokimi.commands.train import parse_value
 from nanokimi.errors import UserError
 from nanokimi.optim import zeropower_via_newtonschulz
 

@@ -135,12 +135,12 @@ def test_named_run_is_the_shipped_toml_from_any_folder(tmp_path, monkeypatch):
     """`nanokimi train shakespeare-char-cpu` is the tuned CPU run (the TOML inside the package), wherever it is typed;
     a model preset without a run takes TrainConfig's defaults; a TOML file of one's own still works."""
     monkeypatch.chdir(tmp_path)
-    cfg, model = load_train_config("shakespeare-char-cpu", ["--max_iters=7"])
+    cfg, model = load_train_config("shakespeare-char-cpu", {"max_iters": 7})
     assert (cfg.batch_size, cfg.block_size, cfg.lr, cfg.max_iters) == (16, 64, 6e-3, 7)
     assert model == {"num_hidden_layers": 3, "max_position_embeddings": 64, "dropout": 0.0}
-    assert load_train_config("shakespeare-char", [])[0].block_size == 256  # the GPU run
-    assert load_train_config("finetune-shakespeare-char", [])[0].lr == 5e-4
-    cfg, model = load_train_config("gpt-shakespeare-char-cpu", [])
+    assert load_train_config("shakespeare-char")[0].block_size == 256  # the GPU run
+    assert load_train_config("finetune-shakespeare-char")[0].lr == 5e-4
+    cfg, model = load_train_config("gpt-shakespeare-char-cpu")
     assert (cfg.preset, cfg.batch_size, cfg.lr, model) == (
         "gpt-shakespeare-char-cpu",
         TrainConfig.batch_size,
@@ -148,7 +148,7 @@ def test_named_run_is_the_shipped_toml_from_any_folder(tmp_path, monkeypatch):
         {},
     )
     (tmp_path / "mine.toml").write_text('preset = "shakespeare-char-cpu"\nbatch_size = 3\n[model]\nhidden_size = 64\n')
-    cfg, model = load_train_config("mine.toml", [])
+    cfg, model = load_train_config("mine.toml")
     assert cfg.batch_size == 3 and model == {"hidden_size": 64}
 
 

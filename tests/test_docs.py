@@ -66,10 +66,10 @@ def test_nanokimi_alone_lists_the_commands_and_where_to_start():
 # on). Rerunning a benchmark that changes one fails here until the README says the new figure.
 COPIED = [
     (
-        "3.62x the aggregate tokens/s of one at a time (798.6 vs 220.8), each stream equal to its request run alone; "
-        "first token 52 ms p50",
+        "3.20x the aggregate tokens/s of one at a time (669.8 vs 209.1), each stream equal to its request run alone; "
+        "first token 58 ms p50",
         "serve-avx512-bf16",
-        ["| 1 | 220.8 | 1.00x |", "| 16 | 798.6 | 3.62x | 52 | 263 | 96/96 |"],
+        ["| 1 | 209.1 | 1.00x |", "| 16 | 669.8 | 3.20x | 58 | 285 | 96/96 |"],
     ),
     (
         "reaches the recipe's val loss (1.91) in **~0.30x** of its time; in the recipe's time, 1.65",
@@ -81,12 +81,13 @@ COPIED = [
         ],
     ),
     (
-        "Muon the most (0.13 in val loss at 40 s); the sparse MoE loses at 40 s, leads in the mean at 120 s",
+        "Muon the most (0.15 in val loss at 40 s, 0.13 at equal tokens); the sparse MoE does not pay on "
+        "TinyShakespeare: it loses at 40 s, ties per token and at 120 s",
         "ablate-avx512-bf16",
         [
-            "| 1.8430 (1.8290..1.8645) | 1.9998 (1.9846..2.0141) | 1.6327 (",
-            "| 1.8061 (1.7905..1.8262) | 2.0055 (1.9906..2.0165) | 1.6548 (",
-            "| 1.9735 (1.9404..2.0025)",
+            "| 1.7916 (1.7672..1.8205) | 2.0749 (2.0709..2.0789) | 1.6223 (",
+            "| 1.7335 (1.7277..1.7411) | 2.0757 (2.0630..2.0943) | 1.6059 (",
+            "| 1.9445 (1.9071..1.9701) | 2.2030 (",
         ],
     ),
     (

@@ -293,7 +293,7 @@ def matmul_peak_gflops(device="cpu", dtype=torch.float32, n=1024, repeats=50):
 
 def nanokimi_settings(config_path):
     """(TrainConfig fields, model overrides) of a named run or TOML file, as `nanokimi train CONFIG` reads it."""
-    cfg, model = load_train_config(config_path, [])
+    cfg, model = load_train_config(config_path)
     return {k: v for k, v in saved_settings(cfg).items() if k not in ("out_dir", "progress")}, model
 
 

@@ -1,8 +1,13 @@
-"""`nanokimi train CONFIG [--name=value ...]`: train or finetune (config.py assembles the run, train.py trains)."""
+"""`nanokimi train CONFIG [--name=value ...]`: train or finetune. The flags are parsed here (and the help listing
+every setting written), config.py assembles the run from them, train.py trains."""
 
 import argparse
+import ast
+import dataclasses
+import inspect
 import json
 import os
+import re
 
 from ..errors import UserError
 
@@ -18,8 +23,6 @@ class FullHelp(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help="show this help, the named runs and every setting")
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from ..config import runs_help, settings_help
-
         parser.epilog = runs_help() + "\n\n" + settings_help()
         parser.print_help()
         parser.exit()
@@ -48,7 +51,7 @@ def run(args, settings):
     from ..processes import exit_worker, lost_peer
     from ..train import train
 
-    cfg, model_overrides = load_train_config(args.config, settings)
+    cfg, model_overrides = load_train_config(args.config, parse_overrides(settings))
     try:
         summary = train(cfg, model_overrides)
     except (RuntimeError, ConnectionError) as e:
@@ -62,3 +65,70 @@ def run(args, settings):
         print(json.dumps(summary))
     if "RANK" in os.environ:  # a torchrun worker, its process group already left
         exit_worker()
+
+
+# ---- the flags: --name=value settings, parsed here and checked by config.py ----
+
+
+def parse_value(raw):
+    """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, 'none' -> None, '{"type": "yarn"}' -> dict, else the string."""
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if low.lstrip("+-") in ("nan", "inf", "infinity"):  # every spelling, so that the finite check names it
+        return float(low)
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(raw)
+        except (ValueError, SyntaxError):
+            pass
+    return raw
+
+
+def parse_overrides(args):
+    """['--max_iters=10', '--resume'] -> {'max_iters': 10, 'resume': True}."""
+    out = {}
+    for arg in args:
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: settings look like --name=value")
+        key, sep, value = arg[2:].partition("=")
+        out[key] = parse_value(value) if sep else True
+    return out
+
+
+def settings_help():
+    """Every --name=value setting of `nanokimi train` with its default and the comment beside it in the source: the
+    help text cannot drift from the dataclasses."""
+    from ..baseline import GPTConfig
+    from ..config import TrainConfig
+    from ..model import KimiConfig
+
+    sections = []
+    for title, cls in (
+        ("training (TrainConfig)", TrainConfig),
+        ("nanoKimi model (KimiConfig)", KimiConfig),
+        ("nanoGPT baseline model (GPTConfig)", GPTConfig),
+    ):
+        comments = dict(re.findall(r"^    (\w+): [^=\n]+=[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+        lines = [
+            (f"  --{f.name}={f.default}".ljust(35) + " " + comments.get(f.name, "")).rstrip()
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING
+        ]
+        sections.append(f"{title}:\n" + "\n".join(lines))
+    return "\n\n".join(sections)
+
+
+def runs_help():
+    """The named runs and the bare model presets, for `nanokimi train --help`."""
+    from ..config import named_runs
+    from ..presets import BASELINE_PRESETS, PRESETS
+
+    runs = "\n".join(f"  {name:<27} {purpose}" for name, purpose in named_runs().items())
+    bare = [p for p in [*PRESETS, *BASELINE_PRESETS] if p not in named_runs()]
+    return (
+        f"named runs (a run's settings and model; from any folder):\n{runs}\n\nmodel presets without a run of "
+        f"their own (trained with the defaults below): {', '.join(bare)}"
+    )
