@@ -107,10 +107,10 @@ class TextOut:
 
 
 class Served:
-    """The model, its tokenizer and the engine, and how requests become engine requests."""
+    """The engine (and its model), the tokenizer and the model's name in the API: what every request checks against."""
 
-    def __init__(self, model, tokenizer, name, engine):
-        self.model, self.tokenizer, self.name, self.engine = model, tokenizer, name, engine
+    def __init__(self, tokenizer, name, engine):
+        self.tokenizer, self.name, self.engine = tokenizer, name, engine
         self.context = engine.context
         try:
             self.special = chat_token_ids(tokenizer)

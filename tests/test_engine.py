@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanokimi import Kimi
-from nanokimi.engine import Engine, QueueFull, Request
+from nanokimi.engine import Engine, QueueFull, Request, row_view
 from tests.conftest import LOGIT_TOLERANCE, assert_greedy, tiny_config
 from tests.test_kda import HYBRID
 
@@ -28,17 +28,11 @@ def test_per_row_positions_in_one_forward_match_each_row_alone(kind):
         alone.append(model(seq[:, n:], cache=cache, start_pos=n)[0])
     cache = model.make_cache(len(seqs), 32)
     for i, (seq, n) in enumerate(zip(seqs, lengths)):  # each prefilled into its own row
-        row = [layer_cache_row(c, i) for c in cache]
+        row = [row_view(c, i) for c in cache]
         model(seq[:, :n], cache=row, start_pos=0)
     tokens = torch.cat([seq[:, n:] for seq, n in zip(seqs, lengths)])  # [3, 1]
     batched, _ = model(tokens, cache=cache, start_pos=torch.tensor(lengths))
     torch.testing.assert_close(batched, torch.cat(alone), atol=LOGIT_TOLERANCE, rtol=0)
-
-
-def layer_cache_row(cache, i):
-    from nanokimi.engine import row_view
-
-    return row_view(cache, i)
 
 
 @pytest.mark.parametrize("kind", MODELS)

@@ -313,7 +313,7 @@ def test_tool_calls_round_trip_through_the_template(tmp_path):
     model.forward = lambda idx: read.append(idx[0].tolist()) or forward(idx)
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(build_app(App(model, tokenizer, "scripted", Engine(model))), port=port, log_level="warning")
+        uvicorn.Config(build_app(App(tokenizer, "scripted", Engine(model))), port=port, log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -60,7 +60,7 @@ def run(args):
     folder = resolve(args.checkpoint)
     name = args.name or (folder.parent.name if folder.name == "checkpoint" else folder.name)
     engine = Engine(model, slots=args.slots, max_waiting=args.max_waiting)
-    served = Served(model, tokenizer, name, engine)
+    served = Served(tokenizer, name, engine)
     app = build_app(served)
     if args.api_key:
         app = APIKey(app, args.api_key)
