@@ -128,6 +128,13 @@ def from_hf_config(hf):
                 f"{where}gate_lower_bound={values['gate_lower_bound']!r} is not supported (nanoKimi's KDA "
                 f"forget gate is Kimi Linear's -exp(A_log) * softplus(f + dt_bias), with no lower bound)"
             )
+    unknown = sorted(set(linear) - set(LINEAR_ATTN_CONFIG.values()) - {"kda_layers", "full_attn_layers"})
+    if unknown:  # a KDA variant nanoKimi does not implement would otherwise load as a different model, silently
+        raise UserError(
+            f"linear_attn_config.{unknown[0]} is not supported: nanoKimi's KDA reads only "
+            f"{', '.join(sorted(LINEAR_ATTN_CONFIG.values()))}, kda_layers and full_attn_layers "
+            f"(remove the key if it does not change the model)"
+        )
     n = hf["num_hidden_layers"]
     layer_types = hf.get("layer_types")
     listed = layer_lists(linear, n)

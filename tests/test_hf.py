@@ -320,6 +320,7 @@ def test_kimi_linear_config_in_moonshots_own_spelling_imports_alike(tmp_path):
         ({"mlp_layer_types": ["sparse", "dense", "sparse", "sparse"]}, "dense layers after"),
         ({"linear_attn_config": linear | {"gate_lower_bound": -5.0}}, "gate_lower_bound=-5.0"),
         ({"gate_lower_bound": -5.0}, "gate_lower_bound=-5.0"),
+        ({"linear_attn_config": linear | {"use_short_conv": False}}, "linear_attn_config.use_short_conv is not"),
         ({"layer_types": [FULL, LINEAR, LINEAR, LINEAR]}, "contradicts"),
         (
             {"linear_attn_config": {k: v for k, v in linear.items() if k != "full_attn_layers"}},

@@ -71,10 +71,14 @@ def test_a_long_prefill_runs_span_by_span_to_the_same_result(monkeypatch):
 
     q, k, v, g, beta = delta_inputs(T=300, decay=0.5)
     whole, whole_state = chunk_delta_rule(q, k, v, g, beta)
-    monkeypatch.setattr(kda, "SPAN", 128)  # 300 tokens: spans of 128, 128, 44
+    monkeypatch.setattr(kda, "chunk_span", lambda B, nh, d: 128)  # 300 tokens: spans of 128, 128, 44
     spans, spans_state = chunk_delta_rule(q, k, v, g, beta)
     torch.testing.assert_close(spans, whole, atol=1e-5, rtol=0)
     torch.testing.assert_close(spans_state, whole_state, atol=1e-5, rtol=0)
+    monkeypatch.undo()
+    # the span follows the shapes: whole chunks, shorter for a bigger batch or more heads, never under one chunk
+    one, many = kda.chunk_span(1, 32, 128), kda.chunk_span(16, 32, 128)
+    assert one % kda.CHUNK == many % kda.CHUNK == 0 and many < one and kda.chunk_span(10**6, 64, 128) == kda.CHUNK
 
 
 def test_gradients_flow_through_both_forms_alike():
