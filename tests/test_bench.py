@@ -49,6 +49,8 @@ def test_speed_sections(tmp_path):
         "routing and dispatch",
         "| 2x16 | 3x8 |",
         "Goal: nanoKimi + MuonClip <= 1.3x",
+        "| 3x8 | Kimi Linear hybrid (3 KDA : 1 MLA) + MuonClip |",
+        "Goal: the Kimi Linear hybrid <= 1.3x nanoKimi's (MLA) step; measured ",
         "matmul peak in its dtype (its floor)",
         "Newton-Schulz's floor alone is",
         "| 2x16 | nanoKimi + MuonClip, Newton-Schulz ",

@@ -9,9 +9,7 @@ import torch
 from ..model import attention_kind
 from ..presets import PRESETS, build_model, make_config
 from .report import table, write_section
-from .speed import cache_nbytes, decode_timing, peak_memory
-
-HYBRID_PATTERN = ["linear_attention"] * 3 + ["full_attention"]  # Kimi Linear's 3:1
+from .speed import HYBRID_PATTERN, cache_nbytes, decode_timing, peak_memory
 
 
 def cache_bytes(config, length, kind=None):

@@ -1,6 +1,7 @@
 """Speed benchmarks on random data: one MoE layer as experts grow, decoding with and without caches, and the training
 step of nanoKimi against the baseline, part by part."""
 
+import dataclasses
 import statistics
 import time
 from functools import partial
@@ -14,6 +15,9 @@ from ..model import ATTENTION, Kimi, MoE
 from ..optim import configure_optimizer, zeropower_via_newtonschulz
 from ..presets import BASELINE_PRESETS, PRESETS, build_model, check_fits, make_config
 from .report import hardware_kind, interleaved_medians, spread_ms, table, timings, write_section
+
+HYBRID_PATTERN = ["linear_attention"] * 3 + ["full_attention"]  # Kimi Linear's 3:1
+HYBRID = "Kimi Linear hybrid (3 KDA : 1 MLA) + MuonClip"
 
 
 def bench_moe_scaling(args):
@@ -258,8 +262,14 @@ def bench_step(args):
     # Newton-Schulz's precision as the trainer chooses it (capability), and the other one forced, to show the choice
     chosen = configure_optimizer(Kimi(kimi_config), "muonclip").optimizers[-1]
     other = "bfloat16" if chosen.ns_dtype == torch.float32 else "float32"
+    # Kimi Linear's layout at the preset's size: KDA layers with MLA (unrotated) every fourth, as `bench long-context`
+    layers = kimi_config.num_hidden_layers
+    hybrid_config = dataclasses.replace(
+        kimi_config, layer_types=[HYBRID_PATTERN[i % 4] for i in range(layers)], mla_use_nope=True
+    )
     builds = {
         "nanoKimi + MuonClip": (Kimi, kimi_config, "muonclip", torch.float32, False, "auto"),
+        HYBRID: (Kimi, hybrid_config, "muonclip", torch.float32, False, "auto"),
         f"nanoKimi + MuonClip, Newton-Schulz {other}": (Kimi, kimi_config, "muonclip", torch.float32, False, other),
         "nanoKimi + MuonClip, bf16 autocast": (Kimi, kimi_config, "muonclip", torch.bfloat16, False, "auto"),
         "nanoKimi + AdamW": (Kimi, kimi_config, "adamw", torch.float32, False, "auto"),
@@ -267,7 +277,7 @@ def bench_step(args):
     }
     if args.compile:
         builds["nanoKimi + MuonClip, torch.compile"] = (Kimi, kimi_config, "muonclip", torch.float32, True, "auto")
-    rows, breakdown_rows, ratios, compile_s, baseline_ms = [], {}, {}, {}, {}
+    rows, breakdown_rows, ratios, hybrid_ratios, compile_s, baseline_ms = [], {}, {}, {}, {}, {}
     for batch, block in args.shapes:
         x = torch.randint(0, kimi_config.vocab_size, (batch, block + 1))
         inputs, targets = x[:, :-1], x[:, 1:]
@@ -295,7 +305,9 @@ def bench_step(args):
         for name, values in medians.items():
             ms = statistics.median(values)
             rows.append([f"{batch}x{block}", name, spread_ms(values), f"{batch * block / ms:.0f}", f"{ms / base:.2f}x"])
-        ratios[batch, block] = statistics.median(medians["nanoKimi + MuonClip"]) / base
+        kimi_ms = statistics.median(medians["nanoKimi + MuonClip"])
+        ratios[batch, block] = kimi_ms / base
+        hybrid_ratios[batch, block] = statistics.median(medians[HYBRID]) / kimi_ms
         breakdown_rows[batch, block] = step_breakdown(
             *contenders["nanoKimi + MuonClip"][:2], inputs, targets, args.repeats
         )
@@ -326,7 +338,9 @@ def bench_step(args):
         + ", ".join(
             f"{bd[NS_FLOOR] / baseline_ms[shape]:.0%} at {shape[0]}x{shape[1]}" for shape, bd in breakdown_rows.items()
         )
-        + " of the baseline's whole step."
+        + " of the baseline's whole step. Goal: the Kimi Linear hybrid <= 1.3x nanoKimi's (MLA) step; measured "
+        + ", ".join(f"{r:.2f}x at {b}x{t}" for (b, t), r in hybrid_ratios.items())
+        + "."
     )
     print(body)
     write_section(args.report, f"step-{hardware_kind()}", body, args.command)
