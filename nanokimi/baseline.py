@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .generation import generate_tokens
+from .sampling import generate_tokens
 
 
 @dataclass

@@ -22,6 +22,7 @@ import safetensors.torch
 import torch
 
 from .errors import UserError, check_fields, write_failure
+from .hardware import check_device
 from .presets import ARCHS, build_model, make_config
 from .tokenizer import TOKENIZER_FILES, CharTokenizer, copy_tokenizer, load_tokenizer
 
@@ -317,3 +318,15 @@ def load_model(path, device="cpu"):
             f"{model.config.vocab_size}: the tokenizer files were edited or come from another model"
         )
     return model.to(device).eval(), tokenizer, ckpt
+
+
+def load_with_tokenizer(path, device):
+    """(model, tokenizer) of a checkpoint, which must have a tokenizer."""
+    check_device(device)
+    model, tokenizer, ckpt = load_model(path, device)
+    if tokenizer is None:
+        raise UserError(
+            f"checkpoint {ckpt.path} has no tokenizer (meta.json): copy one in from its dataset, or "
+            f"import the model from a folder that has tokenizer.json"
+        )
+    return model, tokenizer

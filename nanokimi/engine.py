@@ -13,7 +13,7 @@ from collections import deque
 
 import torch
 
-from .generation import sample_next
+from .sampling import sample_next
 
 
 class QueueFull(Exception):

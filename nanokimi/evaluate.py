@@ -9,7 +9,7 @@ import math
 import torch
 
 from .checkpoint import load_model
-from .data import open_data
+from .batches import open_data
 from .errors import UserError
 from .hardware import check_device
 from .tokenizer import check_same_tokenizer

@@ -37,8 +37,9 @@ def l2_normalize(x, eps=1e-6):
 def floored_exp(x):
     """exp(x) for x <= 0, the exponent floored at -80 (e^-80 ~ 2e-35, still a normal fp32 number): ATen's exp takes a
     ~10x slower path for results that underflow (measured on Zen 4), and terms below e^-80 of unit vectors' products
-    change nothing at fp32's resolution."""
-    return x.clamp(min=-80).exp()
+    change nothing at fp32's resolution. Capped at 0 too: the entries a mask then zeroes (j after i) have x > 0, and
+    their exp may overflow to inf, which a zero turns into nan."""
+    return x.clamp(-80, 0).exp()
 
 
 def decay_factors(G):

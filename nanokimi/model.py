@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .generation import generate_tokens
+from .sampling import generate_tokens
 from .grouped_gemm import grouped_matmul
 from .kda import CHUNK, KDA, KDACache
 

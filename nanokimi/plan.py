@@ -5,7 +5,7 @@ change)."""
 from dataclasses import dataclass
 
 from . import checkpoint
-from .data import TokenData, open_data
+from .batches import TokenData, open_data
 from .errors import UserError
 from .presets import find_preset, make_config
 from .tokenizer import appended_tokens, check_same_tokenizer

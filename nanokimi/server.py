@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from . import engine as engines
 from .chat_template import CALLS_BEGIN, IM_END, chat_token_ids, check_conversation, encode, parse_reply
 from .errors import UserError
-from .sample import MIN_TEMPERATURE
+from .sampling import MIN_TEMPERATURE
 
 log = logging.getLogger("nanokimi.serve")
 MAX_BODY_BYTES = 1 << 20  # a request body past this is refused (413) before it is read whole

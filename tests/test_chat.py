@@ -18,7 +18,7 @@ from nanokimi.chat_template import CHAT_TOKENS, IM_END, encode, parse_reply
 from nanokimi.errors import UserError
 from nanokimi.checkpoint import load_model
 from nanokimi.cli import main
-from nanokimi.data import ChatData
+from nanokimi.batches import ChatData
 from nanokimi.tokenizer import load_tokenizer
 from tests.conftest import TINY, assert_greedy, run_cli, teacher_forced_logits
 

@@ -36,9 +36,10 @@ HYBRID = dict(
 HYBRID_FLAGS = [f"--{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in HYBRID.items()]
 
 
-def delta_inputs(B=2, nh=3, T=150, d=16, decay=3.0, seed=0):
-    """Random q, k, v, log decays and betas; decay 3 per step makes a chunk of 64 decay by ~e^-96, past fp32's
-    range, so a chunked form that split exp(G_i - G_j) into exp(G_i) exp(-G_j) would overflow."""
+def delta_inputs(B=2, nh=3, T=150, d=16, decay=12.0, seed=0):
+    """Random q, k, v, log decays and betas; decay 12 per step makes a chunk of 16 decay by ~e^-96, past fp32's
+    range, so a chunked form that split exp(G_i - G_j) into exp(G_i) exp(-G_j) would overflow (and one that
+    computed the decays above the diagonal before masking them would turn inf into nan)."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = torch.randn(3, B, nh, T, d, generator=g).unbind(0)
     log_decay = -torch.rand(B, nh, T, d, generator=g) * decay
@@ -81,8 +82,9 @@ def test_a_long_prefill_runs_span_by_span_to_the_same_result(monkeypatch):
     assert one % kda.CHUNK == many % kda.CHUNK == 0 and many < one and kda.chunk_span(10**6, 64, 128) == kda.CHUNK
 
 
-def test_gradients_flow_through_both_forms_alike():
-    inputs = [t.clone().requires_grad_() for t in delta_inputs(T=100, decay=0.5)]
+@pytest.mark.parametrize("decay", [0.5, 12.0])
+def test_gradients_flow_through_both_forms_alike(decay):
+    inputs = [t.clone().requires_grad_() for t in delta_inputs(T=100, decay=decay)]
     twins = [t.detach().clone().requires_grad_() for t in inputs]
     weight = torch.randn(2, 3, 100, 16)
     for rule, args in ((chunk_delta_rule, inputs), (recurrent_delta_rule, twins)):

@@ -50,10 +50,10 @@ def test_no_import_circle():
 
 
 def test_model_imports_only_the_sampling_helper_the_expert_kernel_and_kda():
-    assert imports(PACKAGE / "model.py") == {"nanokimi.generation", "nanokimi.grouped_gemm", "nanokimi.kda"}
+    assert imports(PACKAGE / "model.py") == {"nanokimi.sampling", "nanokimi.grouped_gemm", "nanokimi.kda"}
     assert imports(PACKAGE / "grouped_gemm.py") == {"nanokimi.hardware"}  # the kernel: chosen by the machine
     assert imports(PACKAGE / "kda.py") == set()  # the layer stands alone beside MLA
-    assert imports(PACKAGE / "baseline.py") == {"nanokimi.generation"}
+    assert imports(PACKAGE / "baseline.py") == {"nanokimi.sampling"}
     assert imports(PACKAGE / "optim.py") == {"nanokimi.hardware"}  # the optimizer asks layers to rescale themselves
     assert imports(PACKAGE / "hardware.py") == {"nanokimi.errors"}  # its device check speaks in one line
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..chat import Chat
 from ..checkpoint import Checkpoint
-from ..sample import load_with_tokenizer
+from ..checkpoint import load_with_tokenizer
 from .chat_tasks import conversations
 from .report import hardware_kind, table, write_section
 

@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from ..data import TokenData
+from ..batches import TokenData
 from ..errors import OneLineParser, UserError, write_failure
 from ..presets import PRESETS
 from . import __doc__ as overview

@@ -8,7 +8,7 @@ import torch
 
 from ..model import attention_kind
 from ..presets import PRESETS, build_model, make_config
-from .report import table, write_section
+from .report import hardware_kind, table, write_section
 from .speed import HYBRID_PATTERN, cache_nbytes, decode_timing, peak_memory
 
 
@@ -99,10 +99,16 @@ def bench_long_context(args):
         + f"\n\nGrowth from {first:,} to {last:,} tokens ({last // first}x the context):\n\n"
         + table(["layout", "prefill time", "decode time per token", "cache"], summary)
         + f"\n\nAt {last:,} tokens the hybrid decodes {speed[kda, last] / speed[mla, last]:.2f}x as fast as MLA "
-        f"everywhere and prefills in {prefill[kda, last] / prefill[mla, last]:.2f}x its time.\n\n"
-        f"The real layouts at 1,048,576 tokens (cache as nanoKimi allocates it, fp32; GiB):\n\n"
+        f"everywhere and prefills in {prefill[kda, last] / prefill[mla, last]:.2f}x its time. At each context "
+        "(hybrid vs MLA: prefill time, decode speed): "
+        + ", ".join(
+            f"{n:,}: {prefill[kda, n] / prefill[mla, n]:.2f}x / {speed[kda, n] / speed[mla, n]:.2f}x"
+            for n in args.contexts
+        )
+        + ".\n\n"
+        "The real layouts at 1,048,576 tokens (cache as nanoKimi allocates it, fp32; GiB):\n\n"
         + table(["layout", "cache GiB"], [[name, f"{b / 2**30:.1f}"] for name, b in million.items()])
         + f'\n\nKimi Linear\'s 3:1 layout keeps {saved:.0%} less cache at 1M tokens (Moonshot: "up to 75%").'
     )
     print(body)
-    write_section(args.report, "long-context", body, args.command)
+    write_section(args.report, f"long-context-{hardware_kind()}", body, args.command)

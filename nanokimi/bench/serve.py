@@ -15,7 +15,7 @@ import httpx
 
 from ..chat_template import chat_token_ids
 from ..errors import UserError
-from ..sample import load_with_tokenizer
+from ..checkpoint import load_with_tokenizer
 from .chat_tasks import conversations
 from .report import hardware_kind, table, write_section
 

@@ -45,7 +45,8 @@ def add_parser(sub):
 
 def run(args):
     from ..chat import Chat
-    from ..sample import check_sampling, load_with_tokenizer
+    from ..checkpoint import load_with_tokenizer
+    from ..sampling import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.seed, args.max_new_tokens)
     if args.max_new_tokens == 0:

@@ -49,7 +49,7 @@ def run(args):
         raise UserError(f"{missing}: pip install 'nanokimi[serve]'") from None
     from ..checkpoint import resolve
     from ..engine import Engine
-    from ..sample import load_with_tokenizer
+    from ..checkpoint import load_with_tokenizer
 
     import torch
 

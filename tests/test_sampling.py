@@ -1,6 +1,6 @@
 import torch
 
-from nanokimi.generation import sample_next
+from nanokimi.sampling import sample_next
 
 
 def test_greedy_top_k_top_p():

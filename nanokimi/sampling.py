@@ -1,6 +1,26 @@
-"""Token sampling shared by nanoKimi and the nanoGPT baseline: temperature, top-k, top-p, greedy."""
+"""Token sampling shared by nanoKimi and the nanoGPT baseline: temperature, top-k, top-p, greedy; and the check of
+those settings that `sample`, `chat` and `serve` share."""
 
 import torch
+
+from .errors import UserError
+
+MIN_TEMPERATURE = 1e-3
+
+
+def check_sampling(temperature, top_k, top_p, seed, max_new_tokens, seeds=1):
+    """A UserError for sampling settings out of range (`sample`'s and `chat`'s)."""
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= 1e4):
+        raise UserError(
+            f"--temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and 1e4 (lower ones overflow "
+            f"the probabilities), got {temperature}"
+        )
+    if (top_k is not None and top_k <= 0) or (top_p is not None and not 0 < top_p <= 1):
+        raise UserError("need top_k > 0 and 0 < top_p <= 1")
+    if max_new_tokens < 0:
+        raise UserError("need max_new_tokens >= 0")
+    if not 0 <= seed < 2**63 - seeds + 1:  # torch's generator seeds are 64-bit; sample i uses seed + i
+        raise UserError(f"--seed must be in [0, 2**63), got {seed}")
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
