@@ -96,9 +96,9 @@ COPIED = [
         ["reaches 3.9190, every layer dense 3.9532"],
     ),
     (
-        "wins per token (1.91 vs 2.07) and loses at equal time, its steps 2.1x slower",
-        "ablate-kda-avx2",
-        ["1.9145 vs 2.0719 at equal tokens", "1.9785 vs 1.9138 at 40 s", "| 16x64 | 118 |", "| 16x64 | 250 |"],
+        "wins per token (1.88 vs 2.00) and loses at equal time (1.836 vs 1.799 at 40 s), its steps 1.6x slower",
+        "ablate-kda-avx512-bf16",
+        ["1.8833 vs 1.9998 at equal tokens", "1.8361 vs 1.7991 at 40 s", "| 16x64 | 101 |", "| 16x64 | 163 |"],
     ),
     (
         "93.3% exact on held-out multi-digit arithmetic through the calculator tool (0% without it); plain turns 50%",

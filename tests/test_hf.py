@@ -6,7 +6,7 @@ import torch
 
 import nanokimi
 from nanokimi.cli import main
-from nanokimi.commands.sample import sample
+from nanokimi.sample import sample
 from tests.conftest import TINY, assert_greedy, cli_error, teacher_forced_logits
 
 transformers = pytest.importorskip("transformers")

@@ -2,7 +2,7 @@
 
 import json
 
-from nanokimi.commands.sample import sample
+from nanokimi.sample import sample
 from tests.conftest import cli_error, train
 
 

@@ -219,33 +219,9 @@ def bench_memory(args):
     with tempfile.TemporaryDirectory() as tmp:
         for name, (procs, layout) in LAYOUTS.items():
             report = Path(tmp) / layout
-            command = (
-                [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    f"--nproc_per_node={procs}",
-                    f"--master_port={args.port}",
-                    "-m",
-                    "nanokimi.bench.memory",
-                    args.preset,
-                    layout,
-                    str(args.batch_size),
-                    str(args.block_size),
-                    str(report),
-                ]
-                if procs > 1
-                else [
-                    sys.executable,
-                    "-m",
-                    "nanokimi.bench.memory",
-                    args.preset,
-                    layout,
-                    str(args.batch_size),
-                    str(args.block_size),
-                    str(report),
-                ]
-            )
+            worker = ["nanokimi.bench.memory", args.preset, layout, str(args.batch_size), str(args.block_size)]
+            launch = ["torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={args.port}", "-m"]
+            command = [sys.executable, "-m", *(launch if procs > 1 else []), *worker, str(report)]
             reports = [Path(f"{report}.{r}") for r in range(procs)]
             run_layout(
                 command,
