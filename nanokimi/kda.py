@@ -22,7 +22,7 @@ import torch.nn.functional as F
 CHUNK = 16  # positions per chunk of the parallel form; measured fastest of 8..64 (docs/benchmarks.md, KDA speed),
 # from 64-token training windows to 4k-token prefills: the chunk-local work grows with the chunk, the sequential part
 # (one d x d product per chunk) is small
-SUB_CHUNK = 4  # positions whose decays are compared one by one inside a chunk (see decayed_scores); sqrt(CHUNK)
+SUB_CHUNK = 4  # positions whose decays are compared one by one inside a chunk (see decay_factors); sqrt(CHUNK)
 # balances the two parts' elementwise work
 RECURRENT_UP_TO = 8  # a step of this many tokens or fewer (decoding) runs the recurrent form: the chunked form pads
 # to a chunk and costs the same from 1 to 16 tokens, the recurrent one grows with them (equal at ~8 tokens, batch 1)

@@ -9,7 +9,7 @@ import torch
 from ..model import attention_kind
 from ..presets import PRESETS, build_model, make_config
 from .report import hardware_kind, table, write_section
-from .speed import HYBRID_PATTERN, cache_nbytes, decode_timing, peak_memory
+from .speed import cache_nbytes, decode_timing, hybrid_layers, peak_memory
 
 
 def cache_bytes(config, length, kind=None):
@@ -25,10 +25,9 @@ def cache_bytes(config, length, kind=None):
 def contenders(preset, layers, longest):
     """The three layouts at one size, random weights (speed and memory do not depend on them)."""
     base = {"num_hidden_layers": layers, "max_position_embeddings": longest, "dropout": 0.0}
-    pattern = [HYBRID_PATTERN[i % 4] for i in range(layers)]
     configs = {
         "MLA (Kimi-K2 layout)": base,
-        "KDA hybrid 3:1 (Kimi Linear)": base | {"layer_types": pattern, "mla_use_nope": True},
+        "KDA hybrid 3:1 (Kimi Linear)": base | {"layer_types": hybrid_layers(layers), "mla_use_nope": True},
         "MHA ablation": base | {"attention": "mha"},
     }
     torch.manual_seed(0)

@@ -17,6 +17,13 @@ from ..presets import BASELINE_PRESETS, PRESETS, build_model, check_fits, make_c
 from .report import hardware_kind, interleaved_medians, spread_ms, table, timings, write_section
 
 HYBRID_PATTERN = ["linear_attention"] * 3 + ["full_attention"]  # Kimi Linear's 3:1
+
+
+def hybrid_layers(layers):
+    """Kimi Linear's layout in `layers` layers: KDA, with MLA every fourth."""
+    return [HYBRID_PATTERN[i % 4] for i in range(layers)]
+
+
 HYBRID = "Kimi Linear hybrid (3 KDA : 1 MLA) + MuonClip"
 
 
@@ -263,9 +270,8 @@ def bench_step(args):
     chosen = configure_optimizer(Kimi(kimi_config), "muonclip").optimizers[-1]
     other = "bfloat16" if chosen.ns_dtype == torch.float32 else "float32"
     # Kimi Linear's layout at the preset's size: KDA layers with MLA (unrotated) every fourth, as `bench long-context`
-    layers = kimi_config.num_hidden_layers
     hybrid_config = dataclasses.replace(
-        kimi_config, layer_types=[HYBRID_PATTERN[i % 4] for i in range(layers)], mla_use_nope=True
+        kimi_config, layer_types=hybrid_layers(kimi_config.num_hidden_layers), mla_use_nope=True
     )
     builds = {
         "nanoKimi + MuonClip": (Kimi, kimi_config, "muonclip", torch.float32, False, "auto"),
