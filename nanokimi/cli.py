@@ -23,7 +23,8 @@ your own documents: nanokimi prepare text --input=FOLDER --tokenizer=bpe --vocab
 
 
 def build_parser():
-    """The command line: every command's parser, declared by its module in commands/."""
+    """The command line: every command's parser, its help from its module's docstring and its options from the
+    module's add_arguments."""
     parser = OneLineParser(
         prog="nanokimi",
         description="Train, finetune and sample Kimi-K2-style models.",
@@ -32,7 +33,12 @@ def build_parser():
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
     for command in COMMANDS:
-        command.add_parser(sub).set_defaults(module=command)
+        summary, _, description = command.__doc__.partition("\n\n")
+        # "resolve": a command may replace argparse's own -h (train lists every setting)
+        p = sub.add_parser(command.NAME, help=summary, description=description, conflict_handler="resolve")
+        if hasattr(command, "add_arguments"):
+            command.add_arguments(p)
+        p.set_defaults(module=command)
     return parser
 
 

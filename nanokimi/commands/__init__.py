@@ -1,6 +1,8 @@
-"""One module per `nanokimi` command, all in one pattern: NAME, `add_parser(sub)` declares the command's options
-and `run` runs it. A module imports nothing heavy at its top (every command's parser is built for any command
-line, and `nanokimi prepare` starts without torch): `run` imports what the command needs. Two kinds of command set
-a flag: PASS_THROUGH (`torchrun`, `bench`: another parser reads the rest, so `run` gets it as a list) and
-OPEN_SETTINGS (`train`: any TrainConfig or model field as --name=value, so `run` also gets the flags argparse does
-not know). cli.py lists the commands and is the one place their errors become one-line messages."""
+"""One module per `nanokimi` command, all in one pattern: its docstring is the command's help (the first line, in
+`nanokimi --help`'s list) and description (the rest, in `nanokimi COMMAND --help`), NAME its name,
+`add_arguments(p)` declares its options and `run` runs it. A module imports nothing heavy at its top (every
+command's parser is built for any command line, and `nanokimi prepare` starts without torch): `run` imports what the
+command needs. Two kinds of command set a flag: PASS_THROUGH (`torchrun`, `bench`: another parser reads the rest, so
+`run` gets it as a list, and they declare no options) and OPEN_SETTINGS (`train`: any TrainConfig or model field as
+--name=value, so `run` also gets the flags argparse does not know). cli.py lists the commands and is the one place
+their errors become one-line messages."""

@@ -1,23 +1,18 @@
-"""`nanokimi chat RUN`: talk to a chat model (chat.py): interactively, or one conversation of -m messages (or of
-stdin's lines) whose replies alone go to stdout, one line each."""
+"""talk to a chat model (finetuned with prepare chat + train)
+
+Chat with a model finetuned on conversations (Kimi-K2's chat template). Interactive on a terminal (/reset starts over,
+/exit or Ctrl-D ends; Ctrl-C stops a reply); with -m, or with a pipe on stdin (one message per line), one conversation
+whose replies alone go to stdout, one line each."""
 
 import sys
 
 from ..errors import UserError
 
 NAME = "chat"
-HELP = "/reset starts over, /exit (or Ctrl-D) ends; Ctrl-C stops a reply"
+KEYS = "/reset starts over, /exit (or Ctrl-D) ends; Ctrl-C stops a reply"
 
 
-def add_parser(sub):
-    p = sub.add_parser(
-        NAME,
-        help="talk to a chat model (finetuned with prepare chat + train)",
-        description="Chat with a model finetuned on conversations (Kimi-K2's chat template). "
-        "Interactive on a terminal (" + HELP + "); with -m, or with a pipe on stdin (one "
-        "message per line), one conversation whose replies alone go to stdout, one line "
-        "each.",
-    )
+def add_arguments(p):
     p.add_argument("checkpoint", help="a run's out_dir or its checkpoint folder")
     p.add_argument(
         "-m",
@@ -40,7 +35,6 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no_cache", action="store_true", help="recompute the whole conversation every token")
     p.add_argument("--device", default="cpu")
-    return p
 
 
 def run(args):
@@ -76,7 +70,7 @@ def run(args):
 
 
 def interact(chat):
-    print(f"chatting with {chat.model.__class__.__name__}: {HELP}", file=sys.stderr)
+    print(f"chatting with {chat.model.__class__.__name__}: {KEYS}", file=sys.stderr)
     while True:
         try:
             text = input("> ")

@@ -1,5 +1,7 @@
-"""`nanokimi eval CHECKPOINT --data=DATASET`: loss, perplexity and bits per token/byte on fixed windows
-(evaluate.py)."""
+"""a checkpoint's loss, perplexity and bits per token/byte on fixed windows
+
+Evaluate a checkpoint (nanoKimi, baseline or imported HF) on BATCHES x BATCH_SIZE windows spread evenly over a split
+of a prepared dataset: the same tokens for every model. Prints one JSON line."""
 
 import json
 
@@ -7,14 +9,7 @@ import json
 NAME = "eval"
 
 
-def add_parser(sub):
-    p = sub.add_parser(
-        NAME,
-        help="a checkpoint's loss, perplexity and bits per token/byte on fixed windows",
-        description="Evaluate a checkpoint (nanoKimi, baseline or imported HF) on BATCHES x BATCH_SIZE "
-        "windows spread evenly over a split of a prepared dataset: the same tokens for "
-        "every model. Prints one JSON line.",
-    )
+def add_arguments(p):
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="a folder from `nanokimi prepare`, with the model's tokenizer")
     p.add_argument("--block_size", type=int, help="window length (default: the training window, else the context)")
@@ -22,7 +17,6 @@ def add_parser(sub):
     p.add_argument("--batch_size", type=int, default=12)
     p.add_argument("--split", default="val", help="val or train")
     p.add_argument("--device", default="cpu")
-    return p
 
 
 def run(args):

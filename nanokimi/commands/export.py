@@ -1,18 +1,14 @@
-"""`nanokimi export CHECKPOINT OUT_DIR`: a checkpoint as a Hugging Face folder (hf.py)."""
+"""write a checkpoint as a Hugging Face DeepseekV3ForCausalLM folder
+
+Export a Kimi checkpoint (folder or run out_dir) to OUT_DIR: config.json (deepseek_v3), model.safetensors with HF
+names, tokenizer.json."""
 
 NAME = "export"
 
 
-def add_parser(sub):
-    p = sub.add_parser(
-        NAME,
-        help="write a checkpoint as a Hugging Face DeepseekV3ForCausalLM folder",
-        description="Export a Kimi checkpoint (folder or run out_dir) to OUT_DIR: config.json "
-        "(deepseek_v3), model.safetensors with HF names, tokenizer.json.",
-    )
+def add_arguments(p):
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
-    return p
 
 
 def run(args):

@@ -1,18 +1,14 @@
-"""`nanokimi plot RUN`: redraw a run's pictures from its metrics.jsonl (plots.py)."""
+"""redraw a run's pictures from its metrics.jsonl
+
+Redraw RUN/loss.png, RUN/experts.png (each MoE layer's share of routed tokens per expert over the steps) and
+RUN/max_logit.png (the largest attention logit against QK-Clip's tau) from RUN/metrics.jsonl, e.g. while the run
+trains."""
 
 NAME = "plot"
 
 
-def add_parser(sub):
-    p = sub.add_parser(
-        NAME,
-        help="redraw a run's pictures from its metrics.jsonl",
-        description="Redraw RUN/loss.png, RUN/experts.png (each MoE layer's share of routed tokens "
-        "per expert over the steps) and RUN/max_logit.png (the largest attention logit "
-        "against QK-Clip's tau) from RUN/metrics.jsonl, e.g. while the run trains.",
-    )
+def add_arguments(p):
     p.add_argument("run", help="a training run's --out_dir")
-    return p
 
 
 def run(args):

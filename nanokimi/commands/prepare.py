@@ -1,4 +1,11 @@
-"""`nanokimi prepare DATASET`: a corpus tokenized into train.bin, val.bin and the tokenizer (prepare.py does it)."""
+"""tokenize a corpus into train.bin/val.bin + tokenizer
+
+Prepare data, streamed in bounded memory. shakespeare_char: TinyShakespeare, char-level (downloads when online unless
+--input is given). text: local files, folders and globs of .txt (one document per file, or per --doc_separator),
+.jsonl/.json (a document per line) and .parquet (a document per row), also .gz. hf: a Hugging Face dataset, streamed
+(pip install datasets). Documents are joined by a boundary token; val is whole documents. chat: conversations (OpenAI
+messages or ShareGPT conversations; .jsonl, .json, .parquet, or --dataset) in Kimi-K2's chat template, with the
+assistant's tokens marked for the loss (docs/chat.md)."""
 
 import math
 import sys
@@ -10,20 +17,7 @@ from ..errors import UserError
 NAME = "prepare"
 
 
-def add_parser(sub):
-    p = sub.add_parser(
-        NAME,
-        help="tokenize a corpus into train.bin/val.bin + tokenizer",
-        description="Prepare data, streamed in bounded memory. shakespeare_char: TinyShakespeare, "
-        "char-level (downloads when online unless --input is given). text: local files, "
-        "folders and globs of .txt (one document per file, or per --doc_separator), "
-        ".jsonl/.json (a document per line) and .parquet (a document per row), also .gz. "
-        "hf: a Hugging Face dataset, streamed (pip install datasets). Documents are joined "
-        "by a boundary token; val is whole documents. chat: conversations (OpenAI "
-        "messages or ShareGPT conversations; .jsonl, .json, .parquet, or --dataset) in "
-        "Kimi-K2's chat template, with the assistant's tokens marked for the loss "
-        "(docs/chat.md).",
-    )
+def add_arguments(p):
     p.add_argument("dataset", help="shakespeare_char, text, hf or chat")
     p.add_argument(
         "--input",
@@ -64,7 +58,6 @@ def add_parser(sub):
     p.add_argument("--name", dest="hf_config", help="hf: its configuration, e.g. sample-10BT")
     p.add_argument("--split", dest="hf_split", default="train", help="hf: its split (default train)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p
 
 
 def run(args):

@@ -1,14 +1,11 @@
-"""`nanokimi sample CHECKPOINT`: stream text from a checkpoint (sample.py)."""
+"""generate text from a checkpoint
+
+Stream samples from a checkpoint (a run's out_dir or its checkpoint folder)."""
 
 NAME = "sample"
 
 
-def add_parser(sub):
-    p = sub.add_parser(
-        NAME,
-        help="generate text from a checkpoint",
-        description="Stream samples from a checkpoint (a run's out_dir or its checkpoint folder).",
-    )
+def add_arguments(p):
     p.add_argument("checkpoint")
     p.add_argument("--prompt", help="text to continue (default: a newline)")
     p.add_argument("--max_new_tokens", type=int, default=500)
@@ -19,7 +16,6 @@ def add_parser(sub):
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (no MLA cache)")
     p.add_argument("--device", default="cpu")
-    return p
 
 
 def run(args):

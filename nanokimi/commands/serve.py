@@ -1,5 +1,8 @@
-"""`nanokimi serve CHECKPOINT`: OpenAI's API and a chat page for a run, on FastAPI + uvicorn (server.py), decoding
-concurrent requests together (engine.py)."""
+"""serve a model over OpenAI's API (and a chat page at /)
+
+Serve a checkpoint over OpenAI's API: /v1/chat/completions (chat models), /v1/completions, /v1/models, /health, and
+a chat page at /. Concurrent requests decode together, one forward per step (engine.py). Ctrl-C or SIGTERM ends the
+streams in flight and exits."""
 
 import sys
 
@@ -8,14 +11,7 @@ from ..errors import UserError
 NAME = "serve"
 
 
-def add_parser(sub):
-    p = sub.add_parser(
-        NAME,
-        help="serve a model over OpenAI's API (and a chat page at /)",
-        description="Serve a checkpoint over OpenAI's API: /v1/chat/completions (chat models), /v1/completions, "
-        "/v1/models, /health, and a chat page at /. Concurrent requests decode together, one forward per step. "
-        "Ctrl-C or SIGTERM ends the streams in flight and exits.",
-    )
+def add_arguments(p):
     p.add_argument("checkpoint", help="a run's out_dir or its checkpoint folder")
     p.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -30,7 +26,6 @@ def add_parser(sub):
         "cores 1 thread served 1.9-2.4x the tokens/s of 2, BENCHMARKS.md)",
     )
     p.add_argument("--device", default="cpu")
-    return p
 
 
 def run(args):

@@ -1,4 +1,6 @@
-"""`nanokimi torchrun [torchrun's options] train ...`: `torchrun [options] -m nanokimi train ...` through torchrun's own
+"""torchrun [options] train ...: DDP/FSDP over processes; Ctrl-C saves and ends in one line
+
+`nanokimi torchrun [torchrun's options] train ...` is `torchrun [options] -m nanokimi train ...` through torchrun's own
 entry point, ending in one line instead of its traceback."""
 
 import signal
@@ -8,14 +10,6 @@ from ..errors import UserError
 
 NAME = "torchrun"
 PASS_THROUGH = True  # torchrun's own options, then `train ...`: run gets them as they were typed
-
-
-def add_parser(sub):
-    return sub.add_parser(
-        NAME,
-        add_help=False,
-        help="torchrun [options] train ...: DDP/FSDP over processes; Ctrl-C saves and ends in one line",
-    )
 
 
 def run(argv):

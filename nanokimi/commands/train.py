@@ -1,5 +1,9 @@
-"""`nanokimi train CONFIG [--name=value ...]`: train or finetune. The flags are parsed here (and the help listing
-every setting written), config.py assembles the run from them, train.py trains."""
+"""train or finetune a model
+
+Train a named run (e.g. shakespeare-char-cpu, the tuned CPU run), a .toml file of your own (TrainConfig fields,
+[model] table) or a model preset. Any TrainConfig or model config field can be set as --name=value, e.g.
+--max_iters=2000 --lr=1e-3 --n_routed_experts=16. --resume continues the run in --out_dir; --init_from=CKPT finetunes
+from a checkpoint's weights. Under `nanokimi torchrun --nproc_per_node=N train ...` it runs DDP, with --fsdp FSDP2."""
 
 import argparse
 import ast
@@ -24,26 +28,14 @@ class FullHelp(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.epilog = runs_help() + "\n\n" + settings_help()
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the lists, line by line
         parser.print_help()
         parser.exit()
 
 
-def add_parser(sub):
-    p = sub.add_parser(
-        NAME,
-        help="train or finetune a model",
-        add_help=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a named run (e.g. shakespeare-char-cpu, the tuned CPU run), a .toml file of "
-        "your own (TrainConfig fields, [model] table) or a model preset. "
-        "Any TrainConfig or model config field can be set as --name=value, e.g. "
-        "--max_iters=2000 --lr=1e-3 --n_routed_experts=16. --resume continues the run in "
-        "--out_dir; --init_from=CKPT finetunes from a checkpoint's weights. Under "
-        "`nanokimi torchrun --nproc_per_node=N train ...` it runs DDP, with --fsdp FSDP2.",
-    )
-    p.add_argument("-h", "--help", action=FullHelp)
+def add_arguments(p):
+    p.add_argument("-h", "--help", action=FullHelp)  # in place of argparse's own
     p.add_argument("config", help="named run, .toml file or model preset")
-    return p
 
 
 def run(args, settings):
