@@ -19,7 +19,7 @@ def __getattr__(name):
 
         return encode_chat
     if name == "PRESETS":
-        from .presets import PRESETS
+        from .models import PRESETS
 
         return PRESETS
     raise AttributeError(f"module 'nanokimi' has no attribute {name!r}")

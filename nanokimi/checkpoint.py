@@ -23,7 +23,7 @@ import torch
 
 from .errors import UserError, check_fields, write_failure
 from .hardware import check_device
-from .presets import ARCHS, build_model, make_config
+from .models import ARCHS, build_model, make_config
 from .tokenizer import TOKENIZER_FILES, CharTokenizer, copy_tokenizer, load_tokenizer
 
 NAME, OLD = "checkpoint", ".checkpoint.old"
@@ -117,19 +117,24 @@ def save(
             f"the weights are not finite ({len(bad)} tensors, e.g. {bad[0]}), so they were not saved: the "
             f"last good checkpoint in {out_dir} is kept; lower --lr or raise --warmup_iters"
         )
-    try:
-        return write_folder(
-            Path(out_dir),
-            model,
-            weights,
-            arch,
-            model_config,
-            train_config,
-            tokenizer_dir,
-            optimizer_state,
-            trainer_state,
-            name,
+    copies = tied_copies(model)
+
+    def write(folder):
+        state = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k not in copies}
+        save_tensors(state, folder / "model.safetensors")
+        write_json(
+            folder / "config.json", {"arch": arch, "model": dataclasses.asdict(model_config), "train": train_config}
         )
+        if optimizer_state is not None:
+            tensors = {}
+            write_json(folder / "optimizer.json", flatten_state(optimizer_state, tensors))
+            save_tensors(tensors, folder / "optimizer.safetensors")
+        write_json(folder / "trainer.json", trainer_state or {})
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, folder)
+
+    try:
+        return replace_folder(Path(out_dir), name, write)
     except (OSError, safetensors.SafetensorError) as e:
         shutil.rmtree(Path(out_dir) / f".{name}.tmp", ignore_errors=True)
         raise UserError(
@@ -147,10 +152,10 @@ def save_tensors(tensors, path, metadata=None):
     os.chmod(path, 0o666 & ~umask)
 
 
-def write_folder(
-    out_dir, model, weights, arch, model_config, train_config, tokenizer_dir, optimizer_state, trainer_state, name
-):
-    """`save`'s writes: into .NAME.tmp, then swapped in by two renames."""
+def replace_folder(out_dir, name, write):
+    """out_dir/name replaced as a whole by the folder `write(folder)` fills: written into .NAME.tmp, synced, then
+    swapped in by two renames, so a kill at any point leaves the previous folder or the new one (the next save
+    finishes a swap a kill interrupted). Returns the folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / name).is_symlink():  # followed, not replaced: the swap happens beside the folder it points to
         target = (out_dir / name).resolve()
@@ -160,17 +165,7 @@ def write_folder(
         os.replace(old, final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    copies = tied_copies(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in weights.items() if k not in copies}
-    save_tensors(state, tmp / "model.safetensors")
-    write_json(tmp / "config.json", {"arch": arch, "model": dataclasses.asdict(model_config), "train": train_config})
-    if optimizer_state is not None:
-        tensors = {}
-        write_json(tmp / "optimizer.json", flatten_state(optimizer_state, tensors))
-        save_tensors(tensors, tmp / "optimizer.safetensors")
-    write_json(tmp / "trainer.json", trainer_state or {})
-    if tokenizer_dir is not None:
-        copy_tokenizer(tokenizer_dir, tmp)
+    write(tmp)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -21,7 +21,7 @@ from . import checkpoint, hf_deepseek_v3, hf_kimi_linear
 from .errors import UserError, check_fields, write_failure
 from .folders import check_apart, check_destination, read_config
 from .model import Kimi
-from .presets import build_model
+from .models import build_model
 from .chat_template import IM_END, jinja_template
 from .tokenizer import TOKENIZER_FILES, CharTokenizer, HFTokenizer, copy_tokenizer, load_tokenizer
 
@@ -37,8 +37,19 @@ def format_of(config):
     return next(f for f in FORMATS if f.writes(config))
 
 
+# what every config.json nanoKimi writes ends with: float32 weights, no special token ids (a char vocabulary has
+# none), a KV cache for generation
+WRITTEN_BY_NANOKIMI = {
+    "torch_dtype": "float32",
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+    "use_cache": True,
+}
+
+
 def to_hf_config(config):
-    return format_of(config).to_hf_config(config)
+    return format_of(config).to_hf_config(config) | WRITTEN_BY_NANOKIMI
 
 
 def from_hf_config(hf):

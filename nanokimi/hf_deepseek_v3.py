@@ -68,11 +68,6 @@ def to_hf_config(config):
         "topk_method": "noaux_tc",
         "seq_aux": True,
         "num_nextn_predict_layers": 0,
-        "torch_dtype": "float32",
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-        "use_cache": True,
     }
 
 

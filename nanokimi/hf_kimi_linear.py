@@ -95,11 +95,6 @@ def to_hf_config(config):
         "moe_router_activation_func": "sigmoid",
         "num_nextn_predict_layers": 0,
         "aux_loss_alpha": config.aux_loss_alpha,
-        "torch_dtype": "float32",
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-        "use_cache": True,
     }
 
 

@@ -28,7 +28,7 @@ class KimiConfig:
     hidden_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
-    q_lora_rank: int | None = 96  # None: one direct q_proj (as DeepSeek-V2-Lite)
+    q_lora_rank: int | None = 96  # None (or 0, DeepSeek-V3's code's spelling): one direct q_proj (V2-Lite)
     kv_lora_rank: int = 64
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
@@ -64,6 +64,8 @@ class KimiConfig:
     context_field: ClassVar[str] = "max_position_embeddings"  # the setting that bounds the context (as GPTConfig)
 
     def __post_init__(self):
+        if self.q_lora_rank == 0:  # as None (a TOML file cannot say None)
+            self.q_lora_rank = None
         check_config(self)  # the rules, after the model (end of file)
 
     @property

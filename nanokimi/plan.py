@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from . import checkpoint
 from .batches import TokenData, open_data
 from .errors import UserError
-from .presets import find_preset, make_config
+from .models import find_preset, make_config
 from .tokenizer import appended_tokens, check_same_tokenizer
 
 

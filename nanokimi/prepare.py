@@ -206,27 +206,30 @@ def prepare(
     dataset,
     out,
     inputs=None,
-    tokenizer=None,
-    vocab_size=None,
-    tokenizer_dir=None,
-    drop_unknown=False,
+    *,
     text_field=None,
     doc_separator=None,
-    val_fraction=0.1,
     val_inputs=None,
-    tokenizer_chars=None,
-    boundary_token=None,
+    val_fraction=0.1,
     hf_name=None,
     hf_config=None,
     hf_split="train",
+    tokenizer=None,
+    vocab_size=None,
+    tokenizer_chars=None,
+    boundary_token=None,
+    tokenizer_dir=None,
+    drop_unknown=False,
     progress=False,
 ):
     """`dataset` is "shakespeare_char" (TinyShakespeare, char-level), "text" (local files, folders, globs), "hf"
     (a Hugging Face dataset, streamed) or "chat" (conversations from files or, with hf_name, a Hugging Face dataset:
-    prepare_chat.py). `tokenizer`: char (the default), bpe or a tokenizer.json path. With
-    tokenizer_dir (a dataset or checkpoint folder), reuse that tokenizer instead of making one: the way to finetune a
-    model on new text; drop_unknown drops the characters a char vocabulary lacks (else they are an error).
-    tokenizer_chars: how many characters BPE learns from (default 1e9)."""
+    prepare_chat.py). The documents: `inputs` (or hf_name, hf_config, hf_split), read by text_field and
+    doc_separator, val_inputs or every 1/val_fraction-th document held out. The tokenizer: `tokenizer` char (the
+    default), bpe or a tokenizer.json path; vocab_size and tokenizer_chars (how many characters BPE learns from,
+    default 1e9) for bpe. With tokenizer_dir (a dataset or checkpoint folder), reuse that tokenizer instead of making
+    one: the way to finetune a model on new text; drop_unknown drops the characters a char vocabulary lacks (else
+    they are an error)."""
     out = Path(out)
     if dataset not in ("shakespeare_char", "text", "hf", "chat"):
         raise UserError(f"unknown dataset {dataset!r}: use shakespeare_char, text, hf or chat")

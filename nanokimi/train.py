@@ -26,7 +26,7 @@ from .model import MoE
 from .optim import Muon, configure_optimizer, unwrap
 from .plan import plan_run
 from .plots import plot_run, read_records
-from .presets import build_model
+from .models import build_model
 from .processes import Run, StopRequest, shared_lock
 
 

@@ -204,6 +204,15 @@ def test_cpu_recipe_is_nanogpts_own():
         dtype="float32",
     )
     assert recipe.published_val == 1.88 and RECIPES["gpu"].published_val == 1.4697
+    # the GPU recipe is config/train_shakespeare_char.py as it stands: the baby GPT, bf16 + compile on a GPU
+    gpu = RECIPES["gpu"]
+    assert flags(gpu.command) == {}
+    assert gpu.model == dict(n_layer=6, n_head=6, n_embd=384, dropout=0.2, n_positions=256)
+    assert {k: gpu.train[k] for k in ("batch_size", "block_size", "max_iters", "lr_decay_iters", "eval_iters")} == dict(
+        batch_size=64, block_size=256, max_iters=5000, lr_decay_iters=5000, eval_iters=200
+    )
+    assert (gpu.train["device"], gpu.train["dtype"], gpu.train["compile"]) == ("cuda", "auto", True)
+    assert gpu.train | {k: v for k, v in given.items() if k in recipe.train} | {"dtype": "float32"} == recipe.train
 
 
 def test_compare_refuses_a_baseline_that_does_not_reproduce_nanogpt():
@@ -443,6 +452,8 @@ def test_prepare_report_times_each_format_with_a_tokenizer_of_the_asked_size(tmp
         (["inference", "--preset=kimi-k2"], "--preset=kimi-k2 needs about"),
         (["step", "--preset=kimi-k2"], "--preset=kimi-k2 needs about"),
         (["memory", "--preset=kimi-k2"], "--preset=kimi-k2 needs about"),
+        (["step", "--baseline=gpt-5"], "invalid choice: 'gpt-5' (choose from 'gpt-shakespeare-char', "),
+        (["inference", "--baseline=shakespeare-char-cpu"], "invalid choice: 'shakespeare-char-cpu'"),
     ],
 )
 def test_bad_benchmark_options_are_one_line_errors_before_any_work(argv, message, tmp_path, capsys):

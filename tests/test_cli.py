@@ -53,6 +53,21 @@ def test_bad_input_gives_one_line_error(case, char_data, tmp_path, capsys):
     assert expected in cli_error(capsys, *argv)
 
 
+def test_every_command_declares_itself_in_one_pattern():
+    """A command module's docstring is its help (one line) and its description; NAME, run, and add_arguments unless
+    another parser reads its line (PASS_THROUGH)."""
+    from nanokimi.cli import COMMANDS, build_parser
+
+    commands = build_parser()._subparsers._group_actions[0]
+    listed = {action.dest: action.help for action in commands._choices_actions}
+    for module in COMMANDS:
+        summary, blank, description = module.__doc__.partition("\n\n")
+        assert blank and "\n" not in summary and description.strip(), module.NAME
+        assert listed[module.NAME] == summary and commands.choices[module.NAME].description == description
+        assert callable(module.run)
+        assert hasattr(module, "add_arguments") != getattr(module, "PASS_THROUGH", False), module.NAME
+
+
 def test_no_traceback_from_subprocess(tmp_path):
     result = run_cli("sample", tmp_path / "missing")
     assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr

@@ -13,7 +13,7 @@ from nanokimi.cli import main
 from nanokimi.kda import KDACache, chunk_delta_rule, l2_normalize, recurrent_delta_rule
 from nanokimi.model import Kimi
 from nanokimi.optim import configure_optimizer
-from nanokimi.presets import PRESETS
+from nanokimi.models import PRESETS
 from tests.conftest import (
     TINY,
     assert_greedy,

@@ -6,7 +6,7 @@ from nanokimi import PRESETS, Kimi
 from nanokimi.baseline import GPT, GPTConfig
 from nanokimi.grouped_gemm import grouped_mm
 from nanokimi.hardware import compile_model
-from nanokimi.model import MoE
+from nanokimi.model import KimiConfig, MoE
 from tests.conftest import assert_greedy, teacher_forced_logits, tiny_config
 
 YARN = {
@@ -196,6 +196,37 @@ def test_max_logits_returned_when_asked():
         model.layers[0].self_attn.q_b_proj.weight.view(2, 16, -1)[1] *= 2
     doubled = model(idx, record_max_logits=True)[2]
     torch.testing.assert_close(doubled[0], max_logits[0] * torch.tensor([1.0, 2.0]))
+
+
+def test_a_q_lora_rank_of_0_is_none_the_direct_q_projection():
+    """0 is DeepSeek-V3's own code's spelling (and a TOML file's, which has no None): one q_proj, no q latent."""
+    config = KimiConfig(q_lora_rank=0)
+    assert config.q_lora_rank is None and hasattr(Kimi(config).layers[0].self_attn, "q_proj")
+    with pytest.raises(ValueError, match="q_lora_rank must be positive or None"):
+        KimiConfig(q_lora_rank=-1)
+
+
+def test_the_presets_are_the_toml_files():
+    from nanokimi.models import BASELINE_PRESETS, PRESET_FILES
+
+    assert [*PRESETS, *BASELINE_PRESETS] == [
+        "kimi-k2",
+        "kimi-linear-48b-a3b",
+        "shakespeare-char-cpu",
+        "shakespeare-char",
+        "gpt-shakespeare-char-cpu",
+        "gpt-shakespeare-char",
+    ]  # the order `nanokimi train --help` lists them in
+    assert {p.name.removesuffix(".toml") for p in PRESET_FILES.iterdir()} == {*PRESETS, *BASELINE_PRESETS}
+    k2 = PRESETS["kimi-k2"]  # Kimi-K2-Instruct's config.json (../shared/kimi-k2.md section 1)
+    assert (k2.hidden_size, k2.num_hidden_layers, k2.n_routed_experts, k2.num_experts_per_tok) == (7168, 61, 384, 8)
+    assert (k2.q_lora_rank, k2.kv_lora_rank, k2.rope_scaling["factor"], k2.routed_scaling_factor) == (
+        1536,
+        512,
+        32.0,
+        2.827,
+    )
+    assert PRESETS["kimi-linear-48b-a3b"].q_lora_rank is None  # config.json's null
 
 
 def test_kimi_k2_parameter_count_on_meta():

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..presets import PRESETS
+from ..models import PRESETS
 from .report import hardware_kind, pyplot, save_figure, table, write_section
 from .training import EVAL_BATCH_SIZE, RECIPES, nanokimi_settings, newton_schulz_precisions, run_training, score, spread
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..batches import TokenData
 from ..errors import OneLineParser, UserError, write_failure
-from ..presets import PRESETS
+from ..models import BASELINE_PRESETS, PRESETS
 from . import __doc__ as overview
 from .ablation import CONTENDERS, bench_ablate
 from .chat import bench_chat
@@ -68,6 +68,9 @@ def parent(*options):
 
 def build_parser():
     model = parent(("--preset", dict(default="shakespeare-char-cpu", choices=sorted(PRESETS), help="nanoKimi preset")))
+    baseline = parent(
+        ("--baseline", dict(default="gpt-shakespeare-char-cpu", choices=sorted(BASELINE_PRESETS), help="its preset"))
+    )
     batch = parent(
         ("--batch_size", dict(type=positive, default=32)), ("--block_size", dict(type=positive, default=128))
     )
@@ -89,9 +92,10 @@ def build_parser():
     p.set_defaults(run=bench_moe_scaling)
 
     p = sub.add_parser(
-        "inference", parents=[model], help="decode tokens/s, peak memory, KV bytes per token: MLA cache, none, MHA"
+        "inference",
+        parents=[model, baseline],
+        help="decode tokens/s, peak memory, KV bytes per token: MLA cache, none, MHA",
     )
-    p.add_argument("--baseline", default="gpt-shakespeare-char-cpu")
     p.add_argument("--contexts", type=positive, nargs="+", default=[64, 256, 1024])
     p.add_argument("--new_tokens", type=two_or_more, default=64)
     p.add_argument("--repeats", type=positive, default=3)
@@ -132,10 +136,9 @@ def build_parser():
 
     p = sub.add_parser(
         "step",
-        parents=[model],
+        parents=[model, baseline],
         help="ms per training step: nanoKimi (MuonClip, AdamW) vs the baseline, and its breakdown",
     )
-    p.add_argument("--baseline", default="gpt-shakespeare-char-cpu")
     p.add_argument("--shapes", type=shape, nargs="+", default=[(12, 64), (32, 128)], help="batch x block, e.g. 12x64")
     p.add_argument("--repeats", type=positive, default=15)
     p.add_argument("--rounds", type=positive, default=5, help="interleaved measurements of each contender")

@@ -7,7 +7,7 @@ import statistics
 import torch
 
 from ..model import attention_kind
-from ..presets import PRESETS, build_model, make_config
+from ..models import PRESETS, build_model, make_config
 from .report import hardware_kind, table, write_section
 from .speed import cache_nbytes, decode_timing, hybrid_layers, peak_memory
 

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..model import Experts, Kimi
 from ..optim import Muon, configure_optimizer, local_part
-from ..presets import PRESETS, check_fits, make_config
+from ..models import PRESETS, check_fits, make_config
 from ..sharding import data_parallel, shard_model
 from .report import table, write_section
 from .speed import training_step

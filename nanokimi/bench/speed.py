@@ -13,7 +13,7 @@ from ..baseline import GPT
 from ..hardware import compile_model
 from ..model import ATTENTION, Kimi, MoE
 from ..optim import configure_optimizer, zeropower_via_newtonschulz
-from ..presets import BASELINE_PRESETS, PRESETS, build_model, check_fits, make_config
+from ..models import BASELINE_PRESETS, PRESETS, build_model, check_fits, make_config
 from .report import hardware_kind, interleaved_medians, spread_ms, table, timings, write_section
 
 HYBRID_PATTERN = ["linear_attention"] * 3 + ["full_attention"]  # Kimi Linear's 3:1

@@ -3,6 +3,7 @@ nanoGPT baseline."""
 
 import json
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint, load_model
+from ..commands.train import parse_value
 from ..config import TrainConfig, load_train_config, saved_settings
 from ..errors import UserError
 from ..evaluate import evaluate_checkpoint
@@ -46,17 +48,8 @@ def first_reaching(evals, target, key):
 
 def bench_optim(args):
     plt = pyplot()
-    common = dict(
-        preset=args.preset,
-        data=args.data,
-        batch_size=args.batch_size,
-        block_size=args.block_size,
-        eval_interval=args.eval_interval,
-        eval_iters=args.eval_iters,
-        log_interval=5,
-        seed=args.seed,
-        log_max_logit=True,
-    )
+    given = ("preset", "data", "batch_size", "block_size", "eval_interval", "eval_iters", "seed")
+    common = {name: getattr(args, name) for name in given} | dict(log_interval=5, log_max_logit=True)
 
     def train_with(name, lr, steps=args.steps):
         out = Path(args.out) / f"{name}-lr{lr:g}-{steps}"
@@ -212,56 +205,41 @@ class Recipe:
     nanokimi_config: str
 
 
-# nanoGPT's config/train_shakespeare_char.py, with the README's CPU flags for "cpu"; train.py's defaults fill in
-# the rest (beta1 0.9, weight decay 0.1 on matrices, grad clip 1, bias False; fp32 on a CPU, bf16 + compile on GPU)
-NANOGPT_TRAIN = dict(
-    optimizer="adamw",
-    lr=1e-3,
-    min_lr=1e-4,
-    lr_schedule="cosine",
-    warmup_iters=100,
-    beta1=0.9,
-    beta2=0.99,
-    weight_decay=0.1,
-    grad_clip=1.0,
-    eval_interval=250,
+# nanoGPT's config/train_shakespeare_char.py over its train.py's defaults (beta1 0.9, weight decay 0.1 on matrices,
+# grad clip 1, bias False, compile), in nanoGPT's own names: the baby GPT, its batches, its AdamW, its device
+NANOGPT_SHAKESPEARE_CHAR = (
+    dict(n_layer=6, n_head=6, n_embd=384, dropout=0.2, block_size=256)
+    | dict(batch_size=64, max_iters=5000, lr_decay_iters=5000, eval_interval=250, eval_iters=200)
+    | dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
+    | dict(device="cuda", compile=True)
 )
+TRAINER_NAMES = {"learning_rate": "lr"}  # the trainer's names for nanoGPT's settings, where they differ
+MODEL_SETTINGS = ("n_layer", "n_head", "n_embd", "dropout")
+PRINT_ONLY = ("log_interval",)  # how often nanoGPT prints: the trainer logs at its own interval
+
+
+def nanogpt_recipe(command, preset, published_val, nanokimi_config):
+    """A Recipe from nanoGPT's command line: its --name=value flags over config/train_shakespeare_char.py, as
+    nanoGPT's configurator applies them. nanoGPT runs float32 on a CPU, bf16 on a GPU that has it."""
+    settings = NANOGPT_SHAKESPEARE_CHAR | {k: parse_value(v) for k, v in re.findall(r"--(\w+)=(\S+)", command)}
+    model = {k: settings[k] for k in MODEL_SETTINGS} | dict(n_positions=settings["block_size"])
+    train = {TRAINER_NAMES.get(k, k): v for k, v in settings.items() if k not in MODEL_SETTINGS + PRINT_ONLY}
+    train |= dict(optimizer="adamw", lr_schedule="cosine", dtype="float32" if train["device"] == "cpu" else "auto")
+    return Recipe(command, preset, model, train, published_val, nanokimi_config)
+
+
 RECIPES = {
-    "cpu": Recipe(
-        command="python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 "
+    "cpu": nanogpt_recipe(
+        "python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 "
         "--log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 "
         "--max_iters=2000 --lr_decay_iters=2000 --dropout=0.0",
         preset="gpt-shakespeare-char-cpu",
-        model=dict(n_positions=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
-        train=NANOGPT_TRAIN
-        | dict(
-            batch_size=12,
-            block_size=64,
-            max_iters=2000,
-            lr_decay_iters=2000,
-            eval_iters=20,
-            device="cpu",
-            dtype="float32",
-            compile=False,
-        ),
         published_val=1.88,
         nanokimi_config="shakespeare-char-cpu",
     ),
-    "gpu": Recipe(
-        command="python train.py config/train_shakespeare_char.py",
+    "gpu": nanogpt_recipe(
+        "python train.py config/train_shakespeare_char.py",
         preset="gpt-shakespeare-char",
-        model=dict(n_positions=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
-        train=NANOGPT_TRAIN
-        | dict(
-            batch_size=64,
-            block_size=256,
-            max_iters=5000,
-            lr_decay_iters=5000,
-            eval_iters=200,
-            device="cuda",
-            dtype="auto",
-            compile=True,
-        ),
         published_val=1.4697,
         nanokimi_config="shakespeare-char",
     ),

@@ -7,13 +7,14 @@ whose replies alone go to stdout, one line each."""
 import sys
 
 from ..errors import UserError
+from . import add_checkpoint_arguments
 
 NAME = "chat"
 KEYS = "/reset starts over, /exit (or Ctrl-D) ends; Ctrl-C stops a reply"
 
 
 def add_arguments(p):
-    p.add_argument("checkpoint", help="a run's out_dir or its checkpoint folder")
+    add_checkpoint_arguments(p)
     p.add_argument(
         "-m",
         "--message",
@@ -34,7 +35,6 @@ def add_arguments(p):
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no_cache", action="store_true", help="recompute the whole conversation every token")
-    p.add_argument("--device", default="cpu")
 
 
 def run(args):

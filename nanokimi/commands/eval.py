@@ -5,18 +5,18 @@ of a prepared dataset: the same tokens for every model. Prints one JSON line."""
 
 import json
 
+from . import add_checkpoint_arguments
 
 NAME = "eval"
 
 
 def add_arguments(p):
-    p.add_argument("checkpoint")
+    add_checkpoint_arguments(p)
     p.add_argument("--data", required=True, help="a folder from `nanokimi prepare`, with the model's tokenizer")
     p.add_argument("--block_size", type=int, help="window length (default: the training window, else the context)")
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--batch_size", type=int, default=12)
     p.add_argument("--split", default="val", help="val or train")
-    p.add_argument("--device", default="cpu")
 
 
 def run(args):

@@ -15,6 +15,9 @@ from ..errors import UserError
 
 
 NAME = "prepare"
+# the options passed to prepare() as they are (each flag's dest is prepare's parameter): the documents', the tokenizer's
+DOCUMENT_OPTIONS = ("text_field", "doc_separator", "val_inputs", "val_fraction", "hf_name", "hf_config", "hf_split")
+TOKENIZER_OPTIONS = ("tokenizer", "vocab_size", "tokenizer_chars", "boundary_token", "drop_unknown")
 
 
 def add_arguments(p):
@@ -53,7 +56,13 @@ def add_arguments(p):
         default=0.1,
         help="share of documents held out for val, every 1/F-th (default 0.1); one document: its tokens",
     )
-    p.add_argument("--val_input", nargs="+", action="extend", help="the val documents instead (files, folders, globs)")
+    p.add_argument(
+        "--val_input",
+        dest="val_inputs",
+        nargs="+",
+        action="extend",
+        help="the val documents instead (files, folders, globs)",
+    )
     p.add_argument("--dataset", dest="hf_name", help="hf: the dataset's name, e.g. roneneldan/TinyStories")
     p.add_argument("--name", dest="hf_config", help="hf: its configuration, e.g. sample-10BT")
     p.add_argument("--split", dest="hf_split", default="train", help="hf: its split (default train)")
@@ -75,20 +84,9 @@ def run(args):
         args.dataset,
         out,
         args.input,
-        args.tokenizer,
-        args.vocab_size,
-        source,
-        args.drop_unknown,
-        args.text_field,
-        args.doc_separator,
-        args.val_fraction,
-        args.val_input,
-        args.tokenizer_chars,
-        args.boundary_token,
-        args.hf_name,
-        args.hf_config,
-        args.hf_split,
+        tokenizer_dir=source,
         progress=not args.no_progress and sys.stderr.isatty(),
+        **{name: getattr(args, name) for name in DOCUMENT_OPTIONS + TOKENIZER_OPTIONS},
     )
     print(
         f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "

@@ -2,11 +2,13 @@
 
 Stream samples from a checkpoint (a run's out_dir or its checkpoint folder)."""
 
+from . import add_checkpoint_arguments
+
 NAME = "sample"
 
 
 def add_arguments(p):
-    p.add_argument("checkpoint")
+    add_checkpoint_arguments(p)
     p.add_argument("--prompt", help="text to continue (default: a newline)")
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -15,7 +17,6 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (no MLA cache)")
-    p.add_argument("--device", default="cpu")
 
 
 def run(args):

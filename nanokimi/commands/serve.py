@@ -7,12 +7,13 @@ streams in flight and exits."""
 import sys
 
 from ..errors import UserError
+from . import add_checkpoint_arguments
 
 NAME = "serve"
 
 
 def add_arguments(p):
-    p.add_argument("checkpoint", help="a run's out_dir or its checkpoint folder")
+    add_checkpoint_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api_key", help="require `Authorization: Bearer KEY` on /v1/ (default: none required)")
@@ -25,7 +26,6 @@ def add_arguments(p):
         help="torch's CPU threads (default: every core torch would use but one, which the HTTP side keeps: on 2 "
         "cores 1 thread served 1.9-2.4x the tokens/s of 2, BENCHMARKS.md)",
     )
-    p.add_argument("--device", default="cpu")
 
 
 def run(args):

@@ -116,7 +116,7 @@ def settings_help():
 def runs_help():
     """The named runs and the bare model presets, for `nanokimi train --help`."""
     from ..config import named_runs
-    from ..presets import BASELINE_PRESETS, PRESETS
+    from ..models import BASELINE_PRESETS, PRESETS
 
     runs = "\n".join(f"  {name:<27} {purpose}" for name, purpose in named_runs().items())
     bare = [p for p in [*PRESETS, *BASELINE_PRESETS] if p not in named_runs()]
