@@ -1,3 +1,7 @@
+"""UserError, a problem with the user's input that the CLI prints as one line, and what raises it in one way
+everywhere: the command line's parser, a failed write in a few words, and the checks of what a user or a tool may
+have edited (a JSON file's fields and their types, a text with half a UTF-16 surrogate pair)."""
+
 import argparse
 
 

@@ -19,7 +19,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from . import checkpoint, hf_deepseek_v3, hf_kimi_linear
 from .errors import UserError, check_fields, write_failure
-from .folders import check_apart, check_destination, read_config
+from .output_folders import check_apart, check_destination, read_config
 from .model import Kimi
 from .models import build_model
 from .chat_template import IM_END, jinja_template

@@ -15,7 +15,7 @@ import numpy as np
 from .conversations import ConversationRecords
 from .corpus import Corpus, HFDataset, describe, progress_bar
 from .errors import UserError
-from .folders import check_destination, finish_swap, kind
+from .output_folders import check_destination, finish_swap, kind
 from .prepare_chat import prepare_chat
 from .prepared import DATASET_FILES, new_dataset, save_dataset_meta, token_dtype
 from .tokenizer import (

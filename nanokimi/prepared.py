@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError, write_failure
-from .folders import SWAP_DONE, SWAP_FOLDER, command_lock, commit_swap, finish_swap
+from .output_folders import SWAP_DONE, SWAP_FOLDER, command_lock, commit_swap, finish_swap
 from .tokenizer import TOKENIZER_FILES, copy_tokenizer, read_meta, write_json
 
 # a chat dataset has these too: each token's loss mask and where each conversation starts (prepare_chat.py)
@@ -19,8 +19,8 @@ DATASET_FILES = ("train.bin", "val.bin", *CHAT_FILES, *TOKENIZER_FILES)
 @contextlib.contextmanager
 def new_dataset(out):
     """The folder to write a dataset's files into (out/SWAP_FOLDER): when the block ends they replace the previous
-    dataset of `out` as one set (folders.commit_swap); a failure or Ctrl-C before then leaves the previous one whole,
-    a kill after it leaves the new one, finished by the next reader."""
+    dataset of `out` as one set (output_folders.commit_swap); a failure or Ctrl-C before then leaves the previous one
+    whole, a kill after it leaves the new one, finished by the next reader."""
     out = Path(out)
     tmp = out / SWAP_FOLDER
     with command_lock(out, "prepare"):  # a second prepare into `out` would delete this one's files

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UserError
-from .folders import folder_lock
+from .output_folders import folder_lock
 from .hardware import check_device
 
 

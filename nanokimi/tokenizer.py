@@ -16,7 +16,7 @@ import numpy as np
 
 from .corpus import describe, file_format, progress_bar
 from .errors import UserError, check_fields
-from .folders import finish_swap
+from .output_folders import finish_swap
 
 TOKENIZER_FILES = ("meta.json", "tokenizer.json")
 BOUNDARY = "<|endoftext|>"  # the document boundary token nanoKimi's own vocabularies reserve

@@ -20,7 +20,7 @@ from . import checkpoint, sharding
 from .config import saved_settings
 from .errors import UserError, write_failure
 from .evaluate import evaluate
-from .folders import check_destination
+from .output_folders import check_destination
 from .hardware import compile_model, describe, expert_gemm_path
 from .model import MoE
 from .optim import Muon, configure_optimizer, unwrap

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import nanokimi.corpus
-import nanokimi.folders
+import nanokimi.output_folders
 import nanokimi.prepare
 import nanokimi.prepared
 import nanokimi.tokenizer
@@ -520,10 +520,10 @@ def test_a_kill_between_the_final_renames_leaves_the_new_dataset_whole(tmp_path,
         moved.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(nanokimi.folders.os, "replace", killed_after_one)
+    monkeypatch.setattr(nanokimi.output_folders.os, "replace", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         nanokimi.prepare.prepare("text", tmp_path / "d", tmp_path / "new.jsonl", tokenizer="bpe", vocab_size=300)
-    monkeypatch.setattr(nanokimi.folders.os, "replace", real_replace)
+    monkeypatch.setattr(nanokimi.output_folders.os, "replace", real_replace)
     assert len(moved) == 2  # the mark and one file
     meta = read_meta(tmp_path / "d")  # any reader: the new set moved in whole first
     assert meta == read_meta(tmp_path / "straight") and not (tmp_path / "d" / ".prepare.tmp").exists()
@@ -533,7 +533,7 @@ def test_a_kill_between_the_final_renames_leaves_the_new_dataset_whole(tmp_path,
 
 def test_two_prepares_into_one_folder_the_second_is_refused(tmp_path, capsys):
     (tmp_path / "docs.txt").write_text("some text to prepare\n" * 50)
-    with nanokimi.folders.command_lock(tmp_path / "d", "prepare"):  # a prepare writing there now
+    with nanokimi.output_folders.command_lock(tmp_path / "d", "prepare"):  # a prepare writing there now
         err = cli_error(capsys, "prepare", "text", f"--input={tmp_path / 'docs.txt'}", f"--out={tmp_path / 'd'}")
     assert "another `nanokimi prepare` is writing to" in err and not (tmp_path / "d" / "train.bin").exists()
 
