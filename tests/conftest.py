@@ -17,6 +17,7 @@ from nanokimi.prepare import prepare
 ROOT = Path(__file__).resolve().parents[1]
 # TinyShakespeare (Karpathy's char-rnn copy, public domain) ships with the tests: a fresh clone runs them whole
 SHAKESPEARE = ROOT / "tests" / "data" / "tinyshakespeare.txt"
+NANOKIMI = [sys.executable, "-m", "nanokimi"]  # the command, in a subprocess
 
 # The one tiny model of the tests: trains in seconds. As a KimiConfig (tiny_config) and as CLI flags (TINY).
 TINY_MODEL = dict(
@@ -62,7 +63,7 @@ def made(tmp_path_factory, char_data):
     """A folder holding a tiny training run (run/) and its Hugging Face export (hf/). Tests only read it: one that
     edits copies it first."""
     root = tmp_path_factory.mktemp("made")
-    main(["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={root / 'run'}", *TINY, "--max_iters=2"])
+    main([*train_args(char_data, root / "run"), "--max_iters=2"])
     assert run_cli("export", root / "run", root / "hf").returncode == 0
     return root
 
@@ -77,7 +78,7 @@ def free_port():
 def run_cli(*args, cwd=None, env=None, timeout=600):
     """Run `python -m nanokimi ARGS` in a subprocess; returns CompletedProcess with text output."""
     return subprocess.run(
-        [sys.executable, "-m", "nanokimi", *map(str, args)],
+        [*NANOKIMI, *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -186,9 +187,14 @@ def cli_error(capsys, *argv):
     return err
 
 
+def train_args(data, out, preset="shakespeare-char-cpu"):
+    """The command line (after `nanokimi`) that trains the tiny model on `data` into `out`; flags may follow."""
+    return ["train", preset, f"--data={data}", f"--out_dir={out}", *TINY]
+
+
 def train(data, out, *extra, preset="shakespeare-char-cpu"):
     """`nanokimi train` of the tiny model, in-process."""
-    main(["train", preset, f"--data={data}", f"--out_dir={out}", *TINY, *map(str, extra)])
+    main([*train_args(data, out, preset), *map(str, extra)])
 
 
 def readme_lines(marker, page="README.md"):

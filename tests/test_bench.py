@@ -279,7 +279,24 @@ def test_memory_report_fsdp_halves_the_state_and_ep_sends_tokens_not_experts(tmp
 @pytest.mark.slow
 def test_ablate_quick_report(char_data, tmp_path):
     report = tmp_path / "BENCH.md"
-    main(["bench", f"--report={report}", "ablate", "--quick", f"--data={char_data}", f"--out={tmp_path / 'runs'}"])
+
+    def ablate(out, *options):
+        main(
+            [
+                "bench",
+                f"--report={report}",
+                "ablate",
+                "--quick",
+                f"--data={char_data}",
+                f"--out={tmp_path / out}",
+                *options,
+            ]
+        )
+
+    def row_names(body, shape="16x64"):
+        return [line.split(" | ")[0].strip("| ") for line in body.splitlines() if f" | {shape} | " in line]
+
+    ablate("runs")
     body = sections(report)[f"ablate-{hardware_kind()}"]
     rows = {
         line.split(" | ")[0].strip("| "): line.split(" | ")
@@ -297,37 +314,14 @@ def test_ablate_quick_report(char_data, tmp_path):
     assert f"Newton-Schulz ran in {'bfloat16' if native_bf16_matmul('cpu') else 'float32'} in the Muon runs" in body
     assert (tmp_path / "assets" / f"ablate_{hardware_kind()}.png").stat().st_size > 1000
     # --contenders: the rows asked for, beside the shipped run they are measured against
-    main(
-        [
-            "bench",
-            f"--report={report}",
-            "ablate",
-            "--quick",
-            f"--data={char_data}",
-            f"--out={tmp_path / 'kda'}",
-            "--contenders",
-            "kda",
-        ]
-    )
+    ablate("kda", "--contenders", "kda")
     body = sections(report)[f"ablate-kda-{hardware_kind()}"]
-    assert [line.split(" | ")[0].strip("| ") for line in body.splitlines() if " | 16x64 | " in line] == [
+    assert row_names(body) == [
         "nanoKimi (MLA + MoE + MuonClip)",
         "nanoKimi + KDA (Kimi Linear: 2 KDA + 1 MLA)",
     ]
     # --config: another run (here its 4-layer, 16x128 BPE sibling) as the base; the dense row follows its depth
-    main(
-        [
-            "bench",
-            f"--report={report}",
-            "ablate",
-            "--quick",
-            f"--data={char_data}",
-            f"--out={tmp_path / 'bpe'}",
-            "--config=gutenberg-bpe-cpu",
-            "--contenders",
-            "dense",
-        ]
-    )
+    ablate("bpe", "--config=gutenberg-bpe-cpu", "--contenders", "dense")
     # each its own section and picture: the whole ablation of the char run stays beside them
     assert list(sections(report)) == [
         f"ablate-{hardware_kind()}",
@@ -338,36 +332,13 @@ def test_ablate_quick_report(char_data, tmp_path):
     assert (tmp_path / "assets" / f"ablate_gutenberg-bpe-cpu-dense-{hardware_kind()}.png").stat().st_size > 1000
     # the shipped run's row alone is a section of its own too, not the whole ablation's
     whole = sections(report)[f"ablate-{hardware_kind()}"]
-    main(
-        [
-            "bench",
-            f"--report={report}",
-            "ablate",
-            "--quick",
-            f"--data={char_data}",
-            f"--out={tmp_path / 'kimi'}",
-            "--contenders",
-            "kimi",
-        ]
-    )
+    ablate("kimi", "--contenders", "kimi")
     assert sections(report)[f"ablate-{hardware_kind()}"] == whole
     assert sections(report)[f"ablate-kimi-{hardware_kind()}"].count(" | 16x64 | ") == 1
     # a Kimi Linear run as the base: its rows say KDA + MLA, not MLA
-    main(
-        [
-            "bench",
-            f"--report={report}",
-            "ablate",
-            "--quick",
-            f"--data={char_data}",
-            f"--out={tmp_path / 'kl'}",
-            "--config=kimi-linear-shakespeare-char-cpu",
-            "--contenders",
-            "mha",
-        ]
-    )
+    ablate("kl", "--config=kimi-linear-shakespeare-char-cpu", "--contenders", "mha")
     body = sections(report)[f"ablate-kimi-linear-shakespeare-char-cpu-mha-{hardware_kind()}"]
-    assert [line.split(" | ")[0].strip("| ") for line in body.splitlines() if " | 16x64 | " in line] == [
+    assert row_names(body) == [
         "nanoKimi (KDA + MLA + MoE + MuonClip)",
         "nanoKimi - MLA (MHA beside the KDA layers)",
     ]

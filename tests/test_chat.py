@@ -5,7 +5,6 @@ import gzip
 import json
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from nanokimi.checkpoint import load_model
 from nanokimi.cli import main
 from nanokimi.batches import ChatData
 from nanokimi.tokenizer import load_tokenizer
-from tests.conftest import TINY, assert_greedy, run_cli, teacher_forced_logits
+from tests.conftest import NANOKIMI, assert_greedy, run_cli, teacher_forced_logits, train_args
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 TOOLS = [calculator.DEFINITION]
@@ -95,11 +94,7 @@ def train_on_chat(chat_data, name, *flags, steps=20):
     out = chat_data.parent / name
     main(
         [
-            "train",
-            "shakespeare-char-cpu",
-            f"--data={chat_data}",
-            f"--out_dir={out}",
-            *TINY,
+            *train_args(chat_data, out),
             "--block_size=128",
             "--max_position_embeddings=256",
             f"--max_iters={steps}",
@@ -293,9 +288,7 @@ def test_chat_m_prints_one_line_per_reply_and_reads_a_pipe(chat_run, chat_data, 
     assert len(lines) == 3 and lines[-1] == "", result.stdout  # two replies, each ending in a newline
     piped = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "nanokimi",
+            *NANOKIMI,
             "chat",
             str(chat_run),
             "--temperature=0",
@@ -309,11 +302,7 @@ def test_chat_m_prints_one_line_per_reply_and_reads_a_pipe(chat_run, chat_data, 
     assert piped.stdout == result.stdout
     main(
         [
-            "train",
-            "shakespeare-char-cpu",
-            f"--data={char_data}",
-            f"--out_dir={tmp_path / 'base'}",
-            *TINY,
+            *train_args(char_data, tmp_path / "base"),
             "--max_iters=1",
         ]
     )
@@ -463,11 +452,7 @@ def test_exported_template_gives_nanokimis_ids_in_transformers(chat_files, tmp_p
     )
     main(
         [
-            "train",
-            "shakespeare-char-cpu",
-            f"--data={data}",
-            f"--out_dir={tmp_path / 'run'}",
-            *TINY,
+            *train_args(data, tmp_path / "run"),
             "--block_size=64",
             "--max_position_embeddings=64",
             "--max_iters=1",
@@ -508,11 +493,7 @@ def test_sft_from_a_base_run_adds_the_chat_tokens_and_grows_its_embeddings(chat_
     long = ["--max_position_embeddings=128", "--block_size=128"]
     main(
         [
-            "train",
-            "shakespeare-char-cpu",
-            f"--data={tmp_path / 'text'}",
-            f"--out_dir={tmp_path / 'base'}",
-            *TINY,
+            *train_args(tmp_path / "text", tmp_path / "base"),
             *long,
             "--max_iters=2",
         ]
@@ -527,11 +508,7 @@ def test_sft_from_a_base_run_adds_the_chat_tokens_and_grows_its_embeddings(chat_
     )
     assert prepared.returncode == 0 and "the 10 chat tokens were added" in prepared.stdout, prepared.stderr
     sft = run_cli(
-        "train",
-        "shakespeare-char-cpu",
-        f"--data={tmp_path / 'chat'}",
-        f"--out_dir={tmp_path / 'sft'}",
-        *TINY,
+        *train_args(tmp_path / "chat", tmp_path / "sft"),
         *long,
         "--max_iters=1",
         "--lr=1e-12",
@@ -587,11 +564,7 @@ def test_bench_chat_scores_held_out_conversations_and_writes_its_section(tmp_pat
     main(["prepare", "chat", f"--input={tmp_path / 'tasks.jsonl'}", f"--out={tmp_path / 'data'}", "--no_progress"])
     main(
         [
-            "train",
-            "shakespeare-char-cpu",
-            f"--data={tmp_path / 'data'}",
-            f"--out_dir={tmp_path / 'run'}",
-            *TINY,
+            *train_args(tmp_path / "data", tmp_path / "run"),
             "--block_size=512",
             "--max_position_embeddings=1024",
             "--max_iters=2",

@@ -8,7 +8,7 @@ import torch
 
 from nanokimi import checkpoint
 from nanokimi.processes import run_lock as train_lock
-from tests.conftest import TINY, cli_error, disk_full, step_losses, train
+from tests.conftest import cli_error, disk_full, step_losses, train, train_args
 
 
 def test_checkpoint_survives_crash_mid_save(char_data, tmp_path, monkeypatch):
@@ -135,9 +135,7 @@ def test_resume_skips_a_metrics_line_cut_by_a_crash(char_data, tmp_path):
 def test_one_run_per_out_dir(char_data, tmp_path, capsys):
     out = tmp_path / "run"
     with train_lock(out):  # as if another process were training there
-        assert "another nanokimi run" in cli_error(
-            capsys, "train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={out}", *TINY, "--max_iters=2"
-        )
+        assert "another nanokimi run" in cli_error(capsys, *train_args(char_data, out), "--max_iters=2")
     train(char_data, out, "--max_iters=2")  # released with its holder
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from nanokimi.cli import main
 from nanokimi.config import TrainConfig, load_train_config
-from tests.conftest import TINY, cli_error, run_cli
+from tests.conftest import TINY, cli_error, run_cli, train_args
 
 
 @pytest.mark.parametrize(
@@ -30,7 +30,7 @@ def test_bad_input_gives_one_line_error(case, char_data, tmp_path, capsys):
     empty.write_text("")
     short = tmp_path / "short.txt"
     short.write_text("To be, or not to be" * 2)
-    train_args = ["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={tmp_path / 'o'}", *TINY]
+    tiny_run = train_args(char_data, tmp_path / "o")
     argv, expected = {
         "missing_data": (
             ["train", "shakespeare-char-cpu", f"--data={tmp_path / 'nope'}", f"--out_dir={tmp_path / 'o'}"],
@@ -39,17 +39,17 @@ def test_bad_input_gives_one_line_error(case, char_data, tmp_path, capsys):
         "empty_input": (["prepare", "text", f"--input={empty}", f"--out={tmp_path / 'd'}"], "empty"),
         "unknown_dataset": (["prepare", "wikitext", f"--out={tmp_path / 'd'}"], "unknown dataset"),
         "short_data": (None, "block_size+1"),
-        "bad_model_value": (train_args + ["--num_experts_per_tok=99"], "num_experts_per_tok"),
-        "bad_train_value": (train_args + ["--lr=-1"], "lr"),
-        "unknown_setting": (train_args + ["--n_experts=4"], "n_experts"),
+        "bad_model_value": (tiny_run + ["--num_experts_per_tok=99"], "num_experts_per_tok"),
+        "bad_train_value": (tiny_run + ["--lr=-1"], "lr"),
+        "unknown_setting": (tiny_run + ["--n_experts=4"], "n_experts"),
         "unknown_preset": (["train", "gpt-5"], "unknown run or preset"),
         "missing_checkpoint": (["sample", tmp_path / "nothing"], "no checkpoint"),
-        "fsdp_without_torchrun": (train_args + ["--fsdp"], "torchrun --nproc_per_node=N"),
-        "ep_without_torchrun": (train_args + ["--fsdp", "--ep"], "--fsdp --ep`"),
+        "fsdp_without_torchrun": (tiny_run + ["--fsdp"], "torchrun --nproc_per_node=N"),
+        "ep_without_torchrun": (tiny_run + ["--fsdp", "--ep"], "--fsdp --ep`"),
     }[case]
     if case == "short_data":
         main(["prepare", "text", f"--input={short}", f"--out={tmp_path / 's'}"])
-        argv = ["train", "shakespeare-char-cpu", f"--data={tmp_path / 's'}", f"--out_dir={tmp_path / 'o'}", *TINY]
+        argv = train_args(tmp_path / "s", tmp_path / "o")
     assert expected in cli_error(capsys, *argv)
 
 
@@ -114,7 +114,7 @@ def test_invalid_settings_are_named(flag, char_data, tmp_path, capsys):
 )
 def test_sample_problems_are_one_line(case, char_data, tmp_path, capsys):
     out = tmp_path / "run"
-    main(["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={out}", *TINY, "--max_iters=1"])
+    main([*train_args(char_data, out), "--max_iters=1"])
     config = out / "checkpoint" / "config.json"
     args = {
         "cuda": ["--device=cuda:0"],
@@ -186,11 +186,7 @@ def test_train_help_lists_every_setting():
 
 def test_a_log_file_gets_plain_lines(char_data, tmp_path):
     result = run_cli(
-        "train",
-        "shakespeare-char-cpu",
-        f"--data={char_data}",
-        f"--out_dir={tmp_path / 'o'}",
-        *TINY,
+        *train_args(char_data, tmp_path / "o"),
         "--max_iters=3",
         "--progress=true",
     )

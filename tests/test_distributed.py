@@ -15,6 +15,7 @@ import pytest
 from nanokimi.cli import main
 from nanokimi import checkpoint
 from tests.conftest import (
+    NANOKIMI,
     ROOT,
     TINY,
     TINY_MODEL,
@@ -24,6 +25,7 @@ from tests.conftest import (
     metrics,
     step_losses,
     train,
+    train_args,
     wait_for_steps,
 )
 
@@ -224,17 +226,11 @@ def start_endless_torchrun(data, out):
     once it has logged 3 steps."""
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "nanokimi",
+            *NANOKIMI,
             "torchrun",
             "--nproc_per_node=2",
             f"--master_port={free_port()}",
-            "train",
-            "shakespeare-char-cpu",
-            f"--data={data}",
-            f"--out_dir={out}",
-            *TINY,
+            *train_args(data, out),
             "--grad_accum=2",
             "--max_iters=100000",
             "--eval_interval=100000",
@@ -258,9 +254,7 @@ def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
     proc = start_endless_torchrun(char_data, out)
     second = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "nanokimi",
+            *NANOKIMI,
             "torchrun",
             "--nproc_per_node=2",
             f"--master_port={free_port()}",
@@ -297,9 +291,7 @@ def test_torchrun_command_ends_in_one_line(char_data, tmp_path):
     for args, expected in bad:
         failed = subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "nanokimi",
+                *NANOKIMI,
                 "torchrun",
                 "--nproc_per_node=2",
                 f"--master_port={free_port()}",

@@ -3,11 +3,10 @@
 
 import re
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import NANOKIMI, ROOT
 
 PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
 TOPICS = {"data", "training", "chat", "serving", "distributed", "interop", "reliability", "benchmarks", "architecture"}
@@ -43,7 +42,7 @@ def test_every_link_resolves(page):
 
 def test_nanokimi_alone_lists_the_commands_and_where_to_start():
     for args in ([], ["--help"]):
-        result = subprocess.run([sys.executable, "-m", "nanokimi", *args], capture_output=True, text=True, cwd=ROOT)
+        result = subprocess.run([*NANOKIMI, *args], capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0, result.stderr
         for command in (
             "prepare",

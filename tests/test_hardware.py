@@ -11,7 +11,7 @@ import torch
 from nanokimi import Kimi, hardware
 from nanokimi.grouped_gemm import grouped_matmul
 from nanokimi.optim import configure_optimizer, newton_schulz_dtype, zeropower_via_newtonschulz
-from tests.conftest import TINY, run_cli, tiny_config, train
+from tests.conftest import run_cli, tiny_config, train, train_args
 from tests.test_optim import newton_schulz_fp32
 
 
@@ -48,11 +48,7 @@ def test_the_avx2_emulation_variables_choose_fp32_and_say_avx2(char_data, tmp_pa
     the trainer takes fp32 Newton-Schulz and names the CPU "AVX2" (on an AVX2 CPU the same holds by itself)."""
     env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
     result = run_cli(
-        "train",
-        "shakespeare-char-cpu",
-        f"--data={char_data}",
-        f"--out_dir={tmp_path / 'run'}",
-        *TINY,
+        *train_args(char_data, tmp_path / "run"),
         "--max_iters=1",
         "--eval_interval=1",
         env=env,

@@ -7,7 +7,7 @@ import torch
 import nanokimi
 from nanokimi.cli import main
 from nanokimi.sample import sample
-from tests.conftest import TINY, assert_greedy, cli_error, teacher_forced_logits
+from tests.conftest import assert_greedy, cli_error, teacher_forced_logits, train_args
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,11 +96,7 @@ def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(char_da
     out = tmp_path / "run"
     main(
         [
-            "train",
-            "shakespeare-char-cpu",
-            f"--data={char_data}",
-            f"--out_dir={out}",
-            *TINY,
+            *train_args(char_data, out),
             "--max_iters=6",
             "--bias_update_gamma=0.01",
         ]

@@ -23,6 +23,7 @@ from tests.conftest import (
     step_losses,
     teacher_forced_logits,
     tiny_config,
+    train_args,
 )
 
 HYBRID = dict(
@@ -186,11 +187,7 @@ def test_a_hybrid_config_that_cannot_work_is_one_line(char_data, tmp_path, capsy
     flags = [f for f in HYBRID_FLAGS if not f.startswith(flag.split("=")[0] + "=")]
     err = cli_error(
         capsys,
-        "train",
-        "shakespeare-char-cpu",
-        f"--data={char_data}",
-        f"--out_dir={tmp_path / 'o'}",
-        *TINY,
+        *train_args(char_data, tmp_path / "o"),
         *flags,
         flag,
     )
@@ -229,11 +226,7 @@ def test_a_compiled_hybrid_trains_as_eager(char_data, tmp_path):
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         main(
             [
-                "train",
-                "shakespeare-char-cpu",
-                f"--data={char_data}",
-                f"--out_dir={tmp_path / name}",
-                *TINY,
+                *train_args(char_data, tmp_path / name),
                 *HYBRID_FLAGS,
                 "--max_iters=3",
                 "--muon_dtype=float32",

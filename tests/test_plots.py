@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from matplotlib.image import imread
 from nanokimi import model as model_module
 from nanokimi.cli import main
 from nanokimi.train import ExpertWatch
-from tests.conftest import TINY, metrics, train, wait_for_steps
+from tests.conftest import NANOKIMI, metrics, train, train_args, wait_for_steps
 
 
 def expert_pixels(png):
@@ -113,14 +112,8 @@ def test_plot_while_the_run_trains(char_data, tmp_path, capsys):
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "nanokimi",
-            "train",
-            "shakespeare-char-cpu",
-            f"--data={char_data}",
-            f"--out_dir={out}",
-            *TINY,
+            *NANOKIMI,
+            *train_args(char_data, out),
             "--max_iters=60",
             "--eval_interval=20",
         ],

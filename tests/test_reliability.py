@@ -19,7 +19,7 @@ from nanokimi.bench.report import write_section
 from nanokimi.cli import main
 from nanokimi.errors import UserError
 from nanokimi.hf import from_pretrained
-from tests.conftest import ROOT, TINY, TINY_MODEL, cli_error, metrics, train
+from tests.conftest import ROOT, TINY_MODEL, cli_error, metrics, train, train_args
 
 
 # ---- sharded Hugging Face folders: read through their index -------------------------------------------------------
@@ -147,9 +147,7 @@ def test_a_report_section_is_replaced_in_place(tmp_path):
     ],
 )
 def test_non_finite_settings_are_refused_before_anything_is_written(flag, char_data, tmp_path, capsys):
-    err = cli_error(
-        capsys, "train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={tmp_path / 'o'}", *TINY, flag
-    )
+    err = cli_error(capsys, *train_args(char_data, tmp_path / "o"), flag)
     assert "finite" in err and not (tmp_path / "o").exists()
 
 
@@ -235,9 +233,7 @@ def test_damaged_token_files_are_one_line(damage, char_data, tmp_path, capsys):
         ids[::7] = 60_000
         ids.tofile(data / f"{split}.bin")
         words = "token id 60000, outside"
-    err = cli_error(
-        capsys, "train", "shakespeare-char-cpu", f"--data={data}", f"--out_dir={tmp_path / 'o'}", *TINY, "--max_iters=2"
-    )
+    err = cli_error(capsys, *train_args(data, tmp_path / "o"), "--max_iters=2")
     assert words in err
 
 

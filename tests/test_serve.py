@@ -7,7 +7,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -20,7 +19,7 @@ from nanokimi import calculator
 from nanokimi.chat_template import CHAT_TOKENS, IM_END, encode
 from nanokimi.checkpoint import load_model
 from nanokimi.cli import main
-from tests.conftest import TINY, assert_greedy, free_port, run_cli, teacher_forced_logits
+from tests.conftest import NANOKIMI, assert_greedy, free_port, run_cli, teacher_forced_logits, train_args
 from tests.test_chat import ScriptedModel, conversation, encode_reply, train_on_chat, write_jsonl
 
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -33,7 +32,7 @@ class Served:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nanokimi", "serve", str(run), f"--port={self.port}", *flags],
+            [*NANOKIMI, "serve", str(run), f"--port={self.port}", *flags],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -91,11 +90,7 @@ def long_run(char_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("long") / "run"
     main(
         [
-            "train",
-            "shakespeare-char-cpu",
-            f"--data={char_data}",
-            f"--out_dir={out}",
-            *TINY,
+            *train_args(char_data, out),
             "--max_iters=1",
             "--max_position_embeddings=4096",
         ]

@@ -3,7 +3,6 @@
 import dataclasses
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from nanokimi.config import TrainConfig
 from nanokimi.tokenizer import load_tokenizer
 from nanokimi.train import learning_rate
 from tests.conftest import (
+    NANOKIMI,
     TINY,
     assert_sampled_greedily,
     cli_error,
@@ -24,6 +24,7 @@ from tests.conftest import (
     run_cli,
     step_losses,
     train,
+    train_args,
     wait_for_steps,
 )
 
@@ -32,11 +33,7 @@ from tests.conftest import (
 def test_train_then_sample_end_to_end(char_data, tmp_path):
     out = tmp_path / "run"
     result = run_cli(
-        "train",
-        "shakespeare-char-cpu",
-        f"--data={char_data}",
-        f"--out_dir={out}",
-        *TINY,
+        *train_args(char_data, out),
         "--max_iters=30",
         "--eval_interval=15",
         "--lr=1e-2",
@@ -141,14 +138,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(char_data, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "nanokimi",
-            "train",
-            "shakespeare-char-cpu",
-            f"--data={char_data}",
-            f"--out_dir={out}",
-            *TINY,
+            *NANOKIMI,
+            *train_args(char_data, out),
             "--max_iters=100000",
             "--eval_interval=100000",
         ],

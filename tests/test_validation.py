@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from tests.conftest import TINY, cli_error
+from tests.conftest import cli_error, train_args
 
 
 def edit_json(path, change):
@@ -70,7 +70,7 @@ def test_an_edited_checkpoint_file_is_named(case, made, char_data, tmp_path, cap
     shutil.copytree(made / "run", run)
     edit_json(run / "checkpoint" / name, change)
     argv = (
-        ["train", "shakespeare-char-cpu", f"--data={char_data}", f"--out_dir={run}", *TINY, "--max_iters=4", "--resume"]
+        [*train_args(char_data, run), "--max_iters=4", "--resume"]
         if command == "resume"
         else ["sample", run, "--max_new_tokens=3"]
     )
@@ -88,11 +88,7 @@ def test_an_optimizer_tensor_of_another_shape_is_refused(made, char_data, tmp_pa
     safetensors.torch.save_file(tensors, path)
     err = cli_error(
         capsys,
-        "train",
-        "shakespeare-char-cpu",
-        f"--data={char_data}",
-        f"--out_dir={run}",
-        *TINY,
+        *train_args(char_data, run),
         "--max_iters=4",
         "--resume",
     )
@@ -125,7 +121,7 @@ def test_an_edited_dataset_meta_is_named(case, char_data, tmp_path, capsys):
     shutil.copytree(char_data, data)
     change, expected = DATA_EDITS[case]
     edit_json(data / "meta.json", change)
-    err = cli_error(capsys, "train", "shakespeare-char-cpu", f"--data={data}", f"--out_dir={tmp_path / 'o'}", *TINY)
+    err = cli_error(capsys, *train_args(data, tmp_path / "o"))
     assert expected in err and "meta.json" in err, err
     assert not (tmp_path / "o" / "checkpoint").exists()
 
