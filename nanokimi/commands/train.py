@@ -15,6 +15,8 @@ import re
 
 from ..errors import UserError
 
+# The --name=value flags are parsed here (and the help listing every setting written); config.py assembles the run
+# from them, train.py trains.
 NAME = "train"
 OPEN_SETTINGS = True  # any TrainConfig or model field as --name=value: run gets the flags argparse does not know
 
