@@ -10,6 +10,9 @@ from nanokimi import checkpoint
 from nanokimi.processes import run_lock as train_lock
 from tests.conftest import cli_error, disk_full, step_losses, train, train_args
 
+# beside an absurd --lr, so that the run diverges: no warmup, no gradient clipping, min_lr 0
+AT_ONCE = ("--min_lr=0", "--grad_clip=0", "--warmup_iters=0")
+
 
 def test_checkpoint_survives_crash_mid_save(char_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
@@ -63,9 +66,7 @@ def test_checkpoint_problems_are_reported_and_nothing_lost(char_data, tmp_path, 
         "--resume",
         "--max_iters=50",
         "--lr=1e12",
-        "--min_lr=0",
-        "--grad_clip=0",
-        "--warmup_iters=0",
+        *AT_ONCE,
     )
     assert "loss became" in err and "at step" in err
     assert checkpoint.Checkpoint(out).trainer_state() == good
@@ -88,9 +89,7 @@ def test_a_diverging_run_never_saves_non_finite_weights(char_data, tmp_path, cap
         "--resume",
         "--max_iters=200",
         "--lr=1e4",
-        "--min_lr=0",
-        "--grad_clip=0",
-        "--warmup_iters=0",
+        *AT_ONCE,
         "--eval_interval=1",
         "--ckpt_interval=1",
     )

@@ -38,6 +38,11 @@ def torchrun_env(**extra):
     return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"} | extra
 
 
+def torchrun(procs):
+    """The torchrun command line of `procs` local workers, on a port free now."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={free_port()}"]
+
+
 def run_ddp(cfg, model, procs=2, clock_skew=1.0, timeout=600, rank1_other_precision=False):
     """Train `cfg` under torchrun with `procs` processes (tests/ddp_worker.py); returns its check of the ranks'
     weights. clock_skew: rank 1's clock runs that many times as fast as the others'; rank1_other_precision: rank 1
@@ -48,11 +53,7 @@ def run_ddp(cfg, model, procs=2, clock_skew=1.0, timeout=600, rank1_other_precis
     # processes.Run.close does (a barrier, then destroy_process_group)
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={procs}",
-            f"--master_port={free_port()}",
+            *torchrun(procs),
             str(ROOT / "tests" / "ddp_worker.py"),
             json.dumps(cfg),
             json.dumps(model),
@@ -138,11 +139,7 @@ def test_expert_parallel_layer_matches_one_process(procs):
     loads, with uneven splits, ranks that receive no token, and an expert with none."""
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={procs}",
-            f"--master_port={free_port()}",
+            *torchrun(procs),
             "-m",
             "tests.ep_worker",
         ],
