@@ -136,7 +136,6 @@ def save(
     try:
         return replace_folder(Path(out_dir), name, write)
     except (OSError, safetensors.SafetensorError) as e:
-        shutil.rmtree(Path(out_dir) / f".{name}.tmp", ignore_errors=True)
         raise UserError(
             f"could not write the checkpoint in {out_dir} ({write_failure(e)}): free some space or make "
             f"the folder writable; the previous checkpoint, if any, is kept"
@@ -165,14 +164,18 @@ def replace_folder(out_dir, name, write):
         os.replace(old, final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write(tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except BaseException:  # a failed write (disk full, read-only) leaves no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     return final
 

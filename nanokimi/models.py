@@ -21,19 +21,20 @@ ARCHS = {"kimi": (KimiConfig, Kimi), "gpt": (GPTConfig, GPT)}  # a checkpoint's 
 PRESET_FILES = importlib.resources.files("nanokimi") / "presets"  # installed with the package, as runs/
 
 
-def read_presets(arch):
-    """{name: config} of one arch's named configs: presets/NAME.toml, each an `arch` and the config's fields."""
-    presets = {}
+def read_presets():
+    """{arch: {name: config}}: the named configs, presets/NAME.toml, each an `arch` and the config's fields."""
+    presets = {arch: {} for arch in ARCHS}
     for path in sorted(PRESET_FILES.iterdir(), key=lambda path: path.name):
         if path.name.endswith(".toml"):
             fields = tomllib.loads(path.read_text())
-            if fields.pop("arch") == arch:
-                presets[path.name.removesuffix(".toml")] = ARCHS[arch][0](**fields)
+            arch = fields.pop("arch")
+            presets[arch][path.name.removesuffix(".toml")] = ARCHS[arch][0](**fields)
     return presets
 
 
-PRESETS = read_presets("kimi")  # kimi-k2, kimi-linear-48b-a3b (Moonshot's released configs), shakespeare-char(-cpu)
-BASELINE_PRESETS = read_presets("gpt")  # the nanoGPT dense baseline at the two Shakespeare sizes
+NAMED = read_presets()
+PRESETS = NAMED["kimi"]  # kimi-k2, kimi-linear-48b-a3b (Moonshot's released configs), shakespeare-char(-cpu)
+BASELINE_PRESETS = NAMED["gpt"]  # the nanoGPT dense baseline at the two Shakespeare sizes
 
 
 def find_preset(name):

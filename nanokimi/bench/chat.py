@@ -6,8 +6,7 @@ import time
 from pathlib import Path
 
 from ..chat import Chat
-from ..checkpoint import Checkpoint
-from ..checkpoint import load_with_tokenizer
+from ..checkpoint import Checkpoint, load_with_tokenizer
 from .chat_tasks import conversations
 from .report import hardware_kind, table, write_section
 

@@ -3,7 +3,7 @@
 Import a DeepseekV3ForCausalLM / Kimi-K2 folder (safetensors only) as a nanoKimi checkpoint folder OUT_CKPT (MTP
 layers are skipped)."""
 
-NAME = "import"
+NAME = "import"  # the module's name ends in _: `import` is Python's own word
 
 
 def add_arguments(p):

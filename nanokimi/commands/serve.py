@@ -42,9 +42,8 @@ def run(args):
     except ImportError as e:
         missing = f"serving needs FastAPI and uvicorn ({e.name} is missing)"
         raise UserError(f"{missing}: pip install 'nanokimi[serve]'") from None
-    from ..checkpoint import resolve
+    from ..checkpoint import load_with_tokenizer, resolve
     from ..engine import Engine
-    from ..checkpoint import load_with_tokenizer
 
     import torch
 
